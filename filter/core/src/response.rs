@@ -1,0 +1,309 @@
+//! What the filter answers: DRF's 429 wording, the quota headers, and the
+//! JSON bodies for a missing key, a bad key and an unavailable backend.
+//!
+//! - 429: `{"detail":"Request was throttled. Expected available in N seconds."}`
+//!   (singular for 1) and `Retry-After: N`, N in whole seconds rounded up.
+//! - Quota headers (IETF draft-ietf-httpapi-ratelimit-headers), on by
+//!   default: `RateLimit-Policy: "1/s";q=1;w=1` and `RateLimit: "1/s";r=0;t=1`,
+//!   one list member per limit. `r` is what may still be sent now, `t` the
+//!   seconds until the quota is whole again.
+//! - Legacy `X-RateLimit-Limit/Remaining/Reset`, opt-in, describe the most
+//!   restrictive limit (fewest remaining).
+
+use std::fmt::Write;
+
+use crate::gcra::{Decision, Limit};
+use crate::key::{KeyError, KeyErrorKind, KeySource};
+use crate::policy::{LimitSet, Policy};
+
+const NANOS_PER_SECOND: u64 = 1_000_000_000;
+const JSON: (&str, &str) = ("content-type", "application/json");
+
+/// A response the filter sends itself instead of forwarding the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: u32,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+}
+
+/// Whole seconds, rounded up: a client waiting this long is never early.
+pub fn ceil_seconds(nanos: u64) -> u64 {
+    nanos.div_ceil(NANOS_PER_SECOND)
+}
+
+/// `RateLimit-Policy` for a set of limits, computed once per set.
+pub fn policy_header(limits: &[Limit]) -> String {
+    let mut out = String::new();
+    for (i, limit) in limits.iter().enumerate() {
+        let sep = if i == 0 { "" } else { ", " };
+        let _ = write!(
+            out,
+            "{sep}\"{}\";q={};w={}",
+            limit.name, limit.rate.count, limit.rate.window_seconds
+        );
+    }
+    out
+}
+
+/// The quota headers for a decision, as configured. Empty when the decision
+/// carries no per-limit state (no limits, or the store could not decide).
+pub fn quota_headers(
+    policy: &Policy,
+    set: &LimitSet,
+    decision: &Decision,
+    out: &mut Vec<(&'static str, String)>,
+) {
+    let states = decision.states();
+    if states.is_empty() {
+        return;
+    }
+    if policy.headers.ratelimit {
+        let mut value = String::with_capacity(24 * states.len());
+        for (i, (limit, state)) in set.limits.iter().zip(states).enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            let _ = write!(
+                value,
+                "{sep}\"{}\";r={};t={}",
+                limit.name,
+                state.remaining,
+                ceil_seconds(state.reset_nanos)
+            );
+        }
+        out.push(("ratelimit-policy", set.policy_header.clone()));
+        out.push(("ratelimit", value));
+    }
+    if policy.headers.x_ratelimit {
+        let tightest = set
+            .limits
+            .iter()
+            .zip(states)
+            .min_by_key(|(_, s)| (s.remaining, std::cmp::Reverse(s.reset_nanos)));
+        if let Some((limit, state)) = tightest {
+            out.push(("x-ratelimit-limit", limit.rate.count.to_string()));
+            out.push(("x-ratelimit-remaining", state.remaining.to_string()));
+            out.push((
+                "x-ratelimit-reset",
+                ceil_seconds(state.reset_nanos).to_string(),
+            ));
+        }
+    }
+}
+
+/// 429 Too Many Requests, in DRF's words.
+pub fn throttled(policy: &Policy, set: &LimitSet, decision: &Decision) -> LocalReply {
+    let wait = ceil_seconds(decision.retry_after_nanos).max(1);
+    let unit = if wait == 1 { "second" } else { "seconds" };
+    let mut headers = vec![
+        (JSON.0, JSON.1.to_string()),
+        ("retry-after", wait.to_string()),
+    ];
+    quota_headers(policy, set, decision, &mut headers);
+    LocalReply {
+        status: 429,
+        headers,
+        body: format!(
+            "{{\"detail\":\"Request was throttled. Expected available in {wait} {unit}.\"}}"
+        ),
+    }
+}
+
+/// 401 for a request without a key (`missing_key: reject`).
+pub fn missing_key(policy: &Policy) -> LocalReply {
+    LocalReply {
+        status: 401,
+        headers: vec![
+            (JSON.0, JSON.1.to_string()),
+            ("www-authenticate", "ApiKey".to_string()),
+        ],
+        body: policy.missing_body.clone(),
+    }
+}
+
+/// 400 for a key that cannot be used.
+pub fn invalid_key(policy: &Policy, error: KeyError) -> LocalReply {
+    let body = policy
+        .invalid_bodies
+        .get(error.source)
+        .and_then(|bodies| bodies.get(error.kind.index()))
+        .cloned()
+        .unwrap_or_else(|| detail("Invalid API key."));
+    LocalReply {
+        status: 400,
+        headers: vec![(JSON.0, JSON.1.to_string())],
+        body,
+    }
+}
+
+/// 503 when the counter store cannot answer and `failure_mode` is `deny`.
+pub fn unavailable() -> LocalReply {
+    LocalReply {
+        status: 503,
+        headers: vec![(JSON.0, JSON.1.to_string())],
+        body: detail("Rate limiter unavailable. Please retry later."),
+    }
+}
+
+pub(crate) fn missing_key_body(sources: &[KeySource]) -> String {
+    let places: Vec<String> = sources.iter().map(KeySource::describe).collect();
+    detail(&format!(
+        "Authentication credentials were not provided. Send an API key in {}.",
+        places.join(" or ")
+    ))
+}
+
+pub(crate) fn invalid_key_body(source: &KeySource, kind: KeyErrorKind, max_len: usize) -> String {
+    let place = source.describe();
+    let why = match kind {
+        KeyErrorKind::Repeated => format!("{place} is given more than once"),
+        KeyErrorKind::BadEncoding => format!("{place} is not valid percent-encoding"),
+        KeyErrorKind::NotUtf8 => format!("{place} is not valid UTF-8"),
+        KeyErrorKind::TooLong => format!("{place} is longer than {max_len} bytes"),
+    };
+    detail(&format!("Invalid API key: {why}."))
+}
+
+/// `{"detail": "..."}`, compact like DRF's JSON renderer.
+fn detail(message: &str) -> String {
+    serde_json::json!({ "detail": message }).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gcra;
+
+    fn policy(json: &str) -> Policy {
+        Policy::from_json(json.as_bytes()).unwrap()
+    }
+
+    fn header<'a>(reply: &'a [(&'static str, String)], name: &str) -> Option<&'a str> {
+        reply
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn throttled_reply_uses_drf_wording_and_rounds_up() {
+        let p = policy(r#"{"limits": ["1/s"]}"#);
+        let set = &p.sets[0];
+        let mut tats = [0];
+        gcra::decide(&set.limits, &mut tats, 10_000_000_000);
+        let d = gcra::decide(&set.limits, &mut tats, 10_100_000_000);
+        let reply = throttled(&p, set, &d);
+        assert_eq!(reply.status, 429);
+        assert_eq!(
+            reply.body,
+            r#"{"detail":"Request was throttled. Expected available in 1 second."}"#
+        );
+        assert_eq!(header(&reply.headers, "retry-after"), Some("1"));
+        assert_eq!(
+            header(&reply.headers, "content-type"),
+            Some("application/json")
+        );
+        assert_eq!(
+            header(&reply.headers, "ratelimit-policy"),
+            Some("\"1/s\";q=1;w=1")
+        );
+        assert_eq!(header(&reply.headers, "ratelimit"), Some("\"1/s\";r=0;t=1"));
+        assert_eq!(header(&reply.headers, "x-ratelimit-limit"), None);
+    }
+
+    #[test]
+    fn plural_seconds_and_several_limits() {
+        let p = policy(
+            r#"{"limits": ["2/min", {"rate": "100/day", "name": "daily"}],
+                "response_headers": {"x_ratelimit": true}}"#,
+        );
+        let set = &p.sets[0];
+        let mut tats = [0, 0];
+        let now = 1_000_000_000_000;
+        gcra::decide(&set.limits, &mut tats, now);
+        gcra::decide(&set.limits, &mut tats, now);
+        let d = gcra::decide(&set.limits, &mut tats, now);
+        let reply = throttled(&p, set, &d);
+        assert_eq!(
+            reply.body,
+            r#"{"detail":"Request was throttled. Expected available in 30 seconds."}"#
+        );
+        assert_eq!(header(&reply.headers, "retry-after"), Some("30"));
+        assert_eq!(
+            header(&reply.headers, "ratelimit-policy"),
+            Some("\"2/min\";q=2;w=60, \"daily\";q=100;w=86400")
+        );
+        assert_eq!(
+            header(&reply.headers, "ratelimit"),
+            Some("\"2/min\";r=0;t=60, \"daily\";r=98;t=1728")
+        );
+        assert_eq!(header(&reply.headers, "x-ratelimit-limit"), Some("2"));
+        assert_eq!(header(&reply.headers, "x-ratelimit-remaining"), Some("0"));
+        assert_eq!(header(&reply.headers, "x-ratelimit-reset"), Some("60"));
+    }
+
+    #[test]
+    fn quota_headers_follow_the_config() {
+        let p = policy(r#"{"limits": ["5/s"], "response_headers": {"ratelimit": false}}"#);
+        let set = &p.sets[0];
+        let d = gcra::decide(&set.limits, &mut [0], 1);
+        let mut out = Vec::new();
+        quota_headers(&p, set, &d, &mut out);
+        assert!(out.is_empty());
+        let p = policy(r#"{"limits": ["5/s"]}"#);
+        let mut out = Vec::new();
+        quota_headers(&p, &p.sets[0], &d, &mut out);
+        assert_eq!(header(&out, "ratelimit"), Some("\"5/s\";r=4;t=1"));
+        let mut out = Vec::new();
+        quota_headers(&p, &p.sets[0], &Decision::denied_for(5), &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn missing_and_invalid_key_bodies_name_the_source() {
+        let p = policy(r#"{"limits": ["1/s"]}"#);
+        let reply = missing_key(&p);
+        assert_eq!(reply.status, 401);
+        assert_eq!(
+            reply.body,
+            r#"{"detail":"Authentication credentials were not provided. Send an API key in the query parameter 'api_key' or the header 'x-api-key'."}"#
+        );
+        let reply = invalid_key(
+            &p,
+            KeyError {
+                source: 1,
+                kind: KeyErrorKind::TooLong,
+            },
+        );
+        assert_eq!(reply.status, 400);
+        assert_eq!(
+            reply.body,
+            r#"{"detail":"Invalid API key: the header 'x-api-key' is longer than 256 bytes."}"#
+        );
+        let reply = invalid_key(
+            &p,
+            KeyError {
+                source: 0,
+                kind: KeyErrorKind::Repeated,
+            },
+        );
+        assert_eq!(
+            reply.body,
+            r#"{"detail":"Invalid API key: the query parameter 'api_key' is given more than once."}"#
+        );
+    }
+
+    #[test]
+    fn configured_names_are_escaped_in_json() {
+        let p = policy(r#"{"limits": ["1/s"], "key_sources": [{"query": "k\"ey"}]}"#);
+        let body = missing_key(&p).body;
+        let parsed: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(parsed["detail"].as_str().unwrap().contains("'k\"ey'"));
+    }
+
+    #[test]
+    fn unavailable_is_json_503() {
+        let reply = unavailable();
+        assert_eq!(reply.status, 503);
+        assert!(reply.body.contains("unavailable"));
+    }
+}

@@ -1,0 +1,229 @@
+//! The host calls the filter makes, each returning `Result`.
+//!
+//! The SDK's own wrappers `panic!` on any status they did not expect, and
+//! its `String` header getter unwraps UTF-8 (a header with a byte >= 0x80
+//! would abort the VM). A panic kills the VM and turns the worker into a 503
+//! machine, so the few calls used here are declared again with a plain `u32`
+//! status (no enum that an unknown value could make invalid), and every
+//! status other than success is an error value.
+
+#![allow(clashing_extern_declarations)]
+
+use std::ptr::{null, null_mut};
+
+/// A host status other than `Ok`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status(pub u32);
+
+pub const NOT_FOUND: Status = Status(1);
+pub const CAS_MISMATCH: Status = Status(8);
+
+pub const LOG_INFO: u32 = 2;
+pub const LOG_WARN: u32 = 3;
+pub const LOG_ERROR: u32 = 4;
+pub const LOG_CRITICAL: u32 = 5;
+
+const MAP_REQUEST_HEADERS: u32 = 0;
+const MAP_RESPONSE_HEADERS: u32 = 2;
+const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
+const METRIC_COUNTER: u32 = 0;
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
+    fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+    fn proxy_get_buffer_bytes(
+        buffer_type: u32,
+        start: usize,
+        max_size: usize,
+        return_buffer_data: *mut *mut u8,
+        return_buffer_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
+    fn proxy_add_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_send_local_response(
+        status_code: u32,
+        status_code_details_data: *const u8,
+        status_code_details_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> u32;
+    fn proxy_get_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+        return_cas: *mut u32,
+    ) -> u32;
+    fn proxy_set_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> u32;
+    fn proxy_get_property(
+        path_data: *const u8,
+        path_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_define_metric(
+        metric_type: u32,
+        name_data: *const u8,
+        name_size: usize,
+        return_id: *mut u32,
+    ) -> u32;
+    fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+}
+
+fn check(status: u32) -> Result<(), Status> {
+    if status == 0 {
+        Ok(())
+    } else {
+        Err(Status(status))
+    }
+}
+
+/// Takes ownership of a buffer the host allocated through the SDK's
+/// `proxy_on_memory_allocate` (a boxed slice of exactly `size` bytes).
+///
+/// # Safety
+/// `data` must be null or come from the host with `size` as its length.
+unsafe fn owned(data: *mut u8, size: usize) -> Vec<u8> {
+    if data.is_null() {
+        Vec::new()
+    } else {
+        Vec::from_raw_parts(data, size, size)
+    }
+}
+
+pub fn log(level: u32, message: &str) {
+    // Logging must never fail a request; a refused log line is dropped.
+    let _ = unsafe { proxy_log(level, message.as_ptr(), message.len()) };
+}
+
+pub fn now_nanos() -> Result<u64, Status> {
+    let mut now = 0u64;
+    check(unsafe { proxy_get_current_time_nanoseconds(&mut now) })?;
+    Ok(now)
+}
+
+pub fn plugin_configuration() -> Result<Vec<u8>, Status> {
+    let mut data = null_mut();
+    let mut size = 0;
+    let status = unsafe {
+        proxy_get_buffer_bytes(
+            BUFFER_PLUGIN_CONFIGURATION,
+            0,
+            usize::MAX,
+            &mut data,
+            &mut size,
+        )
+    };
+    if Status(status) == NOT_FOUND {
+        return Ok(Vec::new());
+    }
+    check(status)?;
+    Ok(unsafe { owned(data, size) })
+}
+
+/// All request headers, serialized (see `ratelimit_core::header_map`).
+pub fn request_header_pairs() -> Result<Vec<u8>, Status> {
+    let mut data = null_mut();
+    let mut size = 0;
+    check(unsafe { proxy_get_header_map_pairs(MAP_REQUEST_HEADERS, &mut data, &mut size) })?;
+    Ok(unsafe { owned(data, size) })
+}
+
+pub fn add_response_header(name: &str, value: &str) -> Result<(), Status> {
+    check(unsafe {
+        proxy_add_header_map_value(
+            MAP_RESPONSE_HEADERS,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    })
+}
+
+/// Answers the request here. `headers` are serialized by the caller.
+pub fn send_local_response(status: u32, headers: &[u8], body: &[u8]) -> Result<(), Status> {
+    check(unsafe {
+        proxy_send_local_response(
+            status,
+            null(),
+            0,
+            body.as_ptr(),
+            body.len(),
+            headers.as_ptr(),
+            headers.len(),
+            -1,
+        )
+    })
+}
+
+/// A shared-data value and its CAS token; `Ok(None)` when the key is absent.
+pub fn get_shared_data(key: &[u8]) -> Result<Option<(Vec<u8>, u32)>, Status> {
+    let mut data = null_mut();
+    let mut size = 0;
+    let mut cas = 0;
+    let status =
+        unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
+    if Status(status) == NOT_FOUND {
+        return Ok(None);
+    }
+    check(status)?;
+    Ok(Some((unsafe { owned(data, size) }, cas)))
+}
+
+/// Writes a shared-data value if its CAS token is still `cas` (0 writes
+/// unconditionally). `Err(CAS_MISMATCH)` on a conflict.
+pub fn set_shared_data(key: &[u8], value: &[u8], cas: u32) -> Result<(), Status> {
+    check(unsafe {
+        proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas)
+    })
+}
+
+/// A host property such as `plugin_name`; `Ok(None)` when absent.
+pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
+    let mut serialized = Vec::new();
+    for part in path {
+        serialized.extend_from_slice(part.as_bytes());
+        serialized.push(0);
+    }
+    let mut data = null_mut();
+    let mut size = 0;
+    let status =
+        unsafe { proxy_get_property(serialized.as_ptr(), serialized.len(), &mut data, &mut size) };
+    if Status(status) == NOT_FOUND {
+        return Ok(None);
+    }
+    check(status)?;
+    Ok(Some(unsafe { owned(data, size) }))
+}
+
+pub fn define_counter(name: &str) -> Result<u32, Status> {
+    let mut id = 0;
+    check(unsafe { proxy_define_metric(METRIC_COUNTER, name.as_ptr(), name.len(), &mut id) })?;
+    Ok(id)
+}
+
+pub fn increment_metric(id: u32, by: i64) {
+    // A metric that cannot be bumped must not fail the request.
+    let _ = unsafe { proxy_increment_metric(id, by) };
+}

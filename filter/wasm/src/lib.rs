@@ -1,0 +1,34 @@
+//! apikey-ratelimit: a proxy-wasm filter that rate-limits requests by API key
+//! inside Envoy or Istio. All decisions live in `ratelimit_core`; this crate
+//! is the glue to the host.
+//!
+//! # Layout
+//! - `lib.rs`: the entry point, `proxy_wasm::main!`.
+//! - `host.rs`: the host calls used, each returning `Result` (the SDK's own
+//!   wrappers can panic on unexpected statuses or non-UTF-8 headers).
+//! - `root.rs`: the root context; `on_configure` builds the `Filter` once.
+//! - `http.rs`: the request context, a thin shell around the core pipeline.
+//! - `shared_store.rs`: the slot table on Envoy shared data.
+//! - `metrics.rs`: one counter per core event.
+
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+mod host;
+mod http;
+mod metrics;
+mod root;
+mod shared_store;
+
+use proxy_wasm::traits::RootContext;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::<root::Root>::default() });
+}}
