@@ -33,6 +33,7 @@
 pub mod envoy;
 pub mod http;
 pub mod load;
+pub mod local;
 pub mod paths;
 pub mod ports;
 pub mod process;

@@ -38,6 +38,8 @@ pub enum Event {
     MissingKey,
     InvalidKey,
     CasRetriesExhausted,
+    /// A request that met at least one CAS conflict (and retried).
+    CasConflict,
     SlotEviction,
     StoreError,
     FailureModeAllowed,
@@ -45,13 +47,14 @@ pub enum Event {
 }
 
 impl Event {
-    pub const ALL: [Event; 10] = [
+    pub const ALL: [Event; 11] = [
         Event::Allowed,
         Event::Throttled,
         Event::ShadowThrottled,
         Event::MissingKey,
         Event::InvalidKey,
         Event::CasRetriesExhausted,
+        Event::CasConflict,
         Event::SlotEviction,
         Event::StoreError,
         Event::FailureModeAllowed,
@@ -67,6 +70,7 @@ impl Event {
             Event::MissingKey => "missing_key",
             Event::InvalidKey => "invalid_key",
             Event::CasRetriesExhausted => "cas_retries_exhausted",
+            Event::CasConflict => "cas_conflicts",
             Event::SlotEviction => "slot_evictions",
             Event::StoreError => "store_errors",
             Event::FailureModeAllowed => "failure_mode_allowed",
@@ -162,14 +166,18 @@ pub fn finish(
         Ok(Outcome::Decided {
             decision,
             placement,
-            ..
+            conflicts,
         }) => {
             if placement == Placement::Evicted {
                 events.insert(Event::SlotEviction);
             }
+            if conflicts > 0 {
+                events.insert(Event::CasConflict);
+            }
             decision
         }
         Ok(Outcome::RetriesExhausted) => {
+            events.insert(Event::CasConflict);
             events.insert(Event::CasRetriesExhausted);
             let soonest = limits
                 .limits
@@ -352,7 +360,11 @@ mod tests {
         let (action, events) = finish(&p, 0, Events::default(), Ok(Outcome::RetriesExhausted));
         assert_eq!(
             events,
-            Events::of(&[Event::CasRetriesExhausted, Event::Throttled])
+            Events::of(&[
+                Event::CasConflict,
+                Event::CasRetriesExhausted,
+                Event::Throttled
+            ])
         );
         let Action::Respond(reply) = action else {
             panic!()

@@ -1,0 +1,86 @@
+//! The local-mode topology the tests share: the real upstream behind one
+//! Envoy running the shipped `envoy/local.yaml`, with the test's plugin
+//! configuration, on fresh ports.
+
+use std::time::Duration;
+
+use crate::envoy::{Envoy, EnvoyConfig};
+use crate::paths;
+use crate::upstream::Upstream;
+
+/// The shipped config's plugin name: metrics are
+/// `wasmcustom.apikey_ratelimit.api.<event>`.
+pub const PLUGIN: &str = "api";
+
+pub struct Local {
+    pub upstream: Upstream,
+    pub envoy: Envoy,
+}
+
+impl Local {
+    /// Upstream + Envoy with `workers` workers and this plugin configuration
+    /// (JSON). Panics with the processes' logs if either does not start.
+    pub fn start(plugin_config: &str, workers: u32) -> Local {
+        let upstream = Upstream::start();
+        let mut config = local_config(&upstream);
+        config
+            .set_plugin_config(plugin_config)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let envoy = Envoy::start(&config, workers).unwrap_or_else(|e| panic!("{e:?}"));
+        Local { upstream, envoy }
+    }
+
+    /// As shipped, plugin configuration included.
+    pub fn start_shipped(workers: u32) -> Local {
+        let upstream = Upstream::start();
+        let envoy =
+            Envoy::start(&local_config(&upstream), workers).unwrap_or_else(|e| panic!("{e:?}"));
+        Local { upstream, envoy }
+    }
+
+    pub fn addr(&self) -> String {
+        self.envoy.addr()
+    }
+
+    /// One of the filter's counters, e.g. `metric("throttled")`.
+    pub fn metric(&self, event: &str) -> u64 {
+        self.envoy.counter(&metric_name(event)).unwrap_or(0)
+    }
+
+    /// Waits until a counter reaches `value` (stats land as streams end), and
+    /// returns what it is then.
+    pub fn metric_at_least(&self, event: &str, value: u64) -> u64 {
+        self.envoy
+            .wait_counter(&metric_name(event), value, Duration::from_secs(5))
+            .unwrap_or_else(|_| self.metric(event))
+    }
+
+    /// Connections each worker accepted on the API listener, in worker order.
+    pub fn connections_per_worker(&self) -> Vec<u64> {
+        let stats = self.envoy.stats().unwrap_or_default();
+        let prefix = format!("listener.127.0.0.1_{}.worker_", self.envoy.port());
+        let mut per_worker: Vec<(u32, u64)> = stats
+            .iter()
+            .filter_map(|(name, value)| {
+                let rest = name.strip_prefix(&prefix)?;
+                let (worker, stat) = rest.split_once('.')?;
+                (stat == "downstream_cx_total").then(|| Some((worker.parse().ok()?, *value)))?
+            })
+            .collect();
+        per_worker.sort();
+        per_worker.into_iter().map(|(_, v)| v).collect()
+    }
+}
+
+pub fn metric_name(event: &str) -> String {
+    format!("wasmcustom.apikey_ratelimit.{PLUGIN}.{event}")
+}
+
+/// `envoy/local.yaml` on fresh ports, pointed at `upstream`.
+pub fn local_config(upstream: &Upstream) -> EnvoyConfig {
+    let mut config = EnvoyConfig::for_test(paths::shipped_config("local.yaml"));
+    config
+        .set_cluster_endpoint("upstream", "127.0.0.1", upstream.port())
+        .unwrap_or_else(|e| panic!("{e}"));
+    config
+}

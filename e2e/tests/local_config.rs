@@ -1,0 +1,72 @@
+//! Configuration: a bad plugin configuration stops Envoy from starting, with
+//! a log line naming the field; the shipped configuration is valid for both
+//! Envoy and the filter's own parser.
+
+use std::time::Duration;
+
+use e2e::envoy::{self, Envoy, EnvoyConfig};
+use e2e::local::local_config;
+use e2e::paths;
+use e2e::upstream::Upstream;
+use ratelimit_core::Policy;
+
+#[test]
+fn a_bad_configuration_makes_envoy_refuse_to_start_naming_the_field() {
+    let upstream = Upstream::start();
+    let cases = [
+        (
+            r#"{"limits": ["1/x"]}"#,
+            "field `limits[0]`: invalid rate \"1/x\"",
+        ),
+        (
+            r#"{"limts": ["1/s"]}"#,
+            "field `limts`: unknown field `limts`",
+        ),
+        (
+            r#"{"limits": ["1/s"], "store": {"local": {"slots": 2}}}"#,
+            "field `store.local.slots`: must be from 4",
+        ),
+        (
+            r#"{"limits": ["1/s"], "key_sources": [{"header": "bad header"}]}"#,
+            "field `key_sources[0].header`",
+        ),
+        (r#"{"limits": "1/s"}"#, "field `limits`: invalid type"),
+        ("", "the configuration is empty"),
+    ];
+    for (plugin_config, expected) in cases {
+        let mut config = local_config(&upstream);
+        config.set_plugin_config(plugin_config).unwrap();
+        let (status, log) = Envoy::start_expect_failure(&config, 1, Duration::from_secs(30));
+        let status = status.unwrap_or_else(|| panic!("Envoy kept running with {plugin_config:?}"));
+        assert_eq!(status.code(), Some(1), "{plugin_config:?}\n{log}");
+        let line = log
+            .lines()
+            .find(|l| {
+                l.contains("invalid plugin configuration") || l.contains("configuration is empty")
+            })
+            .unwrap_or_else(|| panic!("no log line explains {plugin_config:?}:\n{log}"));
+        assert!(line.contains("plugin 'api'"), "{line}");
+        assert!(line.contains(expected), "expected {expected:?} in\n{line}");
+    }
+}
+
+#[test]
+fn the_shipped_config_is_valid_for_envoy_and_for_the_filter() {
+    let shipped = paths::shipped_config("local.yaml");
+    // Envoy's own validation, run from the repository root so the relative
+    // .wasm path in the shipped file resolves (it needs `make build`).
+    paths::wasm_path().unwrap();
+    envoy::validate(&shipped).unwrap();
+    let config = EnvoyConfig::load(&shipped).unwrap();
+    let plugin = config.plugin_config().unwrap();
+    let policy = Policy::from_json(plugin.as_bytes()).unwrap();
+    // The tutorial's throttle, keyed on api_key first.
+    assert_eq!(policy.sets[0].limits[0].rate.count, 1);
+    assert_eq!(policy.sets[0].limits[0].rate.window_seconds, 1);
+    assert_eq!(
+        policy.sources[0],
+        ratelimit_core::key::KeySource::Query {
+            name: "api_key".into()
+        }
+    );
+}
