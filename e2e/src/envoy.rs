@@ -219,6 +219,41 @@ impl EnvoyConfig {
         Ok(())
     }
 
+    /// Makes static cluster `cluster` hold exactly these endpoints, each a copy
+    /// of its first endpoint with the address changed (the front proxy's
+    /// replicas).
+    pub fn set_cluster_endpoints(
+        &mut self,
+        cluster: &str,
+        endpoints: &[(&str, u16)],
+    ) -> Result<(), Error> {
+        let loc = self.named(&["static_resources", "clusters"], cluster)?;
+        let lbs = loc.key("load_assignment").key("endpoints").index(0);
+        let template = self
+            .walk(&lbs, &["lb_endpoints"])?
+            .as_array()
+            .and_then(|a| a.first().cloned())
+            .ok_or_else(|| Error(format!("{}.lb_endpoints: empty", lbs.dotted)))?;
+        let mut list = Vec::with_capacity(endpoints.len());
+        for (host, port) in endpoints {
+            let mut ep = template.clone();
+            let sa = ep
+                .pointer_mut("/endpoint/address/socket_address")
+                .ok_or_else(|| {
+                    Error(format!(
+                        "{}: no endpoint.address.socket_address",
+                        lbs.dotted
+                    ))
+                })?;
+            set_key(sa, "address", json!(host));
+            set_key(sa, "port_value", json!(port));
+            list.push(ep);
+        }
+        let group = self.walk_mut(&lbs, &[])?;
+        set_key(group, "lb_endpoints", Value::Array(list));
+        Ok(())
+    }
+
     /// Sets `vm_config.code.local.filename` of every Wasm HTTP filter (made absolute).
     pub fn set_wasm_filename(&mut self, path: &Path) -> Result<(), Error> {
         let abs =

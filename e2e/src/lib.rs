@@ -30,6 +30,7 @@
 //! - [`upstream`]: the `upstream` binary on a kernel-chosen port.
 //! - [`load`]: paced and concurrent request drivers, and [`load::StatusTable`].
 
+pub mod backend;
 pub mod envoy;
 pub mod http;
 pub mod load;
@@ -37,6 +38,8 @@ pub mod local;
 pub mod paths;
 pub mod ports;
 pub mod process;
+pub mod topology;
+pub mod tutorial;
 pub mod upstream;
 
 use std::fmt;

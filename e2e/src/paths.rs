@@ -107,3 +107,32 @@ fn check(path: PathBuf, what: &str, var: &str, how: &str) -> Result<PathBuf, Err
         )))
     }
 }
+
+/// A Debian-packaged server binary: env `var`, else `/usr/bin/<name>`.
+fn system_bin(var: &str, name: &str, package: &str) -> Result<PathBuf, Error> {
+    let path = match std::env::var_os(var) {
+        Some(v) if !v.is_empty() => PathBuf::from(v),
+        _ => Path::new("/usr/bin").join(name),
+    };
+    check(
+        path,
+        name,
+        var,
+        &format!("run `make backend` (apt-get install -y {package})"),
+    )
+}
+
+/// `redis-server` (Debian `redis-server`), or env `REDIS_SERVER`.
+pub fn redis_server_bin() -> Result<PathBuf, Error> {
+    system_bin("REDIS_SERVER", "redis-server", "redis-server")
+}
+
+/// `redis-cli` (Debian `redis-tools`), or env `REDIS_CLI`.
+pub fn redis_cli_bin() -> Result<PathBuf, Error> {
+    system_bin("REDIS_CLI", "redis-cli", "redis-tools")
+}
+
+/// `webdis` (Debian `webdis`), or env `WEBDIS`.
+pub fn webdis_bin() -> Result<PathBuf, Error> {
+    system_bin("WEBDIS", "webdis", "webdis")
+}

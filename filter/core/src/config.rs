@@ -121,6 +121,8 @@ pub enum FailureMode {
 pub enum StoreConfig {
     /// Envoy shared data: exact across this Envoy's workers.
     Local(LocalStoreConfig),
+    /// Redis through a webdis sidecar: exact across every Envoy instance.
+    Webdis(WebdisStoreConfig),
 }
 
 impl Default for StoreConfig {
@@ -145,6 +147,60 @@ impl Default for LocalStoreConfig {
             max_cas_retries: 32,
         }
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebdisStoreConfig {
+    /// The Envoy cluster that reaches webdis, e.g. `webdis` or, in Istio,
+    /// `outbound|7379||webdis.<ns>.svc.cluster.local`.
+    #[serde(default = "default_webdis_cluster")]
+    pub cluster: String,
+    /// The `:authority` of the calls; defaults to the cluster name.
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// Per-decision timeout. Envoy reads 0 as "no timeout", so 0 is refused.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u32,
+    /// Prefix of every Redis key (the rest is a hash of the API key).
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// Optional secret: Redis keys become HMAC-SHA256(secret, key), so
+    /// someone reading Redis cannot test guessed API keys against it.
+    #[serde(default)]
+    pub key_hash_secret: Option<String>,
+    /// Size of the local "denied until" table (0 turns it off).
+    #[serde(default = "default_cache_slots")]
+    pub cache_slots: u32,
+}
+
+impl Default for WebdisStoreConfig {
+    fn default() -> Self {
+        WebdisStoreConfig {
+            cluster: default_webdis_cluster(),
+            authority: None,
+            timeout_ms: default_timeout_ms(),
+            key_prefix: default_key_prefix(),
+            key_hash_secret: None,
+            cache_slots: default_cache_slots(),
+        }
+    }
+}
+
+fn default_webdis_cluster() -> String {
+    "webdis".into()
+}
+
+fn default_timeout_ms() -> u32 {
+    50
+}
+
+fn default_key_prefix() -> String {
+    "apikey_ratelimit:".into()
+}
+
+fn default_cache_slots() -> u32 {
+    16_384
 }
 
 fn default_key_sources() -> Vec<KeySourceConfig> {
@@ -343,6 +399,11 @@ mod tests {
                 "unknown field `slot`",
             ),
             (
+                r#"{"limits": ["1/s"], "store": {"webdis": {"timeout": 5}}}"#,
+                "store.webdis.timeout",
+                "unknown field `timeout`",
+            ),
+            (
                 r#"{"limits": ["1/s"], "store": {"redis": {}}}"#,
                 "store",
                 "unknown variant `redis`",
@@ -365,6 +426,17 @@ mod tests {
             assert!(err.message.contains(message), "{json}: {err}");
             assert!(err.to_string().starts_with("invalid plugin configuration"));
         }
+    }
+
+    #[test]
+    fn webdis_store_defaults() {
+        let c = parse(r#"{"limits": ["1/s"], "store": {"webdis": {}}}"#).unwrap();
+        assert_eq!(c.store, StoreConfig::Webdis(WebdisStoreConfig::default()));
+        let StoreConfig::Webdis(w) = c.store else {
+            panic!()
+        };
+        assert_eq!((w.cluster.as_str(), w.timeout_ms), ("webdis", 50));
+        assert_eq!(w.key_prefix, "apikey_ratelimit:");
     }
 
     #[test]

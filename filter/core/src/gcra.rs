@@ -95,6 +95,33 @@ impl Decision {
         }
     }
 
+    /// Rebuilds a decision from a remote store's answer, which gives, per
+    /// limit, the time until its bucket is full again (`TAT - now`).
+    pub fn from_resets(
+        limits: &[Limit],
+        allowed: bool,
+        retry_after_nanos: u64,
+        resets_nanos: impl IntoIterator<Item = u64>,
+    ) -> Decision {
+        let mut decision = Decision {
+            allowed,
+            retry_after_nanos: if allowed { 0 } else { retry_after_nanos },
+            ..Decision::unlimited()
+        };
+        for ((limit, reset), state) in limits
+            .iter()
+            .zip(resets_nanos)
+            .zip(decision.states.iter_mut())
+        {
+            *state = LimitState {
+                remaining: limit.remaining(reset, 0),
+                reset_nanos: reset,
+            };
+            decision.len += 1;
+        }
+        decision
+    }
+
     /// One state per limit, in the order the limits were given.
     pub fn states(&self) -> &[LimitState] {
         self.states.get(..self.len).unwrap_or(&[])
@@ -233,6 +260,20 @@ mod tests {
             assert!(!decide(&limits, &mut tats, now).allowed);
         }
         assert_eq!(tats, before);
+    }
+
+    #[test]
+    fn a_decision_rebuilt_from_resets_matches_the_local_one() {
+        let limits = [limit(5, 60, 5), limit(100, 86_400, 10)];
+        let mut tats = [0, 0];
+        let now = 7 * S;
+        for _ in 0..3 {
+            let local = decide(&limits, &mut tats, now);
+            let resets = tats.map(|t| t.saturating_sub(now));
+            let rebuilt =
+                Decision::from_resets(&limits, local.allowed, local.retry_after_nanos, resets);
+            assert_eq!(rebuilt, local);
+        }
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! - [`gcra`]: the algorithm.
 //! - [`slots`]: the local store's fixed slot table and its CAS loop, over a
 //!   [`slots::CasStore`] trait the glue implements on Envoy shared data.
+//! - [`webdis`]: the global store's calls (the Lua script, URLs, replies).
+//! - [`deny_cache`]: the global store's local memory of throttled keys.
 //! - [`response`]: 429/401/400/503 bodies and the quota headers.
 //! - [`pipeline`]: one request from headers to action and metrics.
 //!
@@ -56,6 +58,7 @@
 )]
 
 pub mod config;
+pub mod deny_cache;
 pub mod gcra;
 pub mod hash;
 pub mod header_map;
@@ -65,6 +68,7 @@ pub mod policy;
 pub mod rate;
 pub mod response;
 pub mod slots;
+pub mod webdis;
 
 pub use config::{Config, ConfigError};
 pub use pipeline::{Action, Event, Events, Quota, Start, StoreFailure};

@@ -5,12 +5,15 @@
 //! [`finish`] with what the store said; both return the [`Events`] to add to
 //! the metrics, so what is counted is decided (and tested) here.
 
+use std::borrow::Cow;
+
 use crate::gcra::Decision;
 use crate::hash::KeyHash;
 use crate::header_map::HeaderMap;
 use crate::policy::{Identity, Policy};
 use crate::response::{self, LocalReply};
 use crate::slots::{Outcome, Placement};
+use crate::webdis::FailureClass;
 
 /// What the filter does with the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,10 +47,20 @@ pub enum Event {
     StoreError,
     FailureModeAllowed,
     FailureModeDenied,
+    /// A call to webdis (an `EVAL` after `NOSCRIPT` is a second one).
+    BackendCall,
+    /// A request denied from the local "denied until" table, with no call.
+    BackendCacheHit,
+    BackendErrorDispatch,
+    BackendErrorTransport,
+    BackendErrorTimeout,
+    BackendErrorStatus,
+    BackendErrorRedis,
+    BackendErrorParse,
 }
 
 impl Event {
-    pub const ALL: [Event; 11] = [
+    pub const ALL: [Event; 19] = [
         Event::Allowed,
         Event::Throttled,
         Event::ShadowThrottled,
@@ -59,6 +72,14 @@ impl Event {
         Event::StoreError,
         Event::FailureModeAllowed,
         Event::FailureModeDenied,
+        Event::BackendCall,
+        Event::BackendCacheHit,
+        Event::BackendErrorDispatch,
+        Event::BackendErrorTransport,
+        Event::BackendErrorTimeout,
+        Event::BackendErrorStatus,
+        Event::BackendErrorRedis,
+        Event::BackendErrorParse,
     ];
 
     /// The metric's name, after the filter's prefix.
@@ -75,13 +96,33 @@ impl Event {
             Event::StoreError => "store_errors",
             Event::FailureModeAllowed => "failure_mode_allowed",
             Event::FailureModeDenied => "failure_mode_denied",
+            Event::BackendCall => "backend_calls",
+            Event::BackendCacheHit => "backend_cache_hits",
+            Event::BackendErrorDispatch => "backend_errors_dispatch",
+            Event::BackendErrorTransport => "backend_errors_transport",
+            Event::BackendErrorTimeout => "backend_errors_timeout",
+            Event::BackendErrorStatus => "backend_errors_status",
+            Event::BackendErrorRedis => "backend_errors_redis",
+            Event::BackendErrorParse => "backend_errors_parse",
+        }
+    }
+
+    /// The event counting a failed backend call of this class.
+    pub fn backend_error(class: FailureClass) -> Event {
+        match class {
+            FailureClass::Dispatch => Event::BackendErrorDispatch,
+            FailureClass::Transport => Event::BackendErrorTransport,
+            FailureClass::Timeout => Event::BackendErrorTimeout,
+            FailureClass::Status => Event::BackendErrorStatus,
+            FailureClass::Redis => Event::BackendErrorRedis,
+            FailureClass::Parse => Event::BackendErrorParse,
         }
     }
 }
 
 /// A small set of events, without allocating.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Events(u16);
+pub struct Events(u32);
 
 impl Events {
     pub fn of(events: &[Event]) -> Events {
@@ -105,22 +146,36 @@ impl Events {
     }
 }
 
+/// Whose counter a decision is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject<'a> {
+    Key(Cow<'a, [u8]>),
+    /// Requests without a key, in one shared bucket.
+    Anonymous,
+}
+
 /// The first step: either the answer, or a key for the store to decide on.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Start {
+pub enum Start<'a> {
     Done(Action, Events),
     /// Ask the store; pass `events` on to [`finish`].
     Decide {
+        subject: Subject<'a>,
         hash: KeyHash,
         set: usize,
         events: Events,
     },
 }
 
-pub fn start(policy: &Policy, headers: &HeaderMap<'_>) -> Start {
-    let (hash, set, mut events) = match policy.identify(headers) {
-        Identity::Key { hash, set } => (hash, set, Events::default()),
-        Identity::Anonymous { hash, set } => (hash, set, Events::of(&[Event::MissingKey])),
+pub fn start<'a>(policy: &Policy, headers: &HeaderMap<'a>) -> Start<'a> {
+    let (subject, hash, set, mut events) = match policy.identify(headers) {
+        Identity::Key { key, hash, set } => (Subject::Key(key), hash, set, Events::default()),
+        Identity::Anonymous { hash, set } => (
+            Subject::Anonymous,
+            hash,
+            set,
+            Events::of(&[Event::MissingKey]),
+        ),
         Identity::MissingAllowed => {
             return Start::Done(Action::Continue(None), Events::of(&[Event::MissingKey]))
         }
@@ -138,7 +193,12 @@ pub fn start(policy: &Policy, headers: &HeaderMap<'_>) -> Start {
         }
     };
     match policy.set(set) {
-        Some(limits) if !limits.limits.is_empty() => Start::Decide { hash, set, events },
+        Some(limits) if !limits.limits.is_empty() => Start::Decide {
+            subject,
+            hash,
+            set,
+            events,
+        },
         // An override with no limits: this key is unlimited.
         _ => {
             events.insert(Event::Allowed);
@@ -149,7 +209,12 @@ pub fn start(policy: &Policy, headers: &HeaderMap<'_>) -> Start {
 
 /// The store could not answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StoreFailure;
+pub enum StoreFailure {
+    /// A host call failed (shared data, the clock).
+    Host,
+    /// A webdis call failed, in this way.
+    Backend(FailureClass),
+}
 
 /// The last step: the store's outcome (or failure) becomes the action.
 pub fn finish(
@@ -187,8 +252,11 @@ pub fn finish(
                 .unwrap_or(0);
             Decision::denied_for(soonest)
         }
-        Err(StoreFailure) => {
+        Err(failure) => {
             events.insert(Event::StoreError);
+            if let StoreFailure::Backend(class) = failure {
+                events.insert(Event::backend_error(class));
+            }
             return match policy.failure_mode {
                 crate::config::FailureMode::Allow => {
                     events.insert(Event::FailureModeAllowed);
@@ -244,11 +312,13 @@ mod tests {
         let headers = HeaderMap::parse(&bytes).unwrap();
         match start(p, &headers) {
             Start::Done(action, events) => (action, events),
-            Start::Decide { hash, set, events } => {
+            Start::Decide {
+                hash, set, events, ..
+            } => {
                 let table = p.slot_table().unwrap();
                 let outcome = table
                     .decide(store, hash, &p.sets[set].limits, now)
-                    .map_err(|()| StoreFailure);
+                    .map_err(|()| StoreFailure::Host);
                 finish(p, set, events, outcome)
             }
         }
@@ -377,17 +447,26 @@ mod tests {
     fn store_failures_follow_the_failure_mode() {
         let allow = policy(r#"{"limits": ["1/s"]}"#);
         assert_eq!(
-            finish(&allow, 0, Events::default(), Err(StoreFailure)),
+            finish(&allow, 0, Events::default(), Err(StoreFailure::Host)),
             (
                 Action::Continue(None),
                 Events::of(&[Event::StoreError, Event::FailureModeAllowed])
             )
         );
         let deny = policy(r#"{"limits": ["1/s"], "failure_mode": "deny"}"#);
-        let (action, events) = finish(&deny, 0, Events::default(), Err(StoreFailure));
+        let (action, events) = finish(
+            &deny,
+            0,
+            Events::default(),
+            Err(StoreFailure::Backend(FailureClass::Timeout)),
+        );
         assert_eq!(
             events,
-            Events::of(&[Event::StoreError, Event::FailureModeDenied])
+            Events::of(&[
+                Event::StoreError,
+                Event::FailureModeDenied,
+                Event::BackendErrorTimeout
+            ])
         );
         assert_eq!(status(&action), 503);
     }

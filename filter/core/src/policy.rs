@@ -1,13 +1,14 @@
 //! The compiled policy: a validated configuration in the shape the hot path
 //! needs. Built once in `on_configure`; per request it only looks things up.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
 
 use crate::config::{
     Config, ConfigError, FailureMode, KeySourceConfig, LimitConfig, LocalStoreConfig, MissingKey,
-    ResponseHeadersConfig, StoreConfig,
+    ResponseHeadersConfig, StoreConfig, WebdisStoreConfig,
 };
 use crate::gcra::{Limit, MAX_LIMITS};
 use crate::hash::KeyHash;
@@ -33,10 +34,14 @@ pub struct LimitSet {
 }
 
 /// Which limit set applies to a request, or why none does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Identity {
-    /// A key, and the index of its limit set.
-    Key { hash: KeyHash, set: usize },
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity<'a> {
+    /// A key, its hash, and the index of its limit set.
+    Key {
+        key: Cow<'a, [u8]>,
+        hash: KeyHash,
+        set: usize,
+    },
     /// No key, counted in the shared anonymous bucket.
     Anonymous { hash: KeyHash, set: usize },
     /// No key, and `missing_key: allow`.
@@ -169,15 +174,13 @@ impl Policy {
     }
 
     /// Finds the key in the request headers and the limits that apply to it.
-    pub fn identify(&self, headers: &HeaderMap<'_>) -> Identity {
+    pub fn identify<'a>(&self, headers: &HeaderMap<'a>) -> Identity<'a> {
         match key::extract(&self.sources, headers, self.max_key_length) {
             Err(e) => Identity::Invalid(e),
             Ok(Some(key)) => {
                 let hash = KeyHash::of(&key);
-                Identity::Key {
-                    hash,
-                    set: self.set_for(&key, hash),
-                }
+                let set = self.set_for(&key, hash);
+                Identity::Key { key, hash, set }
             }
             Ok(None) => match self.missing_key {
                 MissingKey::Reject => Identity::MissingRejected,
@@ -211,11 +214,20 @@ impl Policy {
 
     /// The local store's table, when the store is local.
     pub fn slot_table(&self) -> Option<SlotTable> {
-        match self.store {
+        match &self.store {
             StoreConfig::Local(LocalStoreConfig {
                 slots,
                 max_cas_retries,
-            }) => Some(SlotTable::new(slots, max_cas_retries)),
+            }) => Some(SlotTable::new(*slots, *max_cas_retries)),
+            StoreConfig::Webdis(_) => None,
+        }
+    }
+
+    /// The global store's settings, when the store is webdis.
+    pub fn webdis(&self) -> Option<&WebdisStoreConfig> {
+        match &self.store {
+            StoreConfig::Webdis(w) => Some(w),
+            StoreConfig::Local(_) => None,
         }
     }
 }
@@ -319,8 +331,66 @@ fn compile_set(
     })
 }
 
+/// Longest accepted Redis key prefix.
+pub const MAX_KEY_PREFIX: usize = 64;
+/// Longest accepted per-decision timeout.
+pub const MAX_TIMEOUT_MS: u32 = 60_000;
+
 fn check_store(store: &StoreConfig) -> Result<(), ConfigError> {
     match store {
+        StoreConfig::Webdis(w) => {
+            if w.cluster.is_empty() || w.cluster.len() > 256 {
+                return Err(ConfigError::new(
+                    "store.webdis.cluster",
+                    "must name the Envoy cluster that reaches webdis (1 to 256 characters)",
+                ));
+            }
+            if let Some(authority) = &w.authority {
+                if authority.is_empty() || !authority.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(ConfigError::new(
+                        "store.webdis.authority",
+                        "must be a host name (printable ASCII, no spaces)",
+                    ));
+                }
+            }
+            if !(1..=MAX_TIMEOUT_MS).contains(&w.timeout_ms) {
+                return Err(ConfigError::new(
+                    "store.webdis.timeout_ms",
+                    format!(
+                        "must be from 1 to {MAX_TIMEOUT_MS} (Envoy reads 0 as no timeout at all), got {}",
+                        w.timeout_ms
+                    ),
+                ));
+            }
+            if w.key_prefix.len() > MAX_KEY_PREFIX
+                || !w
+                    .key_prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:{}".contains(&b))
+            {
+                return Err(ConfigError::new(
+                    "store.webdis.key_prefix",
+                    format!(
+                        "must be at most {MAX_KEY_PREFIX} characters of A-Z a-z 0-9 - _ . : {{ }}"
+                    ),
+                ));
+            }
+            if w.key_hash_secret.as_deref() == Some("") {
+                return Err(ConfigError::new(
+                    "store.webdis.key_hash_secret",
+                    "must not be empty (leave it out for a plain SHA-256)",
+                ));
+            }
+            if w.cache_slots != 0 && !(PROBES as u32..=MAX_SLOTS).contains(&w.cache_slots) {
+                return Err(ConfigError::new(
+                    "store.webdis.cache_slots",
+                    format!(
+                        "must be 0 (off) or from {PROBES} to {MAX_SLOTS}, got {}",
+                        w.cache_slots
+                    ),
+                ));
+            }
+        }
         StoreConfig::Local(local) => {
             if !(PROBES as u32..=MAX_SLOTS).contains(&local.slots) {
                 return Err(ConfigError::new(
@@ -368,9 +438,19 @@ mod tests {
         Policy::from_json(json.as_bytes()).unwrap_err()
     }
 
-    fn identify(p: &Policy, path: &str) -> Identity {
+    fn identify(p: &Policy, path: &str) -> Identity<'static> {
         let bytes = serialize(&[(b":path", path.as_bytes())]);
-        p.identify(&HeaderMap::parse(&bytes).unwrap())
+        match p.identify(&HeaderMap::parse(&bytes).unwrap()) {
+            Identity::Key { key, hash, set } => Identity::Key {
+                key: Cow::Owned(key.into_owned()),
+                hash,
+                set,
+            },
+            Identity::Anonymous { hash, set } => Identity::Anonymous { hash, set },
+            Identity::MissingAllowed => Identity::MissingAllowed,
+            Identity::MissingRejected => Identity::MissingRejected,
+            Identity::Invalid(e) => Identity::Invalid(e),
+        }
     }
 
     fn set_of(identity: Identity) -> usize {

@@ -12,6 +12,9 @@ pub const MAX_WINDOW_SECONDS: u64 = 366 * 86_400;
 /// The largest request count a rate may name.
 pub const MAX_COUNT: u64 = 1_000_000_000;
 
+/// The fastest rate: one request per microsecond, the algorithm's resolution.
+pub const MAX_PER_SECOND: u64 = 1_000_000;
+
 /// A parsed rate: `count` requests per `window_seconds`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
@@ -26,6 +29,7 @@ pub enum RateError {
     BadCount(String),
     BadPeriod(String),
     WindowTooLong(String),
+    TooFast(String),
 }
 
 impl fmt::Display for RateError {
@@ -47,6 +51,10 @@ impl fmt::Display for RateError {
                 f,
                 "invalid rate \"{s}\": the window is longer than {} days",
                 MAX_WINDOW_SECONDS / 86_400
+            ),
+            RateError::TooFast(s) => write!(
+                f,
+                "invalid rate \"{s}\": more than {MAX_PER_SECOND} requests per second"
             ),
         }
     }
@@ -91,6 +99,9 @@ impl Rate {
             .checked_mul(unit_seconds)
             .filter(|w| *w <= MAX_WINDOW_SECONDS)
             .ok_or_else(|| RateError::WindowTooLong(text.to_string()))?;
+        if count > window_seconds.saturating_mul(MAX_PER_SECOND) {
+            return Err(RateError::TooFast(text.to_string()));
+        }
         Ok(Rate {
             count,
             window_seconds,
@@ -102,10 +113,13 @@ impl Rate {
         self.window_seconds.saturating_mul(NANOS_PER_SECOND)
     }
 
-    /// GCRA's emission interval `T = window / count`, rounded up so that the
-    /// long-run rate never exceeds the configured one.
+    /// GCRA's emission interval `T = window / count`, rounded up to a whole
+    /// microsecond: the long-run rate never exceeds the configured one, and
+    /// Redis (whose Lua numbers are doubles, exact to 2^53) works in the very
+    /// same microseconds, so local and global mode decide identically.
     pub fn interval_nanos(&self) -> u64 {
-        self.window_nanos().div_ceil(self.count.max(1))
+        let micros = self.window_seconds.saturating_mul(1_000_000);
+        micros.div_ceil(self.count.max(1)).saturating_mul(1_000)
     }
 }
 
@@ -172,9 +186,15 @@ mod tests {
     }
 
     #[test]
-    fn interval_rounds_up_so_the_rate_is_never_exceeded() {
+    fn interval_rounds_up_to_microseconds_so_the_rate_is_never_exceeded() {
         assert_eq!(rate(1, 1).interval_nanos(), 1_000_000_000);
-        assert_eq!(rate(3, 1).interval_nanos(), 333_333_334);
+        assert_eq!(rate(3, 1).interval_nanos(), 333_334_000);
+        assert_eq!(rate(1_000_000, 1).interval_nanos(), 1_000);
+        assert!(matches!(
+            Rate::parse("1000001/s"),
+            Err(RateError::TooFast(_))
+        ));
+        assert!(Rate::parse("1000001/2s").is_ok());
         assert_eq!(rate(1000, 86_400).interval_nanos(), 86_400_000_000);
         assert!(rate(3, 1).interval_nanos() * 3 >= rate(3, 1).window_nanos());
     }

@@ -32,7 +32,8 @@ use crate::hash::KeyHash;
 pub const PROBES: usize = 4;
 
 const TAT_BYTES: usize = 8;
-const MAX_VALUE: usize = 8 + TAT_BYTES * MAX_LIMITS;
+/// The largest slot value: a fingerprint and [`MAX_LIMITS`] TATs.
+pub const MAX_VALUE: usize = 8 + TAT_BYTES * MAX_LIMITS;
 
 /// The result of a CAS write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,15 +219,15 @@ impl Found {
 }
 
 /// A decoded slot value: fingerprint, then TATs, all little-endian u64.
-struct Stored {
-    fingerprint: u64,
-    tats: [u64; MAX_LIMITS],
-    count: usize,
+pub(crate) struct Stored {
+    pub(crate) fingerprint: u64,
+    pub(crate) tats: [u64; MAX_LIMITS],
+    pub(crate) count: usize,
 }
 
 impl Stored {
     /// `None` for an empty slot or bytes that are not a state.
-    fn decode(bytes: &[u8]) -> Option<Stored> {
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Stored> {
         if bytes.len() < 8 || bytes.len() % TAT_BYTES != 0 || bytes.len() > MAX_VALUE {
             return None;
         }
@@ -260,7 +261,8 @@ impl Stored {
     }
 }
 
-fn encode<'a>(buf: &'a mut [u8; MAX_VALUE], fingerprint: u64, tats: &[u64]) -> &'a [u8] {
+/// A slot value: the fingerprint, then the TATs.
+pub fn encode<'a>(buf: &'a mut [u8; MAX_VALUE], fingerprint: u64, tats: &[u64]) -> &'a [u8] {
     let mut words = buf.chunks_exact_mut(TAT_BYTES);
     let mut len = 0;
     for (chunk, word) in (&mut words).zip(std::iter::once(fingerprint).chain(tats.iter().copied()))

@@ -25,8 +25,11 @@ pub const LOG_CRITICAL: u32 = 5;
 
 const MAP_REQUEST_HEADERS: u32 = 0;
 const MAP_RESPONSE_HEADERS: u32 = 2;
+const MAP_HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
+const BUFFER_HTTP_CALL_RESPONSE_BODY: u32 = 4;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
 const METRIC_COUNTER: u32 = 0;
+const STREAM_HTTP_REQUEST: u32 = 0;
 
 #[link(wasm_import_module = "env")]
 extern "C" {
@@ -44,6 +47,14 @@ extern "C" {
         return_map_data: *mut *mut u8,
         return_map_size: *mut usize,
     ) -> u32;
+    fn proxy_get_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_continue_stream(stream_type: u32) -> u32;
     fn proxy_add_header_map_value(
         map_type: u32,
         key_data: *const u8,
@@ -122,23 +133,48 @@ pub fn now_nanos() -> Result<u64, Status> {
     Ok(now)
 }
 
-pub fn plugin_configuration() -> Result<Vec<u8>, Status> {
+fn buffer(buffer_type: u32, max_size: usize) -> Result<Vec<u8>, Status> {
     let mut data = null_mut();
     let mut size = 0;
-    let status = unsafe {
-        proxy_get_buffer_bytes(
-            BUFFER_PLUGIN_CONFIGURATION,
-            0,
-            usize::MAX,
-            &mut data,
-            &mut size,
-        )
-    };
+    let status = unsafe { proxy_get_buffer_bytes(buffer_type, 0, max_size, &mut data, &mut size) };
     if Status(status) == NOT_FOUND {
         return Ok(Vec::new());
     }
     check(status)?;
     Ok(unsafe { owned(data, size) })
+}
+
+pub fn plugin_configuration() -> Result<Vec<u8>, Status> {
+    buffer(BUFFER_PLUGIN_CONFIGURATION, usize::MAX)
+}
+
+/// The body of the HTTP call being answered (in `on_http_call_response`).
+pub fn http_call_response_body(size: usize) -> Result<Vec<u8>, Status> {
+    buffer(BUFFER_HTTP_CALL_RESPONSE_BODY, size)
+}
+
+/// The `:status` of the HTTP call being answered, if it parses.
+pub fn http_call_response_status() -> Option<u32> {
+    let key = b":status";
+    let mut data = null_mut();
+    let mut size = 0;
+    let status = unsafe {
+        proxy_get_header_map_value(
+            MAP_HTTP_CALL_RESPONSE_HEADERS,
+            key.as_ptr(),
+            key.len(),
+            &mut data,
+            &mut size,
+        )
+    };
+    check(status).ok()?;
+    let value = unsafe { owned(data, size) };
+    std::str::from_utf8(&value).ok()?.parse().ok()
+}
+
+/// Lets a paused request go on to the upstream.
+pub fn resume_request() -> Result<(), Status> {
+    check(unsafe { proxy_continue_stream(STREAM_HTTP_REQUEST) })
 }
 
 /// All request headers, serialized (see `ratelimit_core::header_map`).

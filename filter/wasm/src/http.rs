@@ -1,22 +1,45 @@
 //! The per-request context: a thin shell around `ratelimit_core::pipeline`.
+//!
+//! Local store: decided at once, in `on_http_request_headers`. Global
+//! store: denied at once from the local cache when it already knows, else
+//! paused while webdis answers, then finished in `on_http_call_response`.
 
 use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
+use ratelimit_core::gcra::Decision;
+use ratelimit_core::hash::KeyHash;
 use ratelimit_core::header_map::{self, HeaderMap};
-use ratelimit_core::pipeline::{self, Quota, Start, StoreFailure};
+use ratelimit_core::pipeline::{self, Event, Events, Quota, Start, StoreFailure, Subject};
 use ratelimit_core::response::{self, LocalReply};
+use ratelimit_core::slots::{Outcome, Placement};
+use ratelimit_core::webdis::{self, BackendError, Command, FailureClass, Parsed};
 
 use crate::host::{self, LOG_ERROR, LOG_WARN};
-use crate::root::Filter;
+use crate::root::{Filter, Store};
 use crate::shared_store::SharedStore;
+use crate::webdis_store::WebdisStore;
 
 pub struct Request {
     filter: Option<Rc<Filter>>,
     /// Set when the request was let through: its response gets these
     /// quota headers. Local replies carry theirs already.
     quota: Option<Quota>,
+    /// A webdis call in flight for this request.
+    pending: Option<Pending>,
+}
+
+/// What a paused request needs when webdis answers.
+struct Pending {
+    token: u32,
+    command: Command,
+    set: usize,
+    events: Events,
+    hash: KeyHash,
+    redis_key: String,
+    /// When the first call was sent (host clock, ns).
+    sent_at: u64,
 }
 
 impl Request {
@@ -24,20 +47,12 @@ impl Request {
         Request {
             filter,
             quota: None,
+            pending: None,
         }
     }
-}
 
-impl Context for Request {}
-
-impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let Some(filter) = self.filter.clone() else {
-            // Unreachable in practice: Envoy creates no request context for
-            // a plugin whose configuration failed.
-            return respond(&response::unavailable());
-        };
-        let (action, events) = decide(&filter);
+    /// Carries out the pipeline's verdict.
+    fn apply(&mut self, filter: &Filter, action: pipeline::Action, events: Events) -> Action {
         filter.metrics.record(events);
         match action {
             pipeline::Action::Continue(quota) => {
@@ -48,67 +63,248 @@ impl HttpContext for Request {
         }
     }
 
+    fn decide_global(
+        &mut self,
+        filter: &Filter,
+        webdis: &WebdisStore,
+        subject: Subject<'_>,
+        hash: KeyHash,
+        set: usize,
+        mut events: Events,
+    ) -> Action {
+        let policy = &filter.policy;
+        let limits = policy.set(set).map_or(&[][..], |s| &s.limits[..]);
+        let Ok(now) = host::now_nanos() else {
+            let (action, events) = pipeline::finish(policy, set, events, Err(StoreFailure::Host));
+            return self.apply(filter, action, events);
+        };
+        if let Some(decision) = webdis.cached_denial(hash, limits, now) {
+            events.insert(Event::BackendCacheHit);
+            let (action, events) = pipeline::finish(policy, set, events, Ok(decided(decision)));
+            return self.apply(filter, action, events);
+        }
+        let redis_key = webdis.redis_key(&subject);
+        let pending = Pending {
+            token: 0,
+            command: Command::EvalSha,
+            set,
+            events,
+            hash,
+            redis_key,
+            sent_at: now,
+        };
+        self.send(filter, webdis, pending, u64::from(webdis.timeout_ms))
+    }
+
+    /// Sends (or re-sends) the call of `pending`; pauses the request.
+    fn send(
+        &mut self,
+        filter: &Filter,
+        webdis: &WebdisStore,
+        mut pending: Pending,
+        timeout_ms: u64,
+    ) -> Action {
+        let limits = filter
+            .policy
+            .set(pending.set)
+            .map_or(&[][..], |s| &s.limits[..]);
+        match webdis.dispatch(pending.command, &pending.redis_key, limits, timeout_ms) {
+            Ok(token) => {
+                filter.metrics.record(Events::of(&[Event::BackendCall]));
+                pending.token = token;
+                self.pending = Some(pending);
+                Action::Pause
+            }
+            Err(status) => {
+                let error = BackendError::dispatch(format!(
+                    "Envoy refused the call to cluster '{}' (host status {}): is the cluster defined?",
+                    webdis.cluster(),
+                    status.0
+                ));
+                self.conclude(filter, pending, Err(error))
+            }
+        }
+    }
+
+    /// Ends a global decision: records, caches, and answers or resumes.
+    fn conclude(
+        &mut self,
+        filter: &Filter,
+        pending: Pending,
+        result: Result<webdis::Reply, BackendError>,
+    ) -> Action {
+        let policy = &filter.policy;
+        let limits = policy.set(pending.set).map_or(&[][..], |s| &s.limits[..]);
+        let outcome = match result {
+            Ok(reply) => {
+                if let (Store::Webdis(webdis), false) =
+                    (&filter.store, reply.resets_us().is_empty())
+                {
+                    webdis.remember(pending.hash, pending.sent_at, reply.resets_us());
+                }
+                let decision = Decision::from_resets(
+                    limits,
+                    reply.allowed,
+                    reply.retry_after_us.saturating_mul(1_000),
+                    reply.resets_us().iter().map(|r| r.saturating_mul(1_000)),
+                );
+                Ok(decided(decision))
+            }
+            Err(error) => {
+                filter.log_backend_error(&error);
+                Err(StoreFailure::Backend(error.class))
+            }
+        };
+        let (action, events) = pipeline::finish(policy, pending.set, pending.events, outcome);
+        self.apply(filter, action, events)
+    }
+}
+
+fn decided(decision: Decision) -> Outcome {
+    Outcome::Decided {
+        decision,
+        placement: Placement::Existing,
+        conflicts: 0,
+    }
+}
+
+impl Context for Request {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let (Some(filter), Some(pending)) = (self.filter.clone(), self.pending.take()) else {
+            return;
+        };
+        if pending.token != token_id {
+            self.pending = Some(pending);
+            return;
+        }
+        let Store::Webdis(webdis) = &filter.store else {
+            return;
+        };
+        let limits = filter.policy.set(pending.set).map_or(0, |s| s.limits.len());
+        // No headers at all: the call was reset or never connected.
+        let status = if num_headers == 0 {
+            None
+        } else {
+            host::http_call_response_status()
+        };
+        let body = host::http_call_response_body(body_size).unwrap_or_default();
+        let result = match webdis::parse_reply(status, &body, limits) {
+            Parsed::Decided(reply) => Ok(reply),
+            Parsed::NoScript if pending.command == Command::EvalSha => {
+                // Redis lost its script cache (a restart, a flush): send the
+                // script itself, within what is left of the timeout.
+                let elapsed_ms = host::now_nanos()
+                    .map(|now| now.saturating_sub(pending.sent_at) / 1_000_000)
+                    .unwrap_or(u64::MAX);
+                let left = u64::from(webdis.timeout_ms).saturating_sub(elapsed_ms);
+                if left > 0 {
+                    let retry = Pending {
+                        command: Command::Eval,
+                        ..pending
+                    };
+                    if self.send(&filter, webdis, retry, left) == Action::Continue {
+                        resume();
+                    }
+                    return;
+                }
+                Err(BackendError {
+                    class: FailureClass::Timeout,
+                    transient: true,
+                    detail: "no time left to send the script after NOSCRIPT".into(),
+                })
+            }
+            Parsed::NoScript => Err(BackendError {
+                class: FailureClass::Redis,
+                transient: false,
+                detail: "Redis answered NOSCRIPT to EVAL".into(),
+            }),
+            Parsed::Failed(error) => Err(error),
+        };
+        if self.conclude(&filter, pending, result) == Action::Continue {
+            resume();
+        }
+    }
+}
+
+fn resume() {
+    if let Err(status) = host::resume_request() {
+        host::log(
+            LOG_ERROR,
+            &format!("cannot resume the request (host status {})", status.0),
+        );
+    }
+}
+
+impl HttpContext for Request {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let Some(filter) = self.filter.clone() else {
+            // Unreachable in practice: Envoy creates no request context for
+            // a plugin whose configuration failed.
+            return respond(&response::unavailable());
+        };
+        let bytes = match host::request_header_pairs() {
+            Ok(bytes) => bytes,
+            Err(status) => {
+                host::log(
+                    LOG_ERROR,
+                    &format!("cannot read request headers (host status {})", status.0),
+                );
+                Vec::new()
+            }
+        };
+        // A malformed map (a host bug) reads as no headers: the key is missing.
+        let headers = HeaderMap::parse(&bytes).unwrap_or(HeaderMap::empty());
+        let policy = &filter.policy;
+        match pipeline::start(policy, &headers) {
+            Start::Done(action, events) => self.apply(&filter, action, events),
+            Start::Decide {
+                subject,
+                hash,
+                set,
+                events,
+            } => match &filter.store {
+                Store::Local { table, prefix } => {
+                    let limits = policy.set(set).map_or(&[][..], |s| &s.limits[..]);
+                    let outcome = match host::now_nanos() {
+                        Ok(now) => table
+                            .decide(&mut SharedStore::new(prefix), hash, limits, now)
+                            .map_err(|status| {
+                                host::log(
+                                    LOG_WARN,
+                                    &format!("shared data failed (host status {})", status.0),
+                                );
+                                StoreFailure::Host
+                            }),
+                        Err(_) => Err(StoreFailure::Host),
+                    };
+                    let (action, events) = pipeline::finish(policy, set, events, outcome);
+                    self.apply(&filter, action, events)
+                }
+                Store::Webdis(webdis) => {
+                    self.decide_global(&filter, webdis, subject, hash, set, events)
+                }
+            },
+        }
+    }
+
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if let (Some(filter), Some(quota)) = (&self.filter, self.quota.take()) {
             for (name, value) in pipeline::response_headers(&filter.policy, &quota) {
                 if let Err(status) = host::add_response_header(name, &value) {
                     host::log(
                         LOG_WARN,
-                        &format!(
-                            "apikey_ratelimit: cannot add {name} (host status {})",
-                            status.0
-                        ),
+                        &format!("cannot add {name} (host status {})", status.0),
                     );
                 }
             }
         }
         Action::Continue
-    }
-}
-
-fn decide(filter: &Filter) -> (pipeline::Action, ratelimit_core::Events) {
-    let policy = &filter.policy;
-    let bytes = match host::request_header_pairs() {
-        Ok(bytes) => bytes,
-        Err(status) => {
-            host::log(
-                LOG_ERROR,
-                &format!(
-                    "apikey_ratelimit: cannot read request headers (host status {})",
-                    status.0
-                ),
-            );
-            Vec::new()
-        }
-    };
-    // A malformed map (a host bug) reads as no headers: the key is missing.
-    let headers = HeaderMap::parse(&bytes).unwrap_or(HeaderMap::empty());
-    match pipeline::start(policy, &headers) {
-        Start::Done(action, events) => (action, events),
-        Start::Decide { hash, set, events } => {
-            let limits = policy.set(set).map_or(&[][..], |s| &s.limits[..]);
-            let outcome = match (filter.table, host::now_nanos()) {
-                (Some(table), Ok(now)) => table
-                    .decide(
-                        &mut SharedStore::new(&filter.slot_prefix),
-                        hash,
-                        limits,
-                        now,
-                    )
-                    .map_err(|status| {
-                        host::log(
-                            LOG_WARN,
-                            &format!(
-                                "apikey_ratelimit: shared data failed (host status {})",
-                                status.0
-                            ),
-                        );
-                        StoreFailure
-                    }),
-                _ => Err(StoreFailure),
-            };
-            pipeline::finish(policy, set, events, outcome)
-        }
     }
 }
 
@@ -123,7 +319,7 @@ fn respond(reply: &LocalReply) -> Action {
         host::log(
             LOG_ERROR,
             &format!(
-                "apikey_ratelimit: cannot send the {} reply (host status {})",
+                "cannot send the {} reply (host status {})",
                 reply.status, status.0
             ),
         );

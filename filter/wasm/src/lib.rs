@@ -7,8 +7,10 @@
 //! - `host.rs`: the host calls used, each returning `Result` (the SDK's own
 //!   wrappers can panic on unexpected statuses or non-UTF-8 headers).
 //! - `root.rs`: the root context; `on_configure` builds the `Filter` once.
-//! - `http.rs`: the request context, a thin shell around the core pipeline.
+//! - `http.rs`: the request context, a thin shell around the core pipeline
+//!   (paused while webdis answers, in global mode).
 //! - `shared_store.rs`: the slot table on Envoy shared data.
+//! - `webdis_store.rs`: the global store: calls to webdis, the deny cache.
 //! - `metrics.rs`: one counter per core event.
 
 #![cfg_attr(
@@ -26,6 +28,7 @@ mod http;
 mod metrics;
 mod root;
 mod shared_store;
+mod webdis_store;
 
 use proxy_wasm::traits::RootContext;
 

@@ -1,24 +1,68 @@
 //! The root context: turns the plugin configuration into a [`Filter`] once,
 //! in `on_configure`, and hands it to every request.
 
+use std::cell::Cell;
 use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 use ratelimit_core::slots::SlotTable;
+use ratelimit_core::webdis::{BackendError, FailureClass};
 use ratelimit_core::Policy;
 
-use crate::host::{self, LOG_CRITICAL, LOG_INFO};
+use crate::host::{self, LOG_CRITICAL, LOG_ERROR, LOG_INFO, LOG_WARN};
 use crate::http::Request;
 use crate::metrics::Metrics;
-use crate::shared_store::{slot_prefix, SharedStore};
+use crate::shared_store::{table_prefix, SharedStore};
+use crate::webdis_store::WebdisStore;
+
+/// One log line per failure class per this long, per VM: a dead backend
+/// must not flood Envoy's log at the request rate (the metrics count all).
+const LOG_EVERY_NANOS: u64 = 10_000_000_000;
+
+/// Where the counters live.
+pub enum Store {
+    Local { table: SlotTable, prefix: Vec<u8> },
+    Webdis(WebdisStore),
+}
 
 /// Everything a request needs, built once per configuration.
 pub struct Filter {
     pub policy: Policy,
-    pub table: Option<SlotTable>,
-    pub slot_prefix: Vec<u8>,
+    pub store: Store,
     pub metrics: Metrics,
+    plugin_name: String,
+    last_logged: [Cell<u64>; 6],
+}
+
+impl Filter {
+    /// Logs a failed backend call, at most once per class per 10 s.
+    pub fn log_backend_error(&self, error: &BackendError) {
+        let index = match error.class {
+            FailureClass::Dispatch => 0,
+            FailureClass::Transport => 1,
+            FailureClass::Timeout => 2,
+            FailureClass::Status => 3,
+            FailureClass::Redis => 4,
+            FailureClass::Parse => 5,
+        };
+        let Some(last) = self.last_logged.get(index) else {
+            return;
+        };
+        let now = host::now_nanos().unwrap_or(0);
+        if last.get() != 0 && now.saturating_sub(last.get()) < LOG_EVERY_NANOS {
+            return;
+        }
+        last.set(now.max(1));
+        let level = if error.transient { LOG_WARN } else { LOG_ERROR };
+        host::log(
+            level,
+            &format!(
+                "plugin '{}': rate-limit backend failed ({:?}): {}; failure_mode {:?} applies",
+                self.plugin_name, error.class, error.detail, self.policy.failure_mode
+            ),
+        );
+    }
 }
 
 #[derive(Default)]
@@ -72,31 +116,42 @@ fn configure() -> Result<Filter, String> {
     let policy = Policy::from_json(&bytes).map_err(|e| fail(e.to_string()))?;
     let metrics = Metrics::define(&plugin_name)
         .map_err(|s| fail(format!("cannot define metrics (host status {})", s.0)))?;
-    let prefix = slot_prefix(&plugin_name);
-    let table = policy.slot_table();
-    if let Some(table) = table {
-        let store = SharedStore::new(&prefix);
-        for slot in 0..table.slots() {
-            store.ensure(slot).map_err(|s| {
-                fail(format!(
-                    "cannot create shared-data slot {slot} (host status {})",
-                    s.0
-                ))
-            })?;
+    let (store, described) = match (policy.slot_table(), policy.webdis()) {
+        (_, Some(webdis)) => (
+            Store::Webdis(WebdisStore::new(webdis, &plugin_name)),
+            format!(
+                "webdis store on cluster '{}', timeout {} ms, failure mode {:?}",
+                webdis.cluster, webdis.timeout_ms, policy.failure_mode
+            ),
+        ),
+        (Some(table), None) => {
+            let prefix = table_prefix(&plugin_name, "slot");
+            let slots = SharedStore::new(&prefix);
+            for slot in 0..table.slots() {
+                slots.ensure(slot).map_err(|s| {
+                    fail(format!(
+                        "cannot create shared-data slot {slot} (host status {})",
+                        s.0
+                    ))
+                })?;
+            }
+            let described = format!("local store, {} slots", table.slots());
+            (Store::Local { table, prefix }, described)
         }
-    }
+        (None, None) => return Err(fail("no store configured".into())),
+    };
     host::log(
         LOG_INFO,
         &format!(
-            "plugin '{plugin_name}' configured: {} limit set(s), {} slot(s)",
-            policy.sets.len(),
-            table.map_or(0, |t| t.slots())
+            "plugin '{plugin_name}' configured: {} limit set(s), {described}",
+            policy.sets.len()
         ),
     );
     Ok(Filter {
         policy,
-        table,
-        slot_prefix: prefix,
+        store,
         metrics,
+        plugin_name,
+        last_logged: Default::default(),
     })
 }

@@ -1,0 +1,266 @@
+//! The global store's backend: a real Redis and a real webdis, on free
+//! loopback ports, configured from the shipped `envoy/redis-acl.conf` and
+//! `envoy/webdis.json` with only ports and the password changed.
+//!
+//! Redis runs with the shipped ACL for the user webdis connects as (its
+//! password generated per run) and one extra `admin` user, for the tests'
+//! own inspection with `redis-cli`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::paths;
+use crate::ports::free_port;
+use crate::process::{describe_status, new_dir, Proc};
+use crate::{poll_until, Error};
+
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+const ADMIN_USER: &str = "admin";
+
+/// A fresh random secret (hex), for passwords.
+pub fn random_secret() -> String {
+    let mut bytes = [0u8; 16];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if read.is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        bytes = (nanos ^ u128::from(std::process::id())).to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The `--user` arguments for `redis-server` from an ACL file's `user`
+/// lines, with each `>password` replaced by `password`.
+pub fn acl_args(acl_text: &str, password: &str) -> Vec<String> {
+    let mut args = Vec::new();
+    for line in acl_text.lines().map(str::trim) {
+        let mut words = line.split_whitespace();
+        if words.next() != Some("user") {
+            continue;
+        }
+        args.push("--user".to_string());
+        for word in words {
+            if word.starts_with('>') {
+                args.push(format!(">{password}"));
+            } else {
+                args.push(word.to_string());
+            }
+        }
+    }
+    args
+}
+
+/// A running Redis. Killed on drop.
+pub struct Redis {
+    proc: Proc,
+    port: u16,
+    password: String,
+    admin_password: String,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Redis::try_start_on(free_port(), &random_secret()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts Redis on `port` with the webdis user's `password` (a restart
+    /// after a kill reuses both).
+    pub fn try_start_on(port: u16, password: &str) -> Result<Redis, Error> {
+        let bin = paths::redis_server_bin()?;
+        let acl_path = paths::repo_root().join("envoy").join("redis-acl.conf");
+        let acl = std::fs::read_to_string(&acl_path)
+            .map_err(|e| Error(format!("{}: {e}", acl_path.display())))?;
+        let admin_password = random_secret();
+        let dir = new_dir("redis").map_err(|e| Error(e.to_string()))?;
+        let mut cmd = Command::new(&bin);
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .args(acl_args(&acl, password))
+            .args(["--user", ADMIN_USER, "on", &format!(">{admin_password}")])
+            .args(["~*", "&*", "+@all"]);
+        let proc = Proc::spawn_in("redis", cmd, dir)
+            .map_err(|e| Error(format!("cannot run {}: {e}", bin.display())))?;
+        let redis = Redis {
+            proc,
+            port,
+            password: password.to_string(),
+            admin_password,
+        };
+        wait_ready(&redis.proc, || resp_ping(port))?;
+        Ok(redis)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The password of the user webdis connects as.
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    pub fn proc(&self) -> &Proc {
+        &self.proc
+    }
+
+    /// Runs `redis-cli` as the admin user; returns its stdout (`--raw`).
+    pub fn cli(&self, args: &[&str]) -> String {
+        self.cli_as(ADMIN_USER, &self.admin_password, args)
+    }
+
+    /// Runs `redis-cli` as the user webdis connects as.
+    pub fn cli_as_webdis(&self, args: &[&str]) -> String {
+        self.cli_as("default", &self.password, args)
+    }
+
+    fn cli_as(&self, user: &str, password: &str, args: &[&str]) -> String {
+        let bin = paths::redis_cli_bin().unwrap_or_else(|e| panic!("{e}"));
+        let out = Command::new(bin)
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args([
+                "--user",
+                user,
+                "--pass",
+                password,
+                "--no-auth-warning",
+                "--raw",
+            ])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("redis-cli: {e}"));
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    }
+
+    /// Every key, sorted.
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .cli(&["--scan"])
+            .lines()
+            .map(str::to_string)
+            .filter(|k| !k.is_empty())
+            .collect();
+        keys.sort();
+        keys
+    }
+}
+
+/// A running webdis. Killed on drop.
+pub struct Webdis {
+    proc: Proc,
+    port: u16,
+}
+
+impl Webdis {
+    /// webdis with the shipped `envoy/webdis.json`, for `redis`.
+    pub fn start(redis: &Redis) -> Webdis {
+        Webdis::try_start_on(free_port(), redis.port(), redis.password())
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn try_start_on(port: u16, redis_port: u16, password: &str) -> Result<Webdis, Error> {
+        let bin = paths::webdis_bin()?;
+        let dir = new_dir("webdis").map_err(|e| Error(e.to_string()))?;
+        let config_path = dir.path().join("webdis.json");
+        let config = webdis_config(port, redis_port, Some(password))?;
+        std::fs::write(
+            &config_path,
+            serde_json::to_string_pretty(&config).unwrap_or_default(),
+        )
+        .map_err(|e| Error(format!("{}: {e}", config_path.display())))?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg(&config_path);
+        let proc = Proc::spawn_in("webdis", cmd, dir)
+            .map_err(|e| Error(format!("cannot run {}: {e}", bin.display())))?;
+        let webdis = Webdis { proc, port };
+        wait_ready(&webdis.proc, || http_answers(port))?;
+        Ok(webdis)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn proc(&self) -> &Proc {
+        &self.proc
+    }
+}
+
+/// The shipped `envoy/webdis.json` with only the ports and the Redis
+/// password changed (and logging to stderr, which the harness captures).
+pub fn webdis_config(
+    http_port: u16,
+    redis_port: u16,
+    password: Option<&str>,
+) -> Result<Value, Error> {
+    let path = paths::repo_root().join("envoy").join("webdis.json");
+    webdis_config_from(&path, http_port, redis_port, password)
+}
+
+pub fn webdis_config_from(
+    path: &Path,
+    http_port: u16,
+    redis_port: u16,
+    password: Option<&str>,
+) -> Result<Value, Error> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| Error(format!("{}: {e}", path.display())))?;
+    let mut config: Value =
+        serde_json::from_str(&text).map_err(|e| Error(format!("{}: {e}", path.display())))?;
+    let object = config
+        .as_object_mut()
+        .ok_or_else(|| Error(format!("{}: not a JSON object", path.display())))?;
+    object.insert("http_port".into(), json!(http_port));
+    object.insert("redis_port".into(), json!(redis_port));
+    object.insert(
+        "redis_auth".into(),
+        password.map_or(Value::Null, |p| json!(p)),
+    );
+    object.insert("logfile".into(), json!("/dev/stderr"));
+    Ok(config)
+}
+
+fn wait_ready(proc: &Proc, ready: impl Fn() -> bool) -> Result<(), Error> {
+    let up = poll_until(START_TIMEOUT, Duration::from_millis(20), || {
+        if let Some(status) = proc.try_status() {
+            return Some(Err(proc.error(&format!(
+                "{} {} before it was ready",
+                proc.name(),
+                describe_status(status)
+            ))));
+        }
+        ready().then_some(Ok(()))
+    });
+    up.unwrap_or_else(|| {
+        Err(proc.error(&format!(
+            "{} not ready after {START_TIMEOUT:?}",
+            proc.name()
+        )))
+    })
+}
+
+/// Redis answers something (even NOAUTH) to an inline PING.
+fn resp_ping(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut buf = [0u8; 64];
+    stream.write_all(b"PING\r\n").is_ok() && matches!(stream.read(&mut buf), Ok(n) if n > 0)
+}
+
+/// webdis answers an HTTP request (its ACL refuses PING with a 403: fine).
+fn http_answers(port: u16) -> bool {
+    crate::http::get(&format!("127.0.0.1:{port}"), "/PING").is_ok()
+}

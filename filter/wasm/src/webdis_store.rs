@@ -1,0 +1,113 @@
+//! The global store: one Lua script call to Redis through webdis per
+//! decision (`ratelimit_core::webdis` builds and reads the calls), and the
+//! "denied until" cache in shared data (`ratelimit_core::deny_cache`).
+
+use std::time::Duration;
+
+use ratelimit_core::config::WebdisStoreConfig;
+use ratelimit_core::deny_cache;
+use ratelimit_core::gcra::{Decision, Limit};
+use ratelimit_core::hash::KeyHash;
+use ratelimit_core::pipeline::Subject;
+use ratelimit_core::slots::MAX_VALUE;
+use ratelimit_core::webdis::{self, Command};
+
+use crate::host::{self, Status};
+use crate::shared_store::{table_prefix, with_slot_key};
+
+pub struct WebdisStore {
+    cluster: String,
+    authority: String,
+    pub timeout_ms: u32,
+    key_prefix: String,
+    secret: Option<Vec<u8>>,
+    cache_slots: u32,
+    cache_prefix: Vec<u8>,
+}
+
+impl WebdisStore {
+    pub fn new(config: &WebdisStoreConfig, plugin_name: &str) -> WebdisStore {
+        WebdisStore {
+            cluster: config.cluster.clone(),
+            authority: config
+                .authority
+                .clone()
+                .unwrap_or_else(|| config.cluster.clone()),
+            timeout_ms: config.timeout_ms,
+            key_prefix: config.key_prefix.clone(),
+            secret: config
+                .key_hash_secret
+                .as_ref()
+                .map(|s| s.as_bytes().to_vec()),
+            cache_slots: config.cache_slots,
+            cache_prefix: table_prefix(plugin_name, "deny"),
+        }
+    }
+
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    /// The Redis key for a subject: a hash of the API key, never the key.
+    pub fn redis_key(&self, subject: &Subject<'_>) -> String {
+        match subject {
+            Subject::Key(key) => webdis::redis_key(&self.key_prefix, self.secret.as_deref(), key),
+            Subject::Anonymous => format!("{}anonymous", self.key_prefix),
+        }
+    }
+
+    /// A denial from the local cache, if the cached state already denies.
+    pub fn cached_denial(&self, key: KeyHash, limits: &[Limit], now: u64) -> Option<Decision> {
+        if self.cache_slots == 0 {
+            return None;
+        }
+        let slot = deny_cache::slot(key, self.cache_slots);
+        let entry = with_slot_key(&self.cache_prefix, slot, host::get_shared_data).ok()??;
+        deny_cache::lookup(limits, &entry.0, key, now)
+    }
+
+    /// Remembers what Redis said about a key (a lower bound of its state).
+    pub fn remember(&self, key: KeyHash, sent_at: u64, resets_us: &[u64]) {
+        if self.cache_slots == 0 {
+            return;
+        }
+        let slot = deny_cache::slot(key, self.cache_slots);
+        with_slot_key(&self.cache_prefix, slot, |name| {
+            // Merge with what the slot holds, under its CAS; a conflict or a
+            // host error only costs a cache miss later, so no retry loop.
+            let (current, cas) = host::get_shared_data(name)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            let mut buf = [0u8; MAX_VALUE];
+            let entry = deny_cache::entry(&mut buf, &current, key, sent_at, resets_us);
+            let _ = host::set_shared_data(name, entry, cas);
+        });
+    }
+
+    /// Sends one decision call; the answer comes to `on_http_call_response`.
+    pub fn dispatch(
+        &self,
+        command: Command,
+        redis_key: &str,
+        limits: &[Limit],
+        timeout_ms: u64,
+    ) -> Result<u32, Status> {
+        let path = webdis::request_path(command, redis_key, limits);
+        // The SDK's own dispatch registers the call so that its answer is
+        // routed back to this request; it returns an error for the statuses
+        // Envoy's httpCall produces (BadArgument, InternalFailure).
+        proxy_wasm::hostcalls::dispatch_http_call(
+            &self.cluster,
+            vec![
+                (":method", "GET"),
+                (":path", &path),
+                (":authority", &self.authority),
+            ],
+            None,
+            vec![],
+            Duration::from_millis(timeout_ms.max(1)),
+        )
+        .map_err(|status| Status(status as u32))
+    }
+}
