@@ -1,18 +1,17 @@
 //! The global store's backend: a real Redis and a real webdis, on free
-//! loopback ports, configured from the shipped `envoy/redis-acl.conf` and
-//! `envoy/webdis.json` with only ports and the password changed.
+//! loopback ports, started by the shipped `envoy/redis-start.sh` and
+//! `envoy/webdis-start.sh` from the shipped `envoy/redis-acl.conf` and
+//! `envoy/webdis.json`: the very scripts and files docker compose and the
+//! Kubernetes manifests use, with only ports and the password differing.
 //!
-//! Redis runs with the shipped ACL for the user webdis connects as (its
-//! password generated per run) and one extra `admin` user, for the tests'
-//! own inspection with `redis-cli`.
+//! Redis gets one extra `admin` user, for the tests' own inspection with
+//! `redis-cli`; the filter's traffic uses the shipped user.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-
-use serde_json::{json, Value};
 
 use crate::paths;
 use crate::ports::free_port;
@@ -35,27 +34,6 @@ pub fn random_secret() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The `--user` arguments for `redis-server` from an ACL file's `user`
-/// lines, with each `>password` replaced by `password`.
-pub fn acl_args(acl_text: &str, password: &str) -> Vec<String> {
-    let mut args = Vec::new();
-    for line in acl_text.lines().map(str::trim) {
-        let mut words = line.split_whitespace();
-        if words.next() != Some("user") {
-            continue;
-        }
-        args.push("--user".to_string());
-        for word in words {
-            if word.starts_with('>') {
-                args.push(format!(">{password}"));
-            } else {
-                args.push(word.to_string());
-            }
-        }
-    }
-    args
-}
-
 /// A running Redis. Killed on drop.
 pub struct Redis {
     proc: Proc,
@@ -73,21 +51,22 @@ impl Redis {
     /// after a kill reuses both).
     pub fn try_start_on(port: u16, password: &str) -> Result<Redis, Error> {
         let bin = paths::redis_server_bin()?;
-        let acl_path = paths::repo_root().join("envoy").join("redis-acl.conf");
-        let acl = std::fs::read_to_string(&acl_path)
-            .map_err(|e| Error(format!("{}: {e}", acl_path.display())))?;
         let admin_password = random_secret();
         let dir = new_dir("redis").map_err(|e| Error(e.to_string()))?;
-        let mut cmd = Command::new(&bin);
-        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .arg("--dir")
+        let mut cmd = start_script("redis-start.sh", &bin);
+        cmd.env("REDIS_PASSWORD", password)
+            .env(
+                "REDIS_ACL",
+                paths::repo_root().join("envoy").join("redis-acl.conf"),
+            )
+            .env("REDIS_PORT", port.to_string())
+            .env("TMPDIR", dir.path())
+            .args(["--daemonize", "no", "--dir"])
             .arg(dir.path())
-            .args(acl_args(&acl, password))
             .args(["--user", ADMIN_USER, "on", &format!(">{admin_password}")])
             .args(["~*", "&*", "+@all"]);
         let proc = Proc::spawn_in("redis", cmd, dir)
-            .map_err(|e| Error(format!("cannot run {}: {e}", bin.display())))?;
+            .map_err(|e| Error(format!("cannot run redis-start.sh: {e}")))?;
         let redis = Redis {
             proc,
             port,
@@ -168,17 +147,17 @@ impl Webdis {
     pub fn try_start_on(port: u16, redis_port: u16, password: &str) -> Result<Webdis, Error> {
         let bin = paths::webdis_bin()?;
         let dir = new_dir("webdis").map_err(|e| Error(e.to_string()))?;
-        let config_path = dir.path().join("webdis.json");
-        let config = webdis_config(port, redis_port, Some(password))?;
-        std::fs::write(
-            &config_path,
-            serde_json::to_string_pretty(&config).unwrap_or_default(),
-        )
-        .map_err(|e| Error(format!("{}: {e}", config_path.display())))?;
-        let mut cmd = Command::new(&bin);
-        cmd.arg(&config_path);
+        let mut cmd = start_script("webdis-start.sh", &bin);
+        cmd.env("REDIS_PASSWORD", password)
+            .env("REDIS_PORT", redis_port.to_string())
+            .env("WEBDIS_PORT", port.to_string())
+            .env(
+                "WEBDIS_CONFIG",
+                paths::repo_root().join("envoy").join("webdis.json"),
+            )
+            .env("TMPDIR", dir.path());
         let proc = Proc::spawn_in("webdis", cmd, dir)
-            .map_err(|e| Error(format!("cannot run {}: {e}", bin.display())))?;
+            .map_err(|e| Error(format!("cannot run webdis-start.sh: {e}")))?;
         let webdis = Webdis { proc, port };
         wait_ready(&webdis.proc, || http_answers(port))?;
         Ok(webdis)
@@ -197,38 +176,19 @@ impl Webdis {
     }
 }
 
-/// The shipped `envoy/webdis.json` with only the ports and the Redis
-/// password changed (and logging to stderr, which the harness captures).
-pub fn webdis_config(
-    http_port: u16,
-    redis_port: u16,
-    password: Option<&str>,
-) -> Result<Value, Error> {
-    let path = paths::repo_root().join("envoy").join("webdis.json");
-    webdis_config_from(&path, http_port, redis_port, password)
-}
-
-pub fn webdis_config_from(
-    path: &Path,
-    http_port: u16,
-    redis_port: u16,
-    password: Option<&str>,
-) -> Result<Value, Error> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| Error(format!("{}: {e}", path.display())))?;
-    let mut config: Value =
-        serde_json::from_str(&text).map_err(|e| Error(format!("{}: {e}", path.display())))?;
-    let object = config
-        .as_object_mut()
-        .ok_or_else(|| Error(format!("{}: not a JSON object", path.display())))?;
-    object.insert("http_port".into(), json!(http_port));
-    object.insert("redis_port".into(), json!(redis_port));
-    object.insert(
-        "redis_auth".into(),
-        password.map_or(Value::Null, |p| json!(p)),
-    );
-    object.insert("logfile".into(), json!("/dev/stderr"));
-    Ok(config)
+/// `sh envoy/<script>`, with the directory of `server` (the binary the
+/// script execs) first on the PATH.
+pub fn start_script(script: &str, server: &Path) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.arg(paths::repo_root().join("envoy").join(script));
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<std::path::PathBuf> =
+        server.parent().map(Path::to_path_buf).into_iter().collect();
+    dirs.extend(std::env::split_paths(&path));
+    if let Ok(joined) = std::env::join_paths(dirs) {
+        cmd.env("PATH", joined);
+    }
+    cmd
 }
 
 fn wait_ready(proc: &Proc, ready: impl Fn() -> bool) -> Result<(), Error> {

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use e2e::backend::{acl_args, random_secret, webdis_config};
+use e2e::backend::{random_secret, start_script};
 use e2e::envoy::EnvoyConfig;
 use e2e::paths;
 use e2e::topology::{front_config, replica_config, Mode, ReplicaPorts};
@@ -188,44 +188,34 @@ fn run(
     supervise(signals, children)
 }
 
+/// Redis and webdis through the shipped start scripts, as the tests, docker
+/// compose and Kubernetes start them.
 fn start_backend(dir: &Path, children: &mut Vec<(String, Child)>) -> Result<(), String> {
     let redis_bin = paths::redis_server_bin().map_err(|e| e.0)?;
     let webdis_bin = paths::webdis_bin().map_err(|e| e.0)?;
     let password = random_secret();
-    let acl_path = paths::repo_root().join("envoy").join("redis-acl.conf");
-    let acl =
-        std::fs::read_to_string(&acl_path).map_err(|e| format!("{}: {e}", acl_path.display()))?;
+    let envoy_dir = paths::repo_root().join("envoy");
     let redis_dir = dir.join("redis");
     std::fs::create_dir_all(&redis_dir).map_err(|e| format!("{}: {e}", redis_dir.display()))?;
-    let mut redis = Command::new(&redis_bin);
+    let mut redis = start_script("redis-start.sh", &redis_bin);
     redis
-        .args(["--port", &REDIS_PORT.to_string(), "--bind", "127.0.0.1"])
-        .args([
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-            "--loglevel",
-            "warning",
-        ])
-        .arg("--dir")
-        .arg(&redis_dir)
-        .args(acl_args(&acl, &password));
+        .env("REDIS_PASSWORD", &password)
+        .env("REDIS_ACL", envoy_dir.join("redis-acl.conf"))
+        .env("REDIS_PORT", REDIS_PORT.to_string())
+        .env("TMPDIR", &redis_dir)
+        .args(["--daemonize", "no", "--loglevel", "warning", "--dir"])
+        .arg(&redis_dir);
     children.push(("redis".into(), spawn(&mut redis)?));
     wait_port("redis", REDIS_PORT, children)?;
 
-    let config = webdis_config(WEBDIS_PORT, REDIS_PORT, Some(&password)).map_err(|e| e.0)?;
-    let config_path = dir.join("webdis.json");
-    write(
-        &config_path,
-        &serde_json::to_string_pretty(&config).unwrap_or_default(),
-    )?;
-    children.push((
-        "webdis".into(),
-        spawn(Command::new(&webdis_bin).arg(&config_path))?,
-    ));
+    let mut webdis = start_script("webdis-start.sh", &webdis_bin);
+    webdis
+        .env("REDIS_PASSWORD", &password)
+        .env("REDIS_PORT", REDIS_PORT.to_string())
+        .env("WEBDIS_PORT", WEBDIS_PORT.to_string())
+        .env("WEBDIS_CONFIG", envoy_dir.join("webdis.json"))
+        .env("TMPDIR", dir);
+    children.push(("webdis".into(), spawn(&mut webdis)?));
     wait_port("webdis", WEBDIS_PORT, children)
 }
 
