@@ -44,15 +44,11 @@ impl Local {
 
     /// One of the filter's counters, e.g. `metric("throttled")`.
     pub fn metric(&self, event: &str) -> u64 {
-        self.envoy.counter(&metric_name(event)).unwrap_or(0)
+        metric(&self.envoy, event)
     }
 
-    /// Waits until a counter reaches `value` (stats land as streams end), and
-    /// returns what it is then.
     pub fn metric_at_least(&self, event: &str, value: u64) -> u64 {
-        self.envoy
-            .wait_counter(&metric_name(event), value, Duration::from_secs(5))
-            .unwrap_or_else(|_| self.metric(event))
+        metric_at_least(&self.envoy, event, value)
     }
 
     /// Connections each worker accepted on the API listener, in worker order.
@@ -74,6 +70,20 @@ impl Local {
 
 pub fn metric_name(event: &str) -> String {
     format!("wasmcustom.apikey_ratelimit.{PLUGIN}.{event}")
+}
+
+/// One of the filter's counters in this Envoy (0 before it is first used).
+pub fn metric(envoy: &Envoy, event: &str) -> u64 {
+    envoy.counter(&metric_name(event)).unwrap_or(0)
+}
+
+/// Waits until a filter counter reaches `value` (stats land as streams
+/// end, which can be just after the client has its answer), and returns
+/// what it is then.
+pub fn metric_at_least(envoy: &Envoy, event: &str, value: u64) -> u64 {
+    envoy
+        .wait_counter(&metric_name(event), value, Duration::from_secs(5))
+        .unwrap_or_else(|_| metric(envoy, event))
 }
 
 /// `envoy/local.yaml` on fresh ports, pointed at `upstream`.

@@ -12,11 +12,9 @@
 //! plugin configuration changed; `make run` uses the same functions with
 //! fixed ports.
 
-use std::time::Duration;
-
 use crate::backend::{Redis, Webdis};
 use crate::envoy::{Envoy, EnvoyConfig};
-use crate::local::metric_name;
+use crate::local::{metric, metric_at_least};
 use crate::paths;
 use crate::ports::free_port;
 use crate::upstream::Upstream;
@@ -116,13 +114,11 @@ impl Global {
     }
 
     pub fn metric(&self, event: &str) -> u64 {
-        self.envoy.counter(&metric_name(event)).unwrap_or(0)
+        metric(&self.envoy, event)
     }
 
     pub fn metric_at_least(&self, event: &str, value: u64) -> u64 {
-        self.envoy
-            .wait_counter(&metric_name(event), value, Duration::from_secs(5))
-            .unwrap_or_else(|_| self.metric(event))
+        metric_at_least(&self.envoy, event, value)
     }
 }
 
@@ -209,10 +205,7 @@ impl Replicas {
 
     /// A filter counter summed over the replicas.
     pub fn metric(&self, event: &str) -> u64 {
-        self.replicas
-            .iter()
-            .map(|r| r.counter(&metric_name(event)).unwrap_or(0))
-            .sum()
+        self.replicas.iter().map(|r| metric(r, event)).sum()
     }
 
     /// Requests each replica received (its HTTP listener's count).

@@ -72,20 +72,11 @@ pub fn entry<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rate::Rate;
 
     const S: u64 = 1_000_000_000;
 
     fn limits() -> Vec<Limit> {
-        vec![Limit::new(
-            "l".into(),
-            Rate {
-                count: 2,
-                window_seconds: 10,
-            },
-            2,
-        )
-        .unwrap()]
+        vec![crate::gcra::test_limit(2, 10, 2)]
     }
 
     #[test]

@@ -169,24 +169,27 @@ pub fn is_idle(tats: impl IntoIterator<Item = u64>, now: u64) -> bool {
     tats.into_iter().all(|tat| tat <= now)
 }
 
+/// A limit for tests: `count` per `window_seconds`, burst `burst`.
+#[cfg(test)]
+pub(crate) fn test_limit(count: u64, window_seconds: u64, burst: u64) -> Limit {
+    Limit::new(
+        format!("{count}/{window_seconds}s"),
+        Rate {
+            count,
+            window_seconds,
+        },
+        burst,
+    )
+    .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_limit as limit;
     use super::*;
     use proptest::prelude::*;
 
     const S: u64 = 1_000_000_000;
-
-    fn limit(count: u64, window_seconds: u64, burst: u64) -> Limit {
-        Limit::new(
-            format!("{count}/{window_seconds}s"),
-            Rate {
-                count,
-                window_seconds,
-            },
-            burst,
-        )
-        .unwrap()
-    }
 
     #[test]
     fn one_per_second_admits_once_per_second_like_drf() {

@@ -276,7 +276,6 @@ pub fn encode<'a>(buf: &'a mut [u8; MAX_VALUE], fingerprint: u64, tats: &[u64]) 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::rate::Rate;
     use std::collections::HashMap;
     use std::sync::{Arc, Barrier, Mutex};
 
@@ -340,15 +339,7 @@ pub(crate) mod tests {
     }
 
     fn limits(count: u64, window_seconds: u64, burst: u64) -> Vec<Limit> {
-        vec![Limit::new(
-            "l".into(),
-            Rate {
-                count,
-                window_seconds,
-            },
-            burst,
-        )
-        .unwrap()]
+        vec![crate::gcra::test_limit(count, window_seconds, burst)]
     }
 
     fn allowed(outcome: Outcome) -> bool {

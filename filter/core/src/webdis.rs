@@ -287,20 +287,8 @@ fn truncate(text: &str, max: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rate::Rate;
+    use crate::gcra::test_limit as limit;
     use sha1::Sha1;
-
-    fn limit(count: u64, window_seconds: u64, burst: u64) -> Limit {
-        Limit::new(
-            "l".into(),
-            Rate {
-                count,
-                window_seconds,
-            },
-            burst,
-        )
-        .unwrap()
-    }
 
     #[test]
     fn script_sha1_matches_the_script() {
