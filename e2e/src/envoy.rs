@@ -219,6 +219,27 @@ impl EnvoyConfig {
         Ok(())
     }
 
+    /// Points every `socket_address` in the config (listeners, admin,
+    /// cluster endpoints) at `host`, keeping the ports: how a config written
+    /// for containers (0.0.0.0, service names) is run on loopback.
+    pub fn set_all_addresses(&mut self, host: &str) {
+        fn walk(v: &mut Value, host: &str) {
+            match v {
+                Value::Object(map) => {
+                    if let Some(Value::Object(sa)) = map.get_mut("socket_address") {
+                        sa.insert("address".into(), json!(host));
+                    }
+                    for child in map.values_mut() {
+                        walk(child, host);
+                    }
+                }
+                Value::Array(items) => items.iter_mut().for_each(|i| walk(i, host)),
+                _ => {}
+            }
+        }
+        walk(&mut self.root, host);
+    }
+
     /// Makes static cluster `cluster` hold exactly these endpoints, each a copy
     /// of its first endpoint with the address changed (the front proxy's
     /// replicas).

@@ -136,3 +136,74 @@ pub fn redis_cli_bin() -> Result<PathBuf, Error> {
 pub fn webdis_bin() -> Result<PathBuf, Error> {
     system_bin("WEBDIS", "webdis", "webdis")
 }
+
+/// A tool on the PATH (or at a fixed path), or the error saying how to get it.
+fn tool(path: PathBuf, name: &str, how: &str) -> Result<PathBuf, Error> {
+    check(
+        path,
+        name,
+        &format!("{}_BIN", name.to_uppercase().replace('-', "_")),
+        how,
+    )
+}
+
+fn on_path(name: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|dir| dir.join(name))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| Path::new("/usr/bin").join(name))
+}
+
+/// Debian's `docker-compose` (1.29), which validates compose files offline.
+pub fn docker_compose_bin() -> Result<PathBuf, Error> {
+    tool(
+        on_path("docker-compose"),
+        "docker-compose",
+        "run `make deploy-tools` (apt-get install -y docker-compose)",
+    )
+}
+
+/// `kubectl`, for `kubectl kustomize`.
+pub fn kubectl_bin() -> Result<PathBuf, Error> {
+    tool(
+        on_path("kubectl"),
+        "kubectl",
+        "install kubectl 1.27 or later (it carries kustomize v5), then `make deploy-tools`",
+    )
+}
+
+/// `kubernetes-validate`, pinned in `.venv/` by `make deploy-tools`.
+pub fn kubernetes_validate_bin() -> Result<PathBuf, Error> {
+    tool(
+        repo_root().join(".venv/bin/kubernetes-validate"),
+        "kubernetes-validate",
+        "run `make deploy-tools` (pip installs kubernetes-validate into .venv/)",
+    )
+}
+
+/// `node`, to run the Istio schema validator.
+pub fn node_bin() -> Result<PathBuf, Error> {
+    tool(
+        on_path("node"),
+        "node",
+        "install Node.js (apt-get install -y nodejs), then `make deploy-tools`",
+    )
+}
+
+/// `k8s/validate/istio.mjs`, once its pinned packages are installed.
+pub fn istio_validator() -> Result<PathBuf, Error> {
+    let script = repo_root().join("k8s/validate/istio.mjs");
+    check(
+        repo_root().join("k8s/validate/node_modules/@kubernetes-models/istio/package.json"),
+        "@kubernetes-models/istio",
+        "ISTIO_VALIDATOR",
+        "run `make deploy-tools` (npm ci in k8s/validate)",
+    )?;
+    Ok(script)
+}

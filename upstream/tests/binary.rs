@@ -180,3 +180,74 @@ fn help_prints_usage_and_exits_0() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("usage: upstream [--bind ADDR]"), "{stdout}");
 }
+
+fn assert_unhealthy(out: &std::process::Output, mentions: &str) {
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("upstream unhealthy") && stderr.contains(mentions),
+        "stderr {stderr:?} lacks {mentions:?}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn healthcheck_exits_0_against_a_running_server_and_1_once_it_is_gone() {
+    let mut cmd = command();
+    cmd.args(["--bind", "127.0.0.1:0"]);
+    let (mut child, addr) = spawn(cmd);
+
+    let out = run_to_end(&["--healthcheck", "--bind", &addr.to_string()], &[]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("upstream healthy: 200"), "{stdout}");
+
+    // As in the container: the port from UPSTREAM_BIND, and an unspecified
+    // address checked on loopback.
+    let everywhere = format!("0.0.0.0:{}", addr.port());
+    let out = run_to_end(&["--healthcheck"], &[("UPSTREAM_BIND", &everywhere)]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    child.signal(libc::SIGTERM);
+    assert!(child.wait_for_exit(Duration::from_secs(5)).success());
+    let out = run_to_end(&["--healthcheck", "--bind", &addr.to_string()], &[]);
+    assert_unhealthy(&out, &addr.to_string());
+    assert!(out.stdout.is_empty(), "{out:?}");
+}
+
+#[test]
+fn healthcheck_exits_1_on_a_non_200_and_on_silence_within_its_time_limit() {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    // A server that answers 503.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 512];
+        let _ = conn.read(&mut buf);
+        conn.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+            .unwrap();
+    });
+    let out = run_to_end(&["--healthcheck", "--bind", &addr.to_string()], &[]);
+    assert_unhealthy(&out, "answered 503");
+    server.join().unwrap();
+
+    // A server that accepts and never answers: unhealthy after about 2 s.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let started = Instant::now();
+    let out = run_to_end(&["--healthcheck", "--bind", &addr.to_string()], &[]);
+    let took = started.elapsed();
+    assert_unhealthy(&out, "no answer within 2s");
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    drop(listener);
+
+    // Port 0 names no server.
+    let out = run_to_end(&["--healthcheck", "--bind", "127.0.0.1:0"], &[]);
+    assert_unhealthy(&out, "port 0");
+}
