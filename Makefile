@@ -6,6 +6,8 @@
 #   make loadtest   the tutorial's load test: 100 requests over 10 s
 #   make test       lint, unit tests, end-to-end tests against real Envoy,
 #                   Redis and webdis
+#   make bench      the filter's cost next to Envoy alone, Envoy's own limiter
+#                   and an empty Wasm filter (BENCH_ARGS="--repeats 5" ...)
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -27,6 +29,7 @@ URL           ?= http://localhost:9018/?api_key=1234
 CARGO         ?= cargo
 
 .PHONY: build wasm-target envoy backend deploy-tools run loadtest test lint unit e2e clean apt \
+        bench bench-build bench-tools bench-smoke \
         images image-filter image-upstream image-webdis wasm-sha256
 
 ## build: the filter and the native binaries (release)
@@ -98,8 +101,24 @@ apt:
 	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(PKG) >/dev/null; \
 	 else echo "$(PKG) is missing: run 'sudo apt-get install -y $(PKG)'" >&2; exit 1; fi
 
+## bench: the performance comparison (not a test; README "Performance")
+bench: bench-build
+	target/release/bench $(BENCH_ARGS)
+
+bench-build: build envoy backend bench-tools
+	$(CARGO) build --release --locked -p bench
+	$(CARGO) build --release --locked --target $(WASM_TARGET) -p empty-filter
+
+bench-tools:
+	@command -v wrk >/dev/null || $(MAKE) --no-print-directory apt PKG=wrk
+	@test -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf || $(MAKE) --no-print-directory apt PKG=fonts-dejavu-core
+
+# The bench harness with tiny durations, so it does not rot.
+bench-smoke: bench-build
+	target/release/bench --smoke
+
 ## test: everything CI runs
-test: lint unit e2e
+test: lint unit e2e bench-smoke
 
 lint: wasm-target
 	$(CARGO) fmt --all --check
@@ -107,7 +126,7 @@ lint: wasm-target
 	$(CARGO) clippy --locked --target $(WASM_TARGET) -p apikey-ratelimit -p apikey-ratelimit-core -- -D warnings
 
 unit:
-	$(CARGO) test --locked -p apikey-ratelimit-core -p upstream
+	$(CARGO) test --locked -p apikey-ratelimit-core -p upstream -p bench
 
 e2e: build envoy backend deploy-tools
 	$(CARGO) test --locked -p e2e

@@ -1,0 +1,296 @@
+//! `make bench`: the filter's cost side by side with Envoy alone, Envoy's
+//! native `local_ratelimit`, and an empty proxy-wasm filter, in local and
+//! global mode, on a `direct_response` route and on the real upstream.
+//!
+//! Every setup runs in one Envoy with one worker, loaded by wrk (1 thread,
+//! the same connections and duration) on loopback. Setups alternate, and
+//! the whole round repeats, so that each median holds on a noisy machine.
+//! Results: a Markdown table on stdout, `target/bench/results.json`, and
+//! `target/bench/ratios.png`. Not a pass/fail test: `--smoke` runs it with
+//! tiny durations in `make test`, to keep it from rotting.
+//!
+//! Layout: `setups.rs` (what is measured), `wrk.rs` (the load generator),
+//! `report.rs` (medians, ratios, table, JSON, chart), this file (the runs).
+//!
+//! Usage: bench [--duration SECONDS] [--repeats N] [--connections N]
+//!              [--only SETUP_ID] [--out DIR] [--smoke]
+
+mod report;
+mod setups;
+mod wrk;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use e2e::envoy::Envoy;
+use e2e::local::metric;
+use e2e::paths;
+use e2e::topology::Backend;
+use e2e::upstream::Upstream;
+
+use report::Sample;
+use setups::{Keys, Route, Setup};
+
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+struct Options {
+    duration: Duration,
+    repeats: usize,
+    connections: u32,
+    only: Option<String>,
+    out: PathBuf,
+    smoke: bool,
+}
+
+fn parse_args() -> Result<Options, String> {
+    let mut options = Options {
+        duration: Duration::from_secs(5),
+        repeats: 3,
+        connections: 32,
+        only: None,
+        out: paths::repo_root().join("target").join("bench"),
+        smoke: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
+        let number = |name: &str, v: String| {
+            v.parse::<u64>()
+                .map_err(|_| format!("{name}: not a number: {v}"))
+        };
+        match arg.as_str() {
+            "--duration" => {
+                options.duration = Duration::from_secs(number("--duration", value("--duration")?)?)
+            }
+            "--repeats" => options.repeats = number("--repeats", value("--repeats")?)? as usize,
+            "--connections" => {
+                options.connections = number("--connections", value("--connections")?)? as u32
+            }
+            "--only" => options.only = Some(value("--only")?),
+            "--out" => options.out = PathBuf::from(value("--out")?),
+            "--smoke" => {
+                options.smoke = true;
+                options.duration = Duration::from_secs(1);
+                options.repeats = 1;
+                options.connections = 8;
+                options.out = paths::repo_root().join("target").join("bench-smoke");
+            }
+            "-h" | "--help" => {
+                println!("usage: bench [--duration S] [--repeats N] [--connections N] [--only SETUP] [--out DIR] [--smoke]");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?} (try --help)")),
+        }
+    }
+    if options.repeats == 0 || options.connections == 0 || options.duration.is_zero() {
+        return Err("--repeats, --connections and --duration must be at least 1".into());
+    }
+    Ok(options)
+}
+
+fn main() -> ExitCode {
+    match parse_args().and_then(|o| run(&o)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(options: &Options) -> Result<(), String> {
+    let empty_wasm = paths::repo_root().join("target/wasm32-wasip1/release/empty_filter.wasm");
+    if !empty_wasm.is_file() {
+        return Err(format!(
+            "{} is missing: run `make bench`",
+            empty_wasm.display()
+        ));
+    }
+    let wasm = paths::wasm_path().map_err(|e| e.0)?;
+    let font = std::fs::read(FONT)
+        .map_err(|e| format!("{FONT}: {e} (make bench installs fonts-dejavu-core)"))?;
+    std::fs::create_dir_all(&options.out).map_err(|e| format!("{}: {e}", options.out.display()))?;
+    let script_path = options.out.join("many-keys.lua");
+    std::fs::write(&script_path, wrk::many_keys_script(10_000)).map_err(|e| e.to_string())?;
+
+    let setups: Vec<Setup> = setups::all()
+        .into_iter()
+        .filter(|s| options.only.as_deref().is_none_or(|only| only == s.id))
+        .collect();
+    if setups.is_empty() {
+        return Err("--only matches no setup".into());
+    }
+    // One upstream (one thread, like a small service) and one backend for
+    // the whole bench; a fresh Envoy for every run.
+    std::env::set_var("UPSTREAM_THREADS", "1");
+    let upstream = Upstream::try_start().map_err(|e| e.0)?;
+    let backend = Backend::start();
+
+    let mut samples = Vec::new();
+    for repeat in 0..options.repeats {
+        for setup in &setups {
+            for route in Route::ALL {
+                let sample = measure(
+                    options,
+                    setup,
+                    route,
+                    repeat,
+                    &upstream,
+                    &backend,
+                    &empty_wasm,
+                    &script_path,
+                )?;
+                eprintln!(
+                    "bench: [{}/{}] {:<15} {:<16} {:>8.0} req/s  p50 {:.2} ms  p99 {:.2} ms",
+                    repeat + 1,
+                    options.repeats,
+                    setup.id,
+                    route.name(),
+                    sample.measured.rps,
+                    sample.measured.p50_ms,
+                    sample.measured.p99_ms
+                );
+                samples.push(sample);
+            }
+        }
+    }
+
+    let rows = report::summarize(&setups, &samples);
+    let wasm_size = std::fs::metadata(&wasm).map(|m| m.len()).unwrap_or(0);
+    let machine = machine();
+    let mut table = format!(
+        "## apikey-ratelimit bench\n\n{machine}; Envoy 1.40.0, 1 worker; wrk 1 thread, {} connections, {} s per run, {} repeat(s), medians. Filter: {} bytes.\n",
+        options.connections,
+        options.duration.as_secs(),
+        options.repeats,
+        wasm_size
+    );
+    table.push_str(&report::markdown(&rows));
+    table.push_str(&report::targets(&rows));
+    println!("{table}");
+    let json = serde_json::json!({
+        "machine": machine,
+        "duration_seconds": options.duration.as_secs(),
+        "repeats": options.repeats,
+        "connections": options.connections,
+        "wasm_bytes": wasm_size,
+        "rows": rows,
+        "samples": samples,
+    });
+    let json_path = options.out.join("results.json");
+    std::fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&json).unwrap_or_default(),
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::write(options.out.join("results.md"), &table).map_err(|e| e.to_string())?;
+    let png = options.out.join("ratios.png");
+    report::chart(&rows, &setups, &font, &png)?;
+    eprintln!(
+        "bench: wrote {}, {} and results.md",
+        json_path.display(),
+        png.display()
+    );
+    if options.smoke {
+        smoke_checks(&samples)?;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    options: &Options,
+    setup: &Setup,
+    route: Route,
+    repeat: usize,
+    upstream: &Upstream,
+    backend: &Backend,
+    empty_wasm: &std::path::Path,
+    script: &std::path::Path,
+) -> Result<Sample, String> {
+    let config = setups::envoy_config(
+        setup,
+        route,
+        upstream.port(),
+        backend.webdis.port(),
+        empty_wasm,
+    )?;
+    let envoy = Envoy::start(&config, 1).map_err(|e| e.0)?;
+    let (key, script) = match setup.keys {
+        Keys::One(key) => (key, None),
+        Keys::Many(_) => ("", Some(script)),
+    };
+    let url = format!("http://{}/?api_key={key}", envoy.addr());
+    let measured = wrk::run(&wrk::Load {
+        url: &url,
+        connections: options.connections,
+        duration: options.duration,
+        script,
+    })?;
+    let peak_rss_bytes = peak_rss(envoy.proc().pid());
+    Ok(Sample {
+        setup: setup.id,
+        route,
+        repeat,
+        admitted: metric(&envoy, "allowed"),
+        backend_calls: metric(&envoy, "backend_calls"),
+        peak_rss_bytes,
+        measured,
+    })
+}
+
+/// VmHWM: the process's peak resident memory.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores ({cpu})")
+}
+
+/// In `make test`: the harness ran every setup and each answered as its
+/// setup says (no errors; floods throttled; everything else allowed).
+fn smoke_checks(samples: &[Sample]) -> Result<(), String> {
+    for s in samples {
+        let m = &s.measured;
+        let flood = s.setup.ends_with("flood");
+        let ok = m.requests > 0
+            && m.socket_errors == 0
+            && if flood {
+                m.non_2xx + 1 >= m.requests
+            } else {
+                m.non_2xx == 0
+            };
+        if !ok {
+            return Err(format!(
+                "smoke: {} on {} measured {m:?}",
+                s.setup,
+                s.route.name()
+            ));
+        }
+        if s.setup.starts_with("global") && s.backend_calls == 0 {
+            return Err(format!(
+                "smoke: {} on {} made no backend call",
+                s.setup,
+                s.route.name()
+            ));
+        }
+    }
+    eprintln!("bench: smoke run ok ({} runs)", samples.len());
+    Ok(())
+}
