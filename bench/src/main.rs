@@ -13,7 +13,8 @@
 //! `report.rs` (medians, ratios, table, JSON, chart), this file (the runs).
 //!
 //! Usage: bench [--duration SECONDS] [--repeats N] [--connections N]
-//!              [--only SETUP_ID] [--out DIR] [--smoke]
+//!              [--only SETUP_ID,...] [--route direct_response|upstream]
+//!              [--out DIR] [--smoke]
 
 mod report;
 mod setups;
@@ -38,7 +39,8 @@ struct Options {
     duration: Duration,
     repeats: usize,
     connections: u32,
-    only: Option<String>,
+    only: Option<Vec<String>>,
+    routes: Vec<Route>,
     out: PathBuf,
     smoke: bool,
 }
@@ -49,6 +51,7 @@ fn parse_args() -> Result<Options, String> {
         repeats: 3,
         connections: 32,
         only: None,
+        routes: Route::ALL.to_vec(),
         out: paths::repo_root().join("target").join("bench"),
         smoke: false,
     };
@@ -67,7 +70,19 @@ fn parse_args() -> Result<Options, String> {
             "--connections" => {
                 options.connections = number("--connections", value("--connections")?)? as u32
             }
-            "--only" => options.only = Some(value("--only")?),
+            "--only" => {
+                options.only = Some(value("--only")?.split(',').map(str::to_string).collect())
+            }
+            "--route" => {
+                let name = value("--route")?;
+                let route = Route::ALL
+                    .into_iter()
+                    .find(|r| r.name() == name)
+                    .ok_or(format!(
+                        "--route: expected direct_response or upstream, got {name:?}"
+                    ))?;
+                options.routes = vec![route];
+            }
             "--out" => options.out = PathBuf::from(value("--out")?),
             "--smoke" => {
                 options.smoke = true;
@@ -77,7 +92,7 @@ fn parse_args() -> Result<Options, String> {
                 options.out = paths::repo_root().join("target").join("bench-smoke");
             }
             "-h" | "--help" => {
-                println!("usage: bench [--duration S] [--repeats N] [--connections N] [--only SETUP] [--out DIR] [--smoke]");
+                println!("usage: bench [--duration S] [--repeats N] [--connections N] [--only SETUP,...] [--route NAME] [--out DIR] [--smoke]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
@@ -116,7 +131,12 @@ fn run(options: &Options) -> Result<(), String> {
 
     let setups: Vec<Setup> = setups::all()
         .into_iter()
-        .filter(|s| options.only.as_deref().is_none_or(|only| only == s.id))
+        .filter(|s| {
+            options
+                .only
+                .as_ref()
+                .is_none_or(|only| only.iter().any(|o| o == s.id))
+        })
         .collect();
     if setups.is_empty() {
         return Err("--only matches no setup".into());
@@ -130,7 +150,7 @@ fn run(options: &Options) -> Result<(), String> {
     let mut samples = Vec::new();
     for repeat in 0..options.repeats {
         for setup in &setups {
-            for route in Route::ALL {
+            for &route in &options.routes {
                 let sample = measure(
                     options,
                     setup,
@@ -222,12 +242,14 @@ fn measure(
         Keys::Many(_) => ("", Some(script)),
     };
     let url = format!("http://{}/?api_key={key}", envoy.addr());
+    let cpu_before = cpu_nanos(envoy.proc().pid());
     let measured = wrk::run(&wrk::Load {
         url: &url,
         connections: options.connections,
         duration: options.duration,
         script,
     })?;
+    let cpu = cpu_nanos(envoy.proc().pid()).saturating_sub(cpu_before);
     let peak_rss_bytes = peak_rss(envoy.proc().pid());
     Ok(Sample {
         setup: setup.id,
@@ -236,8 +258,22 @@ fn measure(
         admitted: metric(&envoy, "allowed"),
         backend_calls: metric(&envoy, "backend_calls"),
         peak_rss_bytes,
+        envoy_cpu_us_per_request: cpu as f64 / 1000.0 / measured.requests.max(1) as f64,
         measured,
     })
+}
+
+/// CPU time all of a process's threads have used (schedstat, in ns): what
+/// a request costs Envoy, less sensitive than throughput to the load
+/// generator sharing the machine.
+fn cpu_nanos(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// VmHWM: the process's peak resident memory.

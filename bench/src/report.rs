@@ -25,6 +25,8 @@ pub struct Sample {
     pub backend_calls: u64,
     /// Envoy's peak resident memory (VmHWM).
     pub peak_rss_bytes: u64,
+    /// Envoy's CPU time (all threads) per request, in microseconds.
+    pub envoy_cpu_us_per_request: f64,
 }
 
 /// The medians of a setup on a route.
@@ -38,6 +40,10 @@ pub struct Row {
     pub p99_ms: f64,
     pub vs_no_filter: f64,
     pub vs_empty_wasm: f64,
+    /// Envoy's CPU microseconds per request, and what the filter adds to
+    /// Envoy alone (same route).
+    pub cpu_us: f64,
+    pub cpu_us_over_no_filter: f64,
     pub backend_calls_per_request: Option<f64>,
     pub admitted_per_run: u64,
     pub requests_per_run: u64,
@@ -65,6 +71,12 @@ pub fn summarize(setups: &[Setup], samples: &[Sample]) -> Vec<Row> {
         let median_rps = |id: &str| median(of(id).iter().map(|s| s.measured.rps).collect());
         let base = median_rps("no-filter");
         let floor = median_rps("empty-wasm");
+        let base_cpu = median(
+            of("no-filter")
+                .iter()
+                .map(|s| s.envoy_cpu_us_per_request)
+                .collect(),
+        );
         for setup in setups {
             let runs = of(setup.id);
             if runs.is_empty() {
@@ -84,6 +96,10 @@ pub fn summarize(setups: &[Setup], samples: &[Sample]) -> Vec<Row> {
                 p99_ms: median(runs.iter().map(|s| s.measured.p99_ms).collect()),
                 vs_no_filter: if base > 0.0 { rps / base } else { 0.0 },
                 vs_empty_wasm: if floor > 0.0 { rps / floor } else { 0.0 },
+                cpu_us: median(runs.iter().map(|s| s.envoy_cpu_us_per_request).collect()),
+                cpu_us_over_no_filter: median(
+                    runs.iter().map(|s| s.envoy_cpu_us_per_request).collect(),
+                ) - base_cpu,
                 backend_calls_per_request: global.then(|| {
                     median(
                         runs.iter()
@@ -108,22 +124,24 @@ pub fn markdown(rows: &[Row]) -> String {
         let _ = writeln!(out, "\n**Route: {}**\n", route.name());
         let _ = writeln!(
             out,
-            "| setup | req/s | p50 ms | p99 ms | × no filter | × empty Wasm | backend calls / req | peak RSS MiB |"
+            "| setup | req/s | p50 ms | p99 ms | × no filter | × empty Wasm | Envoy CPU µs/req (+ over no filter) | backend calls / req | peak RSS MiB |"
         );
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for row in rows.iter().filter(|r| r.route == route) {
             let calls = row
                 .backend_calls_per_request
                 .map_or("".to_string(), |c| format!("{c:.4}"));
             let _ = writeln!(
                 out,
-                "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.0} |",
+                "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} (+{:.1}) | {} | {:.0} |",
                 row.title,
                 row.rps,
                 row.p50_ms,
                 row.p99_ms,
                 row.vs_no_filter,
                 row.vs_empty_wasm,
+                row.cpu_us,
+                row.cpu_us_over_no_filter,
                 calls,
                 row.peak_rss_mib
             );

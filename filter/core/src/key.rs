@@ -21,6 +21,30 @@ use std::borrow::Cow;
 
 use crate::header_map::HeaderMap;
 
+/// Request headers as the key finder reads them: the one value of a name,
+/// or an error when the name is given more than once. Implemented on the
+/// whole serialized map ([`HeaderMap`]), and in the filter on a lazier view
+/// that fetches `:path` alone and the full map only when a header source
+/// is actually consulted.
+pub trait RequestHeaders<'a> {
+    fn single(&self, name: &[u8]) -> Result<Option<&'a [u8]>, KeyErrorKind>;
+}
+
+impl<'a> RequestHeaders<'a> for HeaderMap<'a> {
+    fn single(&self, name: &[u8]) -> Result<Option<&'a [u8]>, KeyErrorKind> {
+        let mut found = None;
+        for (header, value) in self.iter() {
+            if header == name {
+                if found.is_some() {
+                    return Err(KeyErrorKind::Repeated);
+                }
+                found = Some(value);
+            }
+        }
+        Ok(found)
+    }
+}
+
 /// Where a key may be found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
@@ -79,7 +103,7 @@ pub struct KeyError {
 /// Extracts the key. `Ok(None)` means no source held one.
 pub fn extract<'a>(
     sources: &[KeySource],
-    headers: &HeaderMap<'a>,
+    headers: &impl RequestHeaders<'a>,
     max_len: usize,
 ) -> Result<Option<Cow<'a, [u8]>>, KeyError> {
     for (index, source) in sources.iter().enumerate() {
@@ -114,8 +138,11 @@ pub fn extract<'a>(
 }
 
 /// The raw (still encoded) value of query parameter `name`, if given once.
-fn query_value<'a>(headers: &HeaderMap<'a>, name: &[u8]) -> Result<Option<&'a [u8]>, KeyErrorKind> {
-    let Some(path) = single_header(headers, b":path")? else {
+fn query_value<'a>(
+    headers: &impl RequestHeaders<'a>,
+    name: &[u8],
+) -> Result<Option<&'a [u8]>, KeyErrorKind> {
+    let Some(path) = headers.single(b":path")? else {
         return Ok(None);
     };
     let Some(query_start) = path.iter().position(|b| *b == b'?') else {
@@ -146,11 +173,11 @@ fn query_value<'a>(headers: &HeaderMap<'a>, name: &[u8]) -> Result<Option<&'a [u
 }
 
 fn header_value<'a>(
-    headers: &HeaderMap<'a>,
+    headers: &impl RequestHeaders<'a>,
     name: &[u8],
     prefix: Option<&str>,
 ) -> Result<Option<&'a [u8]>, KeyErrorKind> {
-    let Some(value) = single_header(headers, name)? else {
+    let Some(value) = headers.single(name)? else {
         return Ok(None);
     };
     let Some(prefix) = prefix else {
@@ -163,23 +190,6 @@ fn header_value<'a>(
         )),
         _ => Ok(None),
     }
-}
-
-/// The value of a header that must not be repeated.
-fn single_header<'a>(
-    headers: &HeaderMap<'a>,
-    name: &[u8],
-) -> Result<Option<&'a [u8]>, KeyErrorKind> {
-    let mut found = None;
-    for (header, value) in headers.iter() {
-        if header == name {
-            if found.is_some() {
-                return Err(KeyErrorKind::Repeated);
-            }
-            found = Some(value);
-        }
-    }
-    Ok(found)
 }
 
 /// Strict form decoding for values: borrows when there is nothing to decode,

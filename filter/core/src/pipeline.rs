@@ -9,7 +9,7 @@ use std::borrow::Cow;
 
 use crate::gcra::Decision;
 use crate::hash::KeyHash;
-use crate::header_map::HeaderMap;
+use crate::key::RequestHeaders;
 use crate::policy::{Identity, Policy};
 use crate::response::{self, LocalReply};
 use crate::slots::{Outcome, Placement};
@@ -167,7 +167,7 @@ pub enum Start<'a> {
     },
 }
 
-pub fn start<'a>(policy: &Policy, headers: &HeaderMap<'a>) -> Start<'a> {
+pub fn start<'a>(policy: &Policy, headers: &impl RequestHeaders<'a>) -> Start<'a> {
     let (subject, hash, set, mut events) = match policy.identify(headers) {
         Identity::Key { key, hash, set } => (Subject::Key(key), hash, set, Events::default()),
         Identity::Anonymous { hash, set } => (
@@ -285,19 +285,23 @@ pub fn finish(
     }
 }
 
-/// The quota headers to add to a forwarded response.
-pub fn response_headers(policy: &Policy, quota: &Quota) -> Vec<(&'static str, String)> {
-    let mut out = Vec::new();
+/// Writes the quota headers of a forwarded response through `emit` (see
+/// [`response::write_quota_headers`]).
+pub fn write_response_headers(
+    policy: &Policy,
+    quota: &Quota,
+    buf: &mut String,
+    emit: impl FnMut(&'static str, &str),
+) {
     if let Some(set) = policy.set(quota.set) {
-        response::quota_headers(policy, set, &quota.decision, &mut out);
+        response::write_quota_headers(policy, set, &quota.decision, buf, emit);
     }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::header_map::serialize;
+    use crate::header_map::{serialize, HeaderMap};
     use crate::slots::tests::MemStore;
 
     const S: u64 = 1_000_000_000;
@@ -362,8 +366,12 @@ mod tests {
         let Action::Continue(Some(quota)) = action else {
             panic!("{action:?}")
         };
+        let mut written = Vec::new();
+        write_response_headers(&p, &quota, &mut String::new(), |name, value| {
+            written.push((name, value.to_string()));
+        });
         assert_eq!(
-            response_headers(&p, &quota),
+            written,
             vec![
                 ("ratelimit-policy", "\"3/s\";q=3;w=1".to_string()),
                 ("ratelimit", "\"3/s\";r=2;t=1".to_string())

@@ -12,8 +12,7 @@ use crate::config::{
 };
 use crate::gcra::{Limit, MAX_LIMITS};
 use crate::hash::KeyHash;
-use crate::header_map::HeaderMap;
-use crate::key::{self, KeyError, KeyErrorKind, KeySource};
+use crate::key::{self, KeyError, KeyErrorKind, KeySource, RequestHeaders};
 use crate::rate::MAX_COUNT;
 use crate::response;
 use crate::slots::{SlotTable, PROBES};
@@ -174,7 +173,7 @@ impl Policy {
     }
 
     /// Finds the key in the request headers and the limits that apply to it.
-    pub fn identify<'a>(&self, headers: &HeaderMap<'a>) -> Identity<'a> {
+    pub fn identify<'a>(&self, headers: &impl RequestHeaders<'a>) -> Identity<'a> {
         match key::extract(&self.sources, headers, self.max_key_length) {
             Err(e) => Identity::Invalid(e),
             Ok(Some(key)) => {
@@ -428,7 +427,7 @@ fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::header_map::serialize;
+    use crate::header_map::{serialize, HeaderMap};
 
     fn policy(json: &str) -> Policy {
         Policy::from_json(json.as_bytes()).unwrap()

@@ -46,32 +46,35 @@ pub fn policy_header(limits: &[Limit]) -> String {
     out
 }
 
-/// The quota headers for a decision, as configured. Empty when the decision
-/// carries no per-limit state (no limits, or the store could not decide).
-pub fn quota_headers(
+/// Writes the quota headers of a decision, as configured, through `emit`;
+/// values are formatted in `buf`, reused from header to header. Nothing is
+/// written when the decision carries no per-limit state (no limits, or the
+/// store could not decide).
+pub fn write_quota_headers(
     policy: &Policy,
     set: &LimitSet,
     decision: &Decision,
-    out: &mut Vec<(&'static str, String)>,
+    buf: &mut String,
+    mut emit: impl FnMut(&'static str, &str),
 ) {
     let states = decision.states();
     if states.is_empty() {
         return;
     }
     if policy.headers.ratelimit {
-        let mut value = String::with_capacity(24 * states.len());
+        emit("ratelimit-policy", &set.policy_header);
+        buf.clear();
         for (i, (limit, state)) in set.limits.iter().zip(states).enumerate() {
             let sep = if i == 0 { "" } else { ", " };
             let _ = write!(
-                value,
+                buf,
                 "{sep}\"{}\";r={};t={}",
                 limit.name,
                 state.remaining,
                 ceil_seconds(state.reset_nanos)
             );
         }
-        out.push(("ratelimit-policy", set.policy_header.clone()));
-        out.push(("ratelimit", value));
+        emit("ratelimit", buf);
     }
     if policy.headers.x_ratelimit {
         let tightest = set
@@ -80,14 +83,29 @@ pub fn quota_headers(
             .zip(states)
             .min_by_key(|(_, s)| (s.remaining, std::cmp::Reverse(s.reset_nanos)));
         if let Some((limit, state)) = tightest {
-            out.push(("x-ratelimit-limit", limit.rate.count.to_string()));
-            out.push(("x-ratelimit-remaining", state.remaining.to_string()));
-            out.push((
-                "x-ratelimit-reset",
-                ceil_seconds(state.reset_nanos).to_string(),
-            ));
+            let mut number = |name, value: u64| {
+                buf.clear();
+                let _ = write!(buf, "{value}");
+                emit(name, buf);
+            };
+            number("x-ratelimit-limit", limit.rate.count);
+            number("x-ratelimit-remaining", state.remaining);
+            number("x-ratelimit-reset", ceil_seconds(state.reset_nanos));
         }
     }
+}
+
+/// The quota headers of a decision, collected (for local replies).
+pub fn quota_headers(
+    policy: &Policy,
+    set: &LimitSet,
+    decision: &Decision,
+    out: &mut Vec<(&'static str, String)>,
+) {
+    let mut buf = String::new();
+    write_quota_headers(policy, set, decision, &mut buf, |name, value| {
+        out.push((name, value.to_string()));
+    });
 }
 
 /// 429 Too Many Requests, in DRF's words.

@@ -99,6 +99,7 @@ extern "C" {
         return_id: *mut u32,
     ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
 }
 
 fn check(status: u32) -> Result<(), Status> {
@@ -153,22 +154,29 @@ pub fn http_call_response_body(size: usize) -> Result<Vec<u8>, Status> {
     buffer(BUFFER_HTTP_CALL_RESPONSE_BODY, size)
 }
 
-/// The `:status` of the HTTP call being answered, if it parses.
-pub fn http_call_response_status() -> Option<u32> {
-    let key = b":status";
+/// The first value of a header in a map; `Ok(None)` when absent.
+fn header_value(map_type: u32, name: &[u8]) -> Result<Option<Vec<u8>>, Status> {
     let mut data = null_mut();
     let mut size = 0;
     let status = unsafe {
-        proxy_get_header_map_value(
-            MAP_HTTP_CALL_RESPONSE_HEADERS,
-            key.as_ptr(),
-            key.len(),
-            &mut data,
-            &mut size,
-        )
+        proxy_get_header_map_value(map_type, name.as_ptr(), name.len(), &mut data, &mut size)
     };
-    check(status).ok()?;
-    let value = unsafe { owned(data, size) };
+    if Status(status) == NOT_FOUND {
+        return Ok(None);
+    }
+    check(status)?;
+    Ok(Some(unsafe { owned(data, size) }))
+}
+
+/// A request header (its first value: for a pseudo-header such as `:path`,
+/// the only one).
+pub fn request_header(name: &[u8]) -> Result<Option<Vec<u8>>, Status> {
+    header_value(MAP_REQUEST_HEADERS, name)
+}
+
+/// The `:status` of the HTTP call being answered, if it parses.
+pub fn http_call_response_status() -> Option<u32> {
+    let value = header_value(MAP_HTTP_CALL_RESPONSE_HEADERS, b":status").ok()??;
     std::str::from_utf8(&value).ok()?.parse().ok()
 }
 
@@ -257,6 +265,11 @@ pub fn define_counter(name: &str) -> Result<u32, Status> {
     let mut id = 0;
     check(unsafe { proxy_define_metric(METRIC_COUNTER, name.as_ptr(), name.len(), &mut id) })?;
     Ok(id)
+}
+
+/// Asks for `on_tick` on the root context every `millis`.
+pub fn set_tick_period(millis: u32) -> Result<(), Status> {
+    check(unsafe { proxy_set_tick_period_milliseconds(millis) })
 }
 
 pub fn increment_metric(id: u32, by: i64) {

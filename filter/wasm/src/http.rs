@@ -10,13 +10,14 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use ratelimit_core::gcra::Decision;
 use ratelimit_core::hash::KeyHash;
-use ratelimit_core::header_map::{self, HeaderMap};
+use ratelimit_core::header_map;
 use ratelimit_core::pipeline::{self, Event, Events, Quota, Start, StoreFailure, Subject};
 use ratelimit_core::response::{self, LocalReply};
 use ratelimit_core::slots::{Outcome, Placement};
 use ratelimit_core::webdis::{self, BackendError, Command, FailureClass, Parsed};
 
 use crate::host::{self, LOG_ERROR, LOG_WARN};
+use crate::request_headers::LazyHeaders;
 use crate::root::{Filter, Store};
 use crate::shared_store::SharedStore;
 use crate::webdis_store::WebdisStore;
@@ -28,6 +29,8 @@ pub struct Request {
     quota: Option<Quota>,
     /// A webdis call in flight for this request.
     pending: Option<Pending>,
+    /// The host clock when this request was decided, once read.
+    now: Option<u64>,
 }
 
 /// What a paused request needs when webdis answers.
@@ -48,12 +51,20 @@ impl Request {
             filter,
             quota: None,
             pending: None,
+            now: None,
         }
+    }
+
+    /// Reads the host clock, remembering it for the metrics.
+    fn clock(&mut self) -> Result<u64, host::Status> {
+        let now = host::now_nanos()?;
+        self.now = Some(now);
+        Ok(now)
     }
 
     /// Carries out the pipeline's verdict.
     fn apply(&mut self, filter: &Filter, action: pipeline::Action, events: Events) -> Action {
-        filter.metrics.record(events);
+        filter.metrics.record(events, self.now);
         match action {
             pipeline::Action::Continue(quota) => {
                 self.quota = quota;
@@ -74,7 +85,7 @@ impl Request {
     ) -> Action {
         let policy = &filter.policy;
         let limits = policy.set(set).map_or(&[][..], |s| &s.limits[..]);
-        let Ok(now) = host::now_nanos() else {
+        let Ok(now) = self.clock() else {
             let (action, events) = pipeline::finish(policy, set, events, Err(StoreFailure::Host));
             return self.apply(filter, action, events);
         };
@@ -110,7 +121,9 @@ impl Request {
             .map_or(&[][..], |s| &s.limits[..]);
         match webdis.dispatch(pending.command, &pending.redis_key, limits, timeout_ms) {
             Ok(token) => {
-                filter.metrics.record(Events::of(&[Event::BackendCall]));
+                filter
+                    .metrics
+                    .record(Events::of(&[Event::BackendCall]), None);
                 pending.token = token;
                 self.pending = Some(pending);
                 Action::Pause
@@ -248,20 +261,9 @@ impl HttpContext for Request {
             // a plugin whose configuration failed.
             return respond(&response::unavailable());
         };
-        let bytes = match host::request_header_pairs() {
-            Ok(bytes) => bytes,
-            Err(status) => {
-                host::log(
-                    LOG_ERROR,
-                    &format!("cannot read request headers (host status {})", status.0),
-                );
-                Vec::new()
-            }
-        };
-        // A malformed map (a host bug) reads as no headers: the key is missing.
-        let headers = HeaderMap::parse(&bytes).unwrap_or(HeaderMap::empty());
+        let headers = LazyHeaders::fetch();
         let policy = &filter.policy;
-        match pipeline::start(policy, &headers) {
+        match pipeline::start(policy, &&headers) {
             Start::Done(action, events) => self.apply(&filter, action, events),
             Start::Decide {
                 subject,
@@ -271,7 +273,7 @@ impl HttpContext for Request {
             } => match &filter.store {
                 Store::Local { table, prefix } => {
                     let limits = policy.set(set).map_or(&[][..], |s| &s.limits[..]);
-                    let outcome = match host::now_nanos() {
+                    let outcome = match self.clock() {
                         Ok(now) => table
                             .decide(&mut SharedStore::new(prefix), hash, limits, now)
                             .map_err(|status| {
@@ -295,14 +297,15 @@ impl HttpContext for Request {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if let (Some(filter), Some(quota)) = (&self.filter, self.quota.take()) {
-            for (name, value) in pipeline::response_headers(&filter.policy, &quota) {
-                if let Err(status) = host::add_response_header(name, &value) {
+            let mut buf = String::with_capacity(64);
+            pipeline::write_response_headers(&filter.policy, &quota, &mut buf, |name, value| {
+                if let Err(status) = host::add_response_header(name, value) {
                     host::log(
                         LOG_WARN,
                         &format!("cannot add {name} (host status {})", status.0),
                     );
                 }
-            }
+            });
         }
         Action::Continue
     }

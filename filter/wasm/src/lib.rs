@@ -9,6 +9,7 @@
 //! - `root.rs`: the root context; `on_configure` builds the `Filter` once.
 //! - `http.rs`: the request context, a thin shell around the core pipeline
 //!   (paused while webdis answers, in global mode).
+//! - `request_headers.rs`: `:path` at once, the full header map only if needed.
 //! - `shared_store.rs`: the slot table on Envoy shared data.
 //! - `webdis_store.rs`: the global store: calls to webdis, the deny cache.
 //! - `metrics.rs`: one counter per core event.
@@ -26,6 +27,7 @@
 mod host;
 mod http;
 mod metrics;
+mod request_headers;
 mod root;
 mod shared_store;
 mod webdis_store;

@@ -12,7 +12,7 @@ use ratelimit_core::Policy;
 
 use crate::host::{self, LOG_CRITICAL, LOG_ERROR, LOG_INFO, LOG_WARN};
 use crate::http::Request;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, TICK_MILLIS};
 use crate::shared_store::{table_prefix, SharedStore};
 use crate::webdis_store::WebdisStore;
 
@@ -77,6 +77,15 @@ impl RootContext for Root {
         match configure() {
             Ok(filter) => {
                 self.filter = Some(Rc::new(filter));
+                if let Err(status) = host::set_tick_period(TICK_MILLIS) {
+                    host::log(
+                        LOG_WARN,
+                        &format!(
+                            "no tick (host status {}): metrics flush only on requests",
+                            status.0
+                        ),
+                    );
+                }
                 true
             }
             Err(reason) => {
@@ -85,6 +94,12 @@ impl RootContext for Root {
                 host::log(LOG_CRITICAL, &reason);
                 false
             }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(filter) = &self.filter {
+            filter.metrics.flush(host::now_nanos().unwrap_or(0));
         }
     }
 
