@@ -39,6 +39,14 @@ pub fn lookup(limits: &[Limit], entry: &[u8], key: KeyHash, now: u64) -> Option<
     (!decision.allowed).then_some(decision)
 }
 
+/// Whether an answer is worth an entry: only one that leaves some limit
+/// with nothing remaining can make the next request's lookup deny. Other
+/// entries would always be misses, so writing them would only cost two
+/// host calls per admitted request.
+pub fn worth_remembering(decision: &Decision) -> bool {
+    decision.states().iter().any(|state| state.remaining == 0)
+}
+
 /// The lower-bound TATs after a Redis answer: `sent_at` plus each reset.
 pub fn tats_after(sent_at_nanos: u64, resets_us: &[u64]) -> [u64; MAX_LIMITS] {
     let mut tats = [0; MAX_LIMITS];
@@ -115,6 +123,20 @@ mod tests {
         // One of two used: 5 s of debt, still room for one more.
         let e = entry(&mut buf, &[], key, 0, &[5_000_000]).to_vec();
         assert!(lookup(&limits, &e, key, 1).is_none());
+    }
+
+    #[test]
+    fn only_answers_that_exhaust_a_limit_are_worth_an_entry() {
+        let limits = limits();
+        let mut tats = [0];
+        let first = gcra::decide(&limits, &mut tats, S);
+        assert_eq!(first.states()[0].remaining, 1);
+        assert!(!worth_remembering(&first));
+        let second = gcra::decide(&limits, &mut tats, S);
+        assert!(worth_remembering(&second));
+        let denied = gcra::decide(&limits, &mut tats, S);
+        assert!(!denied.allowed && worth_remembering(&denied));
+        assert!(!worth_remembering(&Decision::unlimited()));
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
+use ratelimit_core::deny_cache;
 use ratelimit_core::gcra::Decision;
 use ratelimit_core::hash::KeyHash;
 use ratelimit_core::header_map;
@@ -150,17 +151,17 @@ impl Request {
         let limits = policy.set(pending.set).map_or(&[][..], |s| &s.limits[..]);
         let outcome = match result {
             Ok(reply) => {
-                if let (Store::Webdis(webdis), false) =
-                    (&filter.store, reply.resets_us().is_empty())
-                {
-                    webdis.remember(pending.hash, pending.sent_at, reply.resets_us());
-                }
                 let decision = Decision::from_resets(
                     limits,
                     reply.allowed,
                     reply.retry_after_us.saturating_mul(1_000),
                     reply.resets_us().iter().map(|r| r.saturating_mul(1_000)),
                 );
+                if let Store::Webdis(webdis) = &filter.store {
+                    if deny_cache::worth_remembering(&decision) {
+                        webdis.remember(pending.hash, pending.sent_at, reply.resets_us());
+                    }
+                }
                 Ok(decided(decision))
             }
             Err(error) => {
