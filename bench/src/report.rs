@@ -235,39 +235,33 @@ pub fn chart(rows: &[Row], setups: &[Setup], font: &[u8], path: &Path) -> Result
     for (r, route) in Route::ALL.iter().enumerate() {
         let color = colors[r];
         let offset = if r == 0 { -0.38 } else { 0.02 };
-        let bars: Vec<Rectangle<(f64, f64)>> = setups
+        // (x of the bar's left edge, ratio) for each setup measured on this route.
+        let points: Vec<(f64, f64)> = setups
             .iter()
             .enumerate()
             .filter_map(|(i, s)| {
                 let row = rows
                     .iter()
                     .find(|row| row.setup == s.id && row.route == *route)?;
-                let x = i as f64 + offset;
-                Some(Rectangle::new(
-                    [(x, 0.0), (x + 0.36, row.vs_no_filter)],
-                    color.filled(),
-                ))
+                Some((i as f64 + offset, row.vs_no_filter))
             })
             .collect();
         chart
-            .draw_series(bars)
+            .draw_series(
+                points.iter().map(|&(x, ratio)| {
+                    Rectangle::new([(x, 0.0), (x + 0.36, ratio)], color.filled())
+                }),
+            )
             .map_err(|e| e.to_string())?
             .label(route.name())
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
-        let labels: Vec<Text<'_, (f64, f64), String>> = setups
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| {
-                let row = rows
-                    .iter()
-                    .find(|row| row.setup == s.id && row.route == *route)?;
-                Some(Text::new(
-                    format!("{:.2}", row.vs_no_filter),
-                    (i as f64 + offset + 0.02, row.vs_no_filter + top * 0.02),
-                    ("sans-serif", 13).into_font(),
-                ))
-            })
-            .collect();
+        let labels = points.iter().map(|&(x, ratio)| {
+            Text::new(
+                format!("{ratio:.2}"),
+                (x + 0.02, ratio + top * 0.02),
+                ("sans-serif", 13).into_font(),
+            )
+        });
         chart.draw_series(labels).map_err(|e| e.to_string())?;
     }
     chart

@@ -14,7 +14,7 @@
 
 use crate::backend::{Redis, Webdis};
 use crate::envoy::{Envoy, EnvoyConfig};
-use crate::local::{metric, metric_at_least};
+use crate::local::{metric, Local};
 use crate::paths;
 use crate::ports::free_port;
 use crate::upstream::Upstream;
@@ -90,9 +90,10 @@ impl Backend {
 
 /// One Envoy in global mode, with its own Redis and webdis.
 pub struct Global {
-    pub upstream: Upstream,
+    /// The upstream and the Envoy, read like a local setup (`addr`,
+    /// `metric`, `envoy`, `upstream` through `Deref`).
+    pub local: Local,
     pub backend: Backend,
-    pub envoy: Envoy,
 }
 
 impl Global {
@@ -103,22 +104,17 @@ impl Global {
         let config = global_test_config(&upstream, backend.webdis.port(), plugin_config);
         let envoy = Envoy::start(&config, workers).unwrap_or_else(|e| panic!("{e:?}"));
         Global {
-            upstream,
+            local: Local { upstream, envoy },
             backend,
-            envoy,
         }
     }
+}
 
-    pub fn addr(&self) -> String {
-        self.envoy.addr()
-    }
+impl std::ops::Deref for Global {
+    type Target = Local;
 
-    pub fn metric(&self, event: &str) -> u64 {
-        metric(&self.envoy, event)
-    }
-
-    pub fn metric_at_least(&self, event: &str, value: u64) -> u64 {
-        metric_at_least(&self.envoy, event, value)
+    fn deref(&self) -> &Local {
+        &self.local
     }
 }
 

@@ -20,6 +20,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+
 use e2e::envoy::{self, Envoy, EnvoyConfig};
 use e2e::http;
 use e2e::local::metric;
@@ -262,20 +264,7 @@ fn compose_envoy_configs_pass_envoy_validate_and_the_filters_parser() {
             // The container's /etc/envoy path, pointed at the built module:
             // validation loads it and runs its on_configure.
             config.set_wasm_filename(&wasm).unwrap();
-            let plugin = config.plugin_config().unwrap();
-            let policy =
-                Policy::from_json(plugin.as_bytes()).unwrap_or_else(|e| panic!("{name}: {e}"));
-            if let Some(webdis) = policy.webdis() {
-                let clusters = config.json()["static_resources"]["clusters"]
-                    .as_array()
-                    .unwrap();
-                assert!(
-                    clusters
-                        .iter()
-                        .any(|c| c["name"] == webdis.cluster.as_str()),
-                    "{name}"
-                );
-            }
+            common::plugin_policy(&format!("envoy/compose/{name}"), &config);
         }
         let path = dir.path().join(name.replace(".yaml", ".json"));
         config.write(&path).unwrap();
