@@ -164,7 +164,10 @@ fn run(options: &Options) -> Result<(), String> {
 
     let mut samples = Vec::new();
     for repeat in 0..options.repeats {
-        for setup in &setups {
+        // Each round starts one setup later, so that a drift within a round
+        // does not always favour the same setups.
+        let order = setups.iter().cycle().skip(repeat % setups.len()).take(setups.len());
+        for setup in order {
             for &route in &options.routes {
                 let sample = measure(
                     options,

@@ -40,6 +40,8 @@ pub struct Row {
     pub p99_ms: f64,
     pub vs_no_filter: f64,
     pub vs_empty_wasm: f64,
+    /// The lowest and highest round's ratio to the empty filter.
+    pub vs_empty_wasm_range: (f64, f64),
     /// Envoy's CPU microseconds per request, and what the filter adds to
     /// Envoy alone (same route).
     pub cpu_us: f64,
@@ -59,6 +61,10 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
+/// Medians per setup and route. Ratios are taken round by round (a setup
+/// against the baseline measured in the same round, minutes apart at
+/// most) and then their median: on a shared machine whose speed drifts by
+/// tens of percent over a run, only paired ratios mean something.
 pub fn summarize(setups: &[Setup], samples: &[Sample]) -> Vec<Row> {
     let mut rows = Vec::new();
     for route in Route::ALL {
@@ -68,38 +74,49 @@ pub fn summarize(setups: &[Setup], samples: &[Sample]) -> Vec<Row> {
                 .filter(|s| s.setup == id && s.route == route)
                 .collect()
         };
-        let median_rps = |id: &str| median(of(id).iter().map(|s| s.measured.rps).collect());
-        let base = median_rps("no-filter");
-        let floor = median_rps("empty-wasm");
-        let base_cpu = median(
-            of("no-filter")
+        let baseline = |id: &str, repeat: usize| {
+            samples
                 .iter()
-                .map(|s| s.envoy_cpu_us_per_request)
-                .collect(),
-        );
+                .find(|s| s.setup == id && s.route == route && s.repeat == repeat)
+        };
+        let paired = |runs: &[&Sample], base: &str, value: &dyn Fn(&Sample, &Sample) -> f64| {
+            median(
+                runs.iter()
+                    .filter_map(|s| Some(value(s, baseline(base, s.repeat)?)))
+                    .collect(),
+            )
+        };
         for setup in setups {
             let runs = of(setup.id);
             if runs.is_empty() {
                 continue;
             }
-            let rps = median(runs.iter().map(|s| s.measured.rps).collect());
             let global = matches!(
                 setup.filter,
                 crate::setups::Filter::Ours(e2e::topology::Mode::Global, _)
             );
+            let ratio = |s: &Sample, b: &Sample| s.measured.rps / b.measured.rps.max(1e-9);
+            let ratios_to_floor: Vec<f64> = runs
+                .iter()
+                .filter_map(|s| Some(ratio(s, baseline("empty-wasm", s.repeat)?)))
+                .collect();
             rows.push(Row {
                 setup: setup.id,
                 title: setup.title,
                 route,
-                rps,
+                rps: median(runs.iter().map(|s| s.measured.rps).collect()),
                 p50_ms: median(runs.iter().map(|s| s.measured.p50_ms).collect()),
                 p99_ms: median(runs.iter().map(|s| s.measured.p99_ms).collect()),
-                vs_no_filter: if base > 0.0 { rps / base } else { 0.0 },
-                vs_empty_wasm: if floor > 0.0 { rps / floor } else { 0.0 },
+                vs_no_filter: paired(&runs, "no-filter", &ratio),
+                vs_empty_wasm: median(ratios_to_floor.clone()),
+                vs_empty_wasm_range: (
+                    ratios_to_floor.iter().copied().fold(f64::INFINITY, f64::min),
+                    ratios_to_floor.iter().copied().fold(0.0, f64::max),
+                ),
                 cpu_us: median(runs.iter().map(|s| s.envoy_cpu_us_per_request).collect()),
-                cpu_us_over_no_filter: median(
-                    runs.iter().map(|s| s.envoy_cpu_us_per_request).collect(),
-                ) - base_cpu,
+                cpu_us_over_no_filter: paired(&runs, "no-filter", &|s, b| {
+                    s.envoy_cpu_us_per_request - b.envoy_cpu_us_per_request
+                }),
                 backend_calls_per_request: global.then(|| {
                     median(
                         runs.iter()
@@ -124,7 +141,7 @@ pub fn markdown(rows: &[Row]) -> String {
         let _ = writeln!(out, "\n**Route: {}**\n", route.name());
         let _ = writeln!(
             out,
-            "| setup | req/s | p50 ms | p99 ms | × no filter | × empty Wasm | Envoy CPU µs/req (+ over no filter) | backend calls / req | peak RSS MiB |"
+            "| setup | req/s | p50 ms | p99 ms | × no filter | × empty Wasm (rounds' range) | Envoy CPU µs/req (+ over no filter) | backend calls / req | peak RSS MiB |"
         );
         let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for row in rows.iter().filter(|r| r.route == route) {
@@ -133,13 +150,15 @@ pub fn markdown(rows: &[Row]) -> String {
                 .map_or("".to_string(), |c| format!("{c:.4}"));
             let _ = writeln!(
                 out,
-                "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} (+{:.1}) | {} | {:.0} |",
+                "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} ({:.2}–{:.2}) | {:.1} ({:+.1}) | {} | {:.0} |",
                 row.title,
                 row.rps,
                 row.p50_ms,
                 row.p99_ms,
                 row.vs_no_filter,
                 row.vs_empty_wasm,
+                row.vs_empty_wasm_range.0,
+                row.vs_empty_wasm_range.1,
                 row.cpu_us,
                 row.cpu_us_over_no_filter,
                 calls,
@@ -172,7 +191,8 @@ pub fn targets(rows: &[Row]) -> String {
             route.name(),
             mark(local_vs_floor >= 0.90)
         );
-        let flood_vs_local = global_flood.rps / flood.rps.max(1e-9);
+        // Each side is already paired with Envoy alone round by round.
+        let flood_vs_local = global_flood.vs_no_filter / flood.vs_no_filter.max(1e-9);
         let calls = global_flood.backend_calls_per_request.unwrap_or(0.0);
         let windows = 1.0; // `1/hour`: the whole run is one window.
         let allowed_calls = (global_flood.admitted_per_run as f64 + windows)
@@ -183,7 +203,7 @@ pub fn targets(rows: &[Row]) -> String {
             route.name(),
             mark(flood_vs_local >= 0.8 && calls <= allowed_calls)
         );
-        let allowed_vs_local = global.rps / local.rps.max(1e-9);
+        let allowed_vs_local = global.vs_no_filter / local.vs_no_filter.max(1e-9);
         let _ = writeln!(
             out,
             "- {}: global all-allowed at {allowed_vs_local:.2}× local mode (aim ≥ 0.4), p99 {:.2} ms (aim ≤ 3): {}",
