@@ -3,8 +3,10 @@
 //! global mode, on a `direct_response` route and on the real upstream.
 //!
 //! Every setup runs in one Envoy with one worker, loaded by wrk (1 thread,
-//! the same connections and duration) on loopback. Setups alternate, and
-//! the whole round repeats, so that each median holds on a noisy machine.
+//! the same connections and duration) on loopback. Each setup runs right
+//! after the two baselines (Envoy alone, the empty filter) and is compared
+//! with them; the whole round repeats, and ratios are medians over rounds,
+//! so that they hold on a machine whose speed drifts.
 //! Results: a Markdown table on stdout, `target/bench/results.json`, and
 //! `target/bench/ratios.png`. Not a pass/fail test: `--smoke` runs it with
 //! tiny durations in `make test`, to keep it from rotting.
@@ -53,7 +55,7 @@ struct Options {
 
 fn parse_args() -> Result<Options, String> {
     let mut options = Options {
-        duration: Duration::from_secs(5),
+        duration: Duration::from_secs(4),
         repeats: 3,
         connections: 32,
         only: None,
@@ -163,34 +165,29 @@ fn run(options: &Options) -> Result<(), String> {
     let backend = Backend::start();
 
     let mut samples = Vec::new();
-    for repeat in 0..options.repeats {
-        // Each round starts one setup later, so that a drift within a round
-        // does not always favour the same setups.
-        let order = setups.iter().cycle().skip(repeat % setups.len()).take(setups.len());
-        for setup in order {
-            for &route in &options.routes {
-                let sample = measure(
-                    options,
-                    setup,
-                    route,
-                    repeat,
-                    &upstream,
-                    &backend,
-                    &empty_wasm,
-                    &script_path,
-                )?;
-                eprintln!(
-                    "bench: [{}/{}] {:<15} {:<16} {:>8.0} req/s  p50 {:.2} ms  p99 {:.2} ms",
-                    repeat + 1,
-                    options.repeats,
-                    setup.id,
-                    route.name(),
-                    sample.measured.rps,
-                    sample.measured.p50_ms,
-                    sample.measured.p99_ms
-                );
-                samples.push(sample);
-            }
+    for (repeat, block, setup) in schedule(&setups, options) {
+        for &route in &options.routes {
+            let sample = measure(
+                options,
+                setup,
+                route,
+                (repeat, block),
+                &upstream,
+                &backend,
+                &empty_wasm,
+                &script_path,
+            )?;
+            eprintln!(
+                "bench: [{}/{}] {:<15} {:<16} {:>8.0} req/s  p50 {:.2} ms  p99 {:.2} ms",
+                repeat + 1,
+                options.repeats,
+                setup.id,
+                route.name(),
+                sample.measured.rps,
+                sample.measured.p50_ms,
+                sample.measured.p99_ms
+            );
+            samples.push(sample);
         }
     }
 
@@ -236,12 +233,45 @@ fn run(options: &Options) -> Result<(), String> {
     Ok(())
 }
 
+/// The setups whose runs every other setup is compared with.
+const BASELINES: [&str; 2] = ["no-filter", "empty-wasm"];
+
+/// The order of the runs, as (round, block, setup). This machine's speed
+/// drifts by tens of percent within minutes, so each setup is measured in
+/// a block right after the two baselines, and compared with those: seconds
+/// apart, not minutes. Each round starts one setup later. The smoke run
+/// just runs each setup once.
+fn schedule<'a>(setups: &'a [Setup], options: &Options) -> Vec<(usize, usize, &'a Setup)> {
+    if options.smoke {
+        return setups.iter().map(|s| (0, 0, s)).collect();
+    }
+    let (baselines, measured): (Vec<&Setup>, Vec<&Setup>) =
+        setups.iter().partition(|s| BASELINES.contains(&s.id));
+    let mut runs = Vec::new();
+    for repeat in 0..options.repeats {
+        if measured.is_empty() {
+            runs.extend(baselines.iter().map(|s| (repeat, 0, *s)));
+            continue;
+        }
+        let rotated = measured
+            .iter()
+            .cycle()
+            .skip(repeat % measured.len())
+            .take(measured.len());
+        for (block, setup) in rotated.enumerate() {
+            runs.extend(baselines.iter().map(|s| (repeat, block, *s)));
+            runs.push((repeat, block, *setup));
+        }
+    }
+    runs
+}
+
 #[allow(clippy::too_many_arguments)]
 fn measure(
     options: &Options,
     setup: &Setup,
     route: Route,
-    repeat: usize,
+    (repeat, block): (usize, usize),
     upstream: &Upstream,
     backend: &Backend,
     empty_wasm: &std::path::Path,
@@ -273,6 +303,7 @@ fn measure(
         setup: setup.id,
         route,
         repeat,
+        block,
         admitted: metric(&envoy, "allowed"),
         backend_calls: metric(&envoy, "backend_calls"),
         peak_rss_bytes,

@@ -18,6 +18,8 @@ pub struct Sample {
     pub setup: &'static str,
     pub route: Route,
     pub repeat: usize,
+    /// Runs measured back to back: the baselines, then one setup.
+    pub block: usize,
     pub measured: Measured,
     /// The filter's `allowed` counter (admitted requests).
     pub admitted: u64,
@@ -61,10 +63,10 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
-/// Medians per setup and route. Ratios are taken round by round (a setup
-/// against the baseline measured in the same round, minutes apart at
-/// most) and then their median: on a shared machine whose speed drifts by
-/// tens of percent over a run, only paired ratios mean something.
+/// Medians per setup and route. Ratios are taken block by block (a setup
+/// against the baselines measured just before it) and then their median:
+/// on a shared machine whose speed drifts by tens of percent over a run,
+/// only paired ratios mean something.
 pub fn summarize(setups: &[Setup], samples: &[Sample]) -> Vec<Row> {
     let mut rows = Vec::new();
     for route in Route::ALL {
@@ -74,15 +76,15 @@ pub fn summarize(setups: &[Setup], samples: &[Sample]) -> Vec<Row> {
                 .filter(|s| s.setup == id && s.route == route)
                 .collect()
         };
-        let baseline = |id: &str, repeat: usize| {
-            samples
-                .iter()
-                .find(|s| s.setup == id && s.route == route && s.repeat == repeat)
+        let baseline = |id: &str, of: &Sample| {
+            samples.iter().find(|s| {
+                s.setup == id && s.route == route && s.repeat == of.repeat && s.block == of.block
+            })
         };
         let paired = |runs: &[&Sample], base: &str, value: &dyn Fn(&Sample, &Sample) -> f64| {
             median(
                 runs.iter()
-                    .filter_map(|s| Some(value(s, baseline(base, s.repeat)?)))
+                    .filter_map(|s| Some(value(s, baseline(base, s)?)))
                     .collect(),
             )
         };
@@ -98,7 +100,7 @@ pub fn summarize(setups: &[Setup], samples: &[Sample]) -> Vec<Row> {
             let ratio = |s: &Sample, b: &Sample| s.measured.rps / b.measured.rps.max(1e-9);
             let ratios_to_floor: Vec<f64> = runs
                 .iter()
-                .filter_map(|s| Some(ratio(s, baseline("empty-wasm", s.repeat)?)))
+                .filter_map(|s| Some(ratio(s, baseline("empty-wasm", s)?)))
                 .collect();
             rows.push(Row {
                 setup: setup.id,
@@ -110,7 +112,10 @@ pub fn summarize(setups: &[Setup], samples: &[Sample]) -> Vec<Row> {
                 vs_no_filter: paired(&runs, "no-filter", &ratio),
                 vs_empty_wasm: median(ratios_to_floor.clone()),
                 vs_empty_wasm_range: (
-                    ratios_to_floor.iter().copied().fold(f64::INFINITY, f64::min),
+                    ratios_to_floor
+                        .iter()
+                        .copied()
+                        .fold(f64::INFINITY, f64::min),
                     ratios_to_floor.iter().copied().fold(0.0, f64::max),
                 ),
                 cpu_us: median(runs.iter().map(|s| s.envoy_cpu_us_per_request).collect()),
