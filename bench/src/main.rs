@@ -51,6 +51,8 @@ struct Options {
     routes: Vec<Route>,
     out: PathBuf,
     smoke: bool,
+    /// Only redraw the chart from a saved results.json.
+    chart_from: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -63,6 +65,7 @@ fn parse_args() -> Result<Options, String> {
         routes: Route::ALL.to_vec(),
         out: paths::repo_root().join("target").join("bench"),
         smoke: false,
+        chart_from: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -80,6 +83,7 @@ fn parse_args() -> Result<Options, String> {
                 options.connections = number("--connections", value("--connections")?)? as u32
             }
             "--pin" => options.envoy_cpu = Some(0),
+            "--chart-from" => options.chart_from = Some(PathBuf::from(value("--chart-from")?)),
             "--only" => {
                 options.only = Some(value("--only")?.split(',').map(str::to_string).collect())
             }
@@ -131,7 +135,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// Redraws the chart of a saved run next to its results.json.
+fn redraw(results: &std::path::Path) -> Result<(), String> {
+    let text =
+        std::fs::read_to_string(results).map_err(|e| format!("{}: {e}", results.display()))?;
+    let saved: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    let rows: Vec<report::Row> = serde_json::from_value(saved["rows"].clone())
+        .map_err(|e| format!("{}: {e}", results.display()))?;
+    let setups: Vec<Setup> = setups::all()
+        .into_iter()
+        .filter(|s| rows.iter().any(|r| r.setup == s.id))
+        .collect();
+    let font = std::fs::read(FONT).map_err(|e| format!("{FONT}: {e}"))?;
+    let png = results.with_file_name("ratios.png");
+    report::chart(&rows, &setups, &font, &png)?;
+    eprintln!("bench: wrote {}", png.display());
+    Ok(())
+}
+
 fn run(options: &Options) -> Result<(), String> {
+    if let Some(results) = &options.chart_from {
+        return redraw(results);
+    }
     let empty_wasm = paths::repo_root().join("target/wasm32-wasip1/release/empty_filter.wasm");
     if !empty_wasm.is_file() {
         return Err(format!(

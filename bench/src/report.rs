@@ -32,10 +32,10 @@ pub struct Sample {
 }
 
 /// The medians of a setup on a route.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Row {
-    pub setup: &'static str,
-    pub title: &'static str,
+    pub setup: String,
+    pub title: String,
     pub route: Route,
     pub rps: f64,
     pub p50_ms: f64,
@@ -103,8 +103,8 @@ pub fn summarize(setups: &[Setup], samples: &[Sample]) -> Vec<Row> {
                 .filter_map(|s| Some(ratio(s, baseline("empty-wasm", s)?)))
                 .collect();
             rows.push(Row {
-                setup: setup.id,
-                title: setup.title,
+                setup: setup.id.to_string(),
+                title: setup.title.to_string(),
                 route,
                 rps: median(runs.iter().map(|s| s.measured.rps).collect()),
                 p50_ms: median(runs.iter().map(|s| s.measured.p50_ms).collect()),
@@ -228,7 +228,7 @@ pub fn chart(rows: &[Row], setups: &[Setup], font: &[u8], path: &Path) -> Result
     let root = BitMapBackend::new(path, (1200, 640)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let count = setups.len();
-    let top = rows.iter().map(|r| r.vs_no_filter).fold(1.0f64, f64::max) * 1.1;
+    let top = rows.iter().map(|r| r.vs_no_filter).fold(1.0f64, f64::max) * 1.2;
     let mut chart = ChartBuilder::on(&root)
         .caption(
             "apikey-ratelimit: throughput relative to Envoy with no filter",
@@ -293,7 +293,7 @@ pub fn chart(rows: &[Row], setups: &[Setup], font: &[u8], path: &Path) -> Result
         .configure_series_labels()
         .border_style(BLACK)
         .background_style(WHITE.mix(0.9))
-        .position(SeriesLabelPosition::UpperRight)
+        .position(SeriesLabelPosition::UpperLeft)
         .draw()
         .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())

@@ -9,7 +9,7 @@ use e2e::topology::{replica_config, Mode, ReplicaPorts};
 use serde_json::{json, Value};
 
 /// Where the single route goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Route {
     /// `direct_response`: Envoy answers `"ok"` itself; isolates the filter.
     Direct,
