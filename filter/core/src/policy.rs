@@ -211,6 +211,11 @@ impl Policy {
         self.sets.get(index)
     }
 
+    /// The limits of a set (none for an index no set has).
+    pub fn limits(&self, index: usize) -> &[Limit] {
+        self.sets.get(index).map_or(&[], |s| &s.limits)
+    }
+
     /// The local store's table, when the store is local.
     pub fn slot_table(&self) -> Option<SlotTable> {
         match &self.store {

@@ -85,7 +85,7 @@ impl Request {
         mut events: Events,
     ) -> Action {
         let policy = &filter.policy;
-        let limits = policy.set(set).map_or(&[][..], |s| &s.limits[..]);
+        let limits = policy.limits(set);
         let Ok(now) = self.clock() else {
             let (action, events) = pipeline::finish(policy, set, events, Err(StoreFailure::Host));
             return self.apply(filter, action, events);
@@ -116,10 +116,7 @@ impl Request {
         mut pending: Pending,
         timeout_ms: u64,
     ) -> Action {
-        let limits = filter
-            .policy
-            .set(pending.set)
-            .map_or(&[][..], |s| &s.limits[..]);
+        let limits = filter.policy.limits(pending.set);
         match webdis.dispatch(pending.command, &pending.redis_key, limits, timeout_ms) {
             Ok(token) => {
                 filter
@@ -135,7 +132,7 @@ impl Request {
                     webdis.cluster(),
                     status.0
                 ));
-                self.conclude(filter, pending, Err(error))
+                self.conclude(filter, webdis, pending, Err(error))
             }
         }
     }
@@ -144,11 +141,12 @@ impl Request {
     fn conclude(
         &mut self,
         filter: &Filter,
+        webdis: &WebdisStore,
         pending: Pending,
         result: Result<webdis::Reply, BackendError>,
     ) -> Action {
         let policy = &filter.policy;
-        let limits = policy.set(pending.set).map_or(&[][..], |s| &s.limits[..]);
+        let limits = policy.limits(pending.set);
         let outcome = match result {
             Ok(reply) => {
                 let decision = Decision::from_resets(
@@ -157,10 +155,8 @@ impl Request {
                     reply.retry_after_us.saturating_mul(1_000),
                     reply.resets_us().iter().map(|r| r.saturating_mul(1_000)),
                 );
-                if let Store::Webdis(webdis) = &filter.store {
-                    if deny_cache::worth_remembering(&decision) {
-                        webdis.remember(pending.hash, pending.sent_at, reply.resets_us());
-                    }
+                if deny_cache::worth_remembering(&decision) {
+                    webdis.remember(pending.hash, pending.sent_at, reply.resets_us());
                 }
                 Ok(decided(decision))
             }
@@ -200,7 +196,7 @@ impl Context for Request {
         let Store::Webdis(webdis) = &filter.store else {
             return;
         };
-        let limits = filter.policy.set(pending.set).map_or(0, |s| s.limits.len());
+        let limits = filter.policy.limits(pending.set).len();
         // No headers at all: the call was reset or never connected.
         let status = if num_headers == 0 {
             None
@@ -240,7 +236,7 @@ impl Context for Request {
             }),
             Parsed::Failed(error) => Err(error),
         };
-        if self.conclude(&filter, pending, result) == Action::Continue {
+        if self.conclude(&filter, webdis, pending, result) == Action::Continue {
             resume();
         }
     }
@@ -273,7 +269,7 @@ impl HttpContext for Request {
                 events,
             } => match &filter.store {
                 Store::Local { table, prefix } => {
-                    let limits = policy.set(set).map_or(&[][..], |s| &s.limits[..]);
+                    let limits = policy.limits(set);
                     let outcome = match self.clock() {
                         Ok(now) => table
                             .decide(&mut SharedStore::new(prefix), hash, limits, now)
