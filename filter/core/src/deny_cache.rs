@@ -9,17 +9,25 @@
 //! Under a flood on a throttled key this keeps Redis out of the way: only
 //! requests that might be admitted go to it.
 //!
+//! A lower bound is the right way to decide, but the wrong way to promise:
+//! Redis decided somewhere between sending and receiving, so the true TAT can
+//! be up to the call's round trip later. An entry therefore also keeps that
+//! round trip (its `guard` word, the *slack*), and a `Retry-After` answered
+//! from the cache is the lower-bound wait plus the slack: a client that waits
+//! that long is admitted if nothing else happened.
+//!
 //! The table is direct-mapped in Envoy shared data (one entry per slot,
-//! shared by the workers): an entry holds the key's fingerprint and those
-//! TATs, the same layout as the local store's slots. A new answer is merged
-//! into the key's entry by taking, per limit, the later TAT: both are true
-//! lower bounds, so the later one is too, and an answer that arrives late
-//! never loosens what a newer one established. Any entry is a true lower
-//! bound for its key, so a lost write only costs a cache miss.
+//! shared by the workers): an entry is a [`KeyState`], the layout of the
+//! local store's slots, with each TAT under its limit's identity. A new
+//! answer is merged into the key's entry by taking, per limit, the later TAT
+//! (and the larger slack): both are true lower bounds, so the later one is
+//! too, and an answer that arrives late never loosens what a newer one
+//! established. Any entry is a true lower bound for its key, so a lost write
+//! only costs a cache miss. Times are the filter's monotonic clock.
 
 use crate::gcra::{self, Decision, Limit, MAX_LIMITS};
 use crate::hash::KeyHash;
-use crate::slots::{self, Stored};
+use crate::state::{KeyState, MAX_VALUE};
 
 /// The cache slot of a key.
 pub fn slot(key: KeyHash, slots: u32) -> u32 {
@@ -27,54 +35,65 @@ pub fn slot(key: KeyHash, slots: u32) -> u32 {
 }
 
 /// A denial decided from the cached entry, if it denies; `None` means ask
-/// Redis.
+/// Redis. Its `retry_after_nanos` includes the entry's slack.
 pub fn lookup(limits: &[Limit], entry: &[u8], key: KeyHash, now: u64) -> Option<Decision> {
-    let stored = Stored::decode(entry)?;
-    if stored.fingerprint != key.fingerprint || stored.count != limits.len() {
+    let state = KeyState::decode(entry)?;
+    if state.fingerprint != key.fingerprint {
         return None;
     }
-    let mut tats = stored.tats;
+    let mut tats = state.tats_for(limits);
     let tats = tats.get_mut(..limits.len())?;
-    let decision = gcra::decide(limits, tats, now);
-    (!decision.allowed).then_some(decision)
+    let mut decision = gcra::decide(limits, tats, now);
+    if decision.allowed {
+        return None;
+    }
+    decision.retry_after_nanos = decision.retry_after_nanos.saturating_add(state.guard);
+    Some(decision)
 }
 
-/// Whether an answer is worth an entry: only one that leaves some limit
-/// with nothing remaining can make the next request's lookup deny. Other
-/// entries would always be misses, so writing them would only cost two
-/// host calls per admitted request.
+/// Whether an answer is worth a cache entry: only one that leaves some limit
+/// with nothing to spend can make a later lookup deny. The others would cost
+/// a shared-data write for nothing.
 pub fn worth_remembering(decision: &Decision) -> bool {
     decision.states().iter().any(|state| state.remaining == 0)
 }
 
-/// The lower-bound TATs after a Redis answer: `sent_at` plus each reset.
-pub fn tats_after(sent_at_nanos: u64, resets_us: &[u64]) -> [u64; MAX_LIMITS] {
-    let mut tats = [0; MAX_LIMITS];
-    for (tat, reset) in tats.iter_mut().zip(resets_us) {
-        *tat = sent_at_nanos.saturating_add(reset.saturating_mul(1_000));
-    }
-    tats
+/// When an answer reached the filter: the times it was sent and received,
+/// and what it said per limit (microseconds until each bucket is full).
+#[derive(Debug, Clone, Copy)]
+pub struct Answer<'a> {
+    pub sent_at: u64,
+    pub received_at: u64,
+    pub resets_us: &'a [u64],
 }
 
-/// The entry to write after a Redis answer, merged with `current` (what
-/// the slot holds now) when that is the same key's.
+/// The entry to write for `key` after `answer` on `limits`, merged with the
+/// slot's `current` bytes.
 pub fn entry<'a>(
-    buf: &'a mut [u8; slots::MAX_VALUE],
+    buf: &'a mut [u8; MAX_VALUE],
     current: &[u8],
     key: KeyHash,
-    sent_at_nanos: u64,
-    resets_us: &[u64],
+    limits: &[Limit],
+    answer: Answer<'_>,
 ) -> &'a [u8] {
-    let mut tats = tats_after(sent_at_nanos, resets_us);
-    let count = resets_us.len().min(MAX_LIMITS);
-    if let Some(stored) = Stored::decode(current) {
-        if stored.fingerprint == key.fingerprint && stored.count == count {
-            for (tat, old) in tats.iter_mut().zip(stored.tats) {
-                *tat = (*tat).max(old);
-            }
-        }
+    let mut tats = [0; MAX_LIMITS];
+    for (tat, reset) in tats.iter_mut().zip(answer.resets_us) {
+        *tat = answer.sent_at.saturating_add(reset.saturating_mul(1_000));
     }
-    slots::encode(buf, key.fingerprint, tats.get(..count).unwrap_or(&[]))
+    let count = limits.len().min(answer.resets_us.len()).min(MAX_LIMITS);
+    let mut slack = answer.received_at.saturating_sub(answer.sent_at);
+    let mut base = KeyState::fresh(key.fingerprint);
+    if let Some(old) = KeyState::decode(current).filter(|s| s.fingerprint == key.fingerprint) {
+        for (tat, old_tat) in tats.iter_mut().zip(old.tats_for(limits)) {
+            *tat = (*tat).max(old_tat);
+        }
+        slack = slack.max(old.guard);
+        base = old;
+    }
+    let limits = limits.get(..count).unwrap_or(&[]);
+    let mut next = base.with_tats(limits, tats.get(..count).unwrap_or(&[]), answer.sent_at);
+    next.guard = slack;
+    next.encode(buf)
 }
 
 #[cfg(test)]
@@ -87,14 +106,26 @@ mod tests {
         vec![crate::gcra::test_limit(2, 10, 2)]
     }
 
+    fn answer(sent_at: u64, resets_us: &[u64]) -> Answer<'_> {
+        Answer {
+            sent_at,
+            received_at: sent_at,
+            resets_us,
+        }
+    }
+
+    fn write(current: &[u8], key: KeyHash, limits: &[Limit], answer: Answer<'_>) -> Vec<u8> {
+        let mut buf = [0; MAX_VALUE];
+        entry(&mut buf, current, key, limits, answer).to_vec()
+    }
+
     #[test]
     fn a_throttled_key_is_denied_locally_until_its_retry_time() {
         let limits = limits();
         let key = KeyHash::of(b"k");
         let sent_at = 100 * S;
         // Redis: denied, the bucket is full again in 10 s (2 x 5 s).
-        let mut buf = [0; slots::MAX_VALUE];
-        let e = entry(&mut buf, &[], key, sent_at, &[10_000_000]).to_vec();
+        let e = write(&[], key, &limits, answer(sent_at, &[10_000_000]));
         let d = lookup(&limits, &e, key, sent_at + S).unwrap();
         assert_eq!(d.retry_after_nanos, 4 * S);
         assert!(lookup(&limits, &e, key, sent_at + 5 * S - 1).is_some());
@@ -103,14 +134,54 @@ mod tests {
     }
 
     #[test]
-    fn other_keys_and_other_configs_miss() {
+    fn retry_after_from_the_cache_is_never_early() {
+        // Redis decided at some point of a 300 ms round trip. The cache
+        // denies on the lower bound but promises the upper bound: a client
+        // that waits exactly Retry-After (rounded up to whole seconds, as
+        // the reply does) is admitted by Redis, wherever in the round trip
+        // Redis decided.
         let limits = limits();
         let key = KeyHash::of(b"k");
-        let mut buf = [0; slots::MAX_VALUE];
-        let e = entry(&mut buf, &[], key, 0, &[10_000_000]).to_vec();
+        let (sent_at, rtt) = (100 * S, 300_000_000);
+        let reset_us = 9_200_000; // the true TAT is 9.2 s after Redis decided
+        let e = write(
+            &[],
+            key,
+            &limits,
+            Answer {
+                sent_at,
+                received_at: sent_at + rtt,
+                resets_us: &[reset_us],
+            },
+        );
+        let asked_at = sent_at + rtt + S;
+        let d = lookup(&limits, &e, key, asked_at).unwrap();
+        let wait = crate::response::ceil_seconds(d.retry_after_nanos) * S;
+        for decided_at in [sent_at, sent_at + rtt / 2, sent_at + rtt] {
+            let true_tat = decided_at + reset_us * 1_000;
+            let tolerance = limits[0].capacity_nanos - limits[0].interval_nanos;
+            assert!(
+                true_tat - tolerance <= asked_at + wait,
+                "decided at +{} ms: admitted only {} ms after Retry-After",
+                (decided_at - sent_at) / 1_000_000,
+                (true_tat - tolerance - asked_at - wait) / 1_000_000
+            );
+        }
+    }
+
+    #[test]
+    fn other_keys_miss_and_other_limits_decide_alone() {
+        let limits = limits();
+        let key = KeyHash::of(b"k");
+        let e = write(&[], key, &limits, answer(0, &[10_000_000]));
         assert!(lookup(&limits, &e, KeyHash::of(b"other"), 1).is_none());
-        let two = [limits.clone(), limits.clone()].concat();
-        assert!(lookup(&two, &e, key, 1).is_none());
+        // A configuration that adds a limit still sees the first one's debt.
+        let mut daily = crate::gcra::test_limit(1000, 86_400, 1000);
+        daily.name = "daily".into();
+        daily.id = crate::gcra::limit_id("daily");
+        let two = [limits.clone(), vec![daily.clone()]].concat();
+        assert!(lookup(&two, &e, key, 1).is_some());
+        assert!(lookup(&[daily], &e, key, 1).is_none());
         assert!(lookup(&limits, &[], key, 1).is_none());
         assert!(slot(key, 7) < 7);
     }
@@ -119,9 +190,8 @@ mod tests {
     fn an_entry_after_an_admission_denies_only_when_nothing_is_left() {
         let limits = limits();
         let key = KeyHash::of(b"k");
-        let mut buf = [0; slots::MAX_VALUE];
         // One of two used: 5 s of debt, still room for one more.
-        let e = entry(&mut buf, &[], key, 0, &[5_000_000]).to_vec();
+        let e = write(&[], key, &limits, answer(0, &[5_000_000]));
         assert!(lookup(&limits, &e, key, 1).is_none());
     }
 
@@ -143,17 +213,14 @@ mod tests {
     fn a_late_answer_never_loosens_a_newer_one() {
         let limits = limits();
         let key = KeyHash::of(b"k");
-        let mut newer = [0; slots::MAX_VALUE];
         // Sent at 2 s: the bucket is full again only at 12 s (denying).
-        let newer = entry(&mut newer, &[], key, 2 * S, &[10_000_000]).to_vec();
+        let newer = write(&[], key, &limits, answer(2 * S, &[10_000_000]));
         // An answer sent at 1 s, arriving later, saying "full at 6 s".
-        let mut merged = [0; slots::MAX_VALUE];
-        let merged = entry(&mut merged, &newer, key, S, &[5_000_000]).to_vec();
+        let merged = write(&newer, key, &limits, answer(S, &[5_000_000]));
         assert_eq!(merged, newer);
         assert!(lookup(&limits, &merged, key, 3 * S).is_some());
         // Another key's entry in the slot is simply replaced.
-        let mut other = [0; slots::MAX_VALUE];
-        let other = entry(&mut other, &newer, KeyHash::of(b"x"), S, &[5_000_000]).to_vec();
+        let other = write(&newer, KeyHash::of(b"x"), &limits, answer(S, &[5_000_000]));
         assert!(lookup(&limits, &other, key, 3 * S).is_none());
     }
 }

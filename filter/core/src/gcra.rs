@@ -19,6 +19,10 @@ pub const MAX_LIMITS: usize = 8;
 pub struct Limit {
     /// The policy name shown in the `RateLimit` headers.
     pub name: String,
+    /// The limit's identity in a stored state: a hash of its name, so a
+    /// key's debt under this limit survives other limits being added or
+    /// removed (see [`crate::state`]).
+    pub id: u64,
     pub rate: Rate,
     pub burst: u64,
     /// `T`, the emission interval.
@@ -37,6 +41,7 @@ impl Limit {
             return None;
         }
         Some(Limit {
+            id: limit_id(&name),
             name,
             rate,
             burst,
@@ -53,6 +58,13 @@ impl Limit {
             .checked_div(self.interval_nanos)
             .unwrap_or(0)
     }
+}
+
+/// The identity of the limit named `name` in stored states. Stable across
+/// releases and processes (a fixed, unseeded hash: names are configuration,
+/// not client input). Never 0, which marks an unused entry.
+pub fn limit_id(name: &str) -> u64 {
+    crate::hash::name_hash(name.as_bytes()).max(1)
 }
 
 /// What one limit says about the request, after the decision.

@@ -1,12 +1,18 @@
 //! Hashes of API keys.
 //!
-//! Inside one Envoy nothing secret is at stake (the table is in the proxy's
-//! own memory), so a fast non-cryptographic 128-bit hash (XXH3) gives both
-//! the fingerprint that identifies a key in its slot and the bits that
-//! choose its candidate slots. Keys that leave Envoy (to Redis) are hashed
-//! with a keyed cryptographic hash elsewhere.
+//! A key's hash chooses its candidate slots in the local table and its
+//! entry in the deny cache, and its fingerprint identifies it there. Were
+//! that hash public, a client could grind keys offline whose slots collide
+//! with a chosen key and push it around the table. So it is keyed: SipHash-1-3
+//! (the hash Rust's own `HashMap` uses against flooding) with 128 bits of
+//! output under a 128-bit secret that the filter draws at random once per
+//! Envoy process and keeps in shared data, so every worker and a restarted
+//! VM use the same one. Keys that leave Envoy (to Redis) are hashed with
+//! SHA-256 or HMAC elsewhere; configured overrides are matched exactly.
 
-use xxhash_rust::xxh3::xxh3_128;
+use std::hash::Hasher;
+
+use siphasher::sip128::{Hasher128, SipHasher13};
 
 /// The identity of a key inside the filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -18,25 +24,75 @@ pub struct KeyHash {
     pub spread: u64,
 }
 
-impl KeyHash {
-    pub fn of(key: &[u8]) -> KeyHash {
-        let h = xxh3_128(key);
+/// The secret-keyed hash that turns keys into [`KeyHash`]es.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyHasher {
+    k0: u64,
+    k1: u64,
+}
+
+/// The length of a seed, in bytes.
+pub const SEED_LEN: usize = 16;
+
+impl KeyHasher {
+    /// Keyed by a secret drawn at random (see the module docs).
+    pub fn new(seed: [u8; SEED_LEN]) -> KeyHasher {
+        let (k0, k1) = seed.split_at(SEED_LEN / 2);
+        KeyHasher {
+            k0: u64::from_le_bytes(k0.try_into().unwrap_or([0; 8])),
+            k1: u64::from_le_bytes(k1.try_into().unwrap_or([0; 8])),
+        }
+    }
+
+    /// A seed read back from the host, if it is one.
+    pub fn from_bytes(bytes: &[u8]) -> Option<KeyHasher> {
+        let seed: [u8; SEED_LEN] = bytes.try_into().ok()?;
+        Some(KeyHasher::new(seed))
+    }
+
+    /// The hasher a policy starts with, before the filter seeds it: a fixed,
+    /// public key, as good as unkeyed. Only tests and the seed-less path of
+    /// a host that cannot store one use it.
+    pub const fn unseeded() -> KeyHasher {
+        KeyHasher { k0: 0, k1: 0 }
+    }
+
+    pub fn hash(&self, key: &[u8]) -> KeyHash {
+        let mut hasher = SipHasher13::new_with_keys(self.k0, self.k1);
+        hasher.write(key);
+        let h = hasher.finish128();
         KeyHash {
-            fingerprint: h as u64,
-            spread: (h >> 64) as u64,
+            fingerprint: h.h1,
+            spread: h.h2,
         }
     }
 
     /// The shared bucket of requests without a key. Real keys are never
     /// empty (an empty value counts as absent), so the empty key's hash is
     /// free for this.
-    pub fn anonymous() -> KeyHash {
-        KeyHash::of(b"")
+    pub fn anonymous(&self) -> KeyHash {
+        self.hash(b"")
     }
+}
 
-    /// The whole 128 bits, for exact-match lookups of configured keys.
-    pub fn wide(&self) -> u128 {
-        (u128::from(self.spread) << 64) | u128::from(self.fingerprint)
+impl Default for KeyHasher {
+    fn default() -> KeyHasher {
+        KeyHasher::unseeded()
+    }
+}
+
+/// A stable, unkeyed hash of a configured name (a limit, a plugin): names
+/// are configuration, not client input, and must hash the same in every
+/// process and release.
+pub fn name_hash(name: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(name)
+}
+
+#[cfg(test)]
+impl KeyHash {
+    /// The unseeded hash of `key`, for tests.
+    pub fn of(key: &[u8]) -> KeyHash {
+        KeyHasher::unseeded().hash(key)
     }
 }
 
@@ -51,10 +107,17 @@ mod tests {
         assert_ne!(a.fingerprint, b.fingerprint);
         assert_ne!(a.spread, b.spread);
         assert_eq!(a, KeyHash::of(b"1234"));
-        assert_ne!(KeyHash::anonymous(), KeyHash::of(b" "));
-        assert_eq!(
-            KeyHash::of(b"x").wide() as u64,
-            KeyHash::of(b"x").fingerprint
-        );
+        assert_ne!(KeyHasher::unseeded().anonymous(), KeyHash::of(b" "));
+    }
+
+    #[test]
+    fn the_seed_changes_every_key_s_identity() {
+        let seeded = KeyHasher::new(*b"0123456789abcdef");
+        assert_ne!(seeded.hash(b"1234"), KeyHash::of(b"1234"));
+        assert_eq!(seeded.hash(b"1234"), seeded.hash(b"1234"));
+        let other = KeyHasher::new(*b"0123456789abcdeg");
+        assert_ne!(seeded.hash(b"1234"), other.hash(b"1234"));
+        assert_eq!(KeyHasher::from_bytes(b"0123456789abcdef"), Some(seeded));
+        assert_eq!(KeyHasher::from_bytes(b"short"), None);
     }
 }

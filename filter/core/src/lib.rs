@@ -68,6 +68,7 @@ pub mod policy;
 pub mod rate;
 pub mod response;
 pub mod slots;
+pub mod state;
 pub mod webdis;
 
 pub use config::{Config, ConfigError};

@@ -57,10 +57,19 @@ pub enum Event {
     BackendErrorStatus,
     BackendErrorRedis,
     BackendErrorParse,
+    /// Every candidate slot held a throttled key: the newcomer was denied.
+    SlotTableFull,
+    /// Shadow mode let through a request that would have been a 401.
+    ShadowMissingKey,
+    /// Shadow mode let through a request that would have been a 400.
+    ShadowInvalidKey,
+    /// Shadow mode let through a store failure that `failure_mode: deny`
+    /// would have answered 503.
+    ShadowFailureDenied,
 }
 
 impl Event {
-    pub const ALL: [Event; 19] = [
+    pub const ALL: [Event; 23] = [
         Event::Allowed,
         Event::Throttled,
         Event::ShadowThrottled,
@@ -80,6 +89,10 @@ impl Event {
         Event::BackendErrorStatus,
         Event::BackendErrorRedis,
         Event::BackendErrorParse,
+        Event::SlotTableFull,
+        Event::ShadowMissingKey,
+        Event::ShadowInvalidKey,
+        Event::ShadowFailureDenied,
     ];
 
     /// The metric's name, after the filter's prefix.
@@ -104,6 +117,10 @@ impl Event {
             Event::BackendErrorStatus => "backend_errors_status",
             Event::BackendErrorRedis => "backend_errors_redis",
             Event::BackendErrorParse => "backend_errors_parse",
+            Event::SlotTableFull => "slot_table_full",
+            Event::ShadowMissingKey => "shadow_missing_key",
+            Event::ShadowInvalidKey => "shadow_invalid_key",
+            Event::ShadowFailureDenied => "shadow_failure_denied",
         }
     }
 
@@ -179,10 +196,24 @@ pub fn start<'a>(policy: &Policy, headers: &impl RequestHeaders<'a>) -> Start<'a
         Identity::MissingAllowed => {
             return Start::Done(Action::Continue(None), Events::of(&[Event::MissingKey]))
         }
+        // Shadow mode never denies: what would be a 401 or 400 goes on,
+        // unlimited (there is no key to count), and is counted.
+        Identity::MissingRejected if policy.shadow_mode => {
+            return Start::Done(
+                Action::Continue(None),
+                Events::of(&[Event::MissingKey, Event::ShadowMissingKey]),
+            )
+        }
         Identity::MissingRejected => {
             return Start::Done(
                 Action::Respond(response::missing_key(policy)),
                 Events::of(&[Event::MissingKey]),
+            )
+        }
+        Identity::Invalid(_) if policy.shadow_mode => {
+            return Start::Done(
+                Action::Continue(None),
+                Events::of(&[Event::InvalidKey, Event::ShadowInvalidKey]),
             )
         }
         Identity::Invalid(error) => {
@@ -241,16 +272,14 @@ pub fn finish(
             }
             decision
         }
-        Ok(Outcome::RetriesExhausted) => {
+        Ok(Outcome::RetriesExhausted { retry_after_nanos }) => {
             events.insert(Event::CasConflict);
             events.insert(Event::CasRetriesExhausted);
-            let soonest = limits
-                .limits
-                .iter()
-                .map(|l| l.interval_nanos)
-                .min()
-                .unwrap_or(0);
-            Decision::denied_for(soonest)
+            Decision::denied_for(retry_after_nanos)
+        }
+        Ok(Outcome::Full { retry_after_nanos }) => {
+            events.insert(Event::SlotTableFull);
+            Decision::denied_for(retry_after_nanos)
         }
         Err(failure) => {
             events.insert(Event::StoreError);
@@ -260,6 +289,10 @@ pub fn finish(
             return match policy.failure_mode {
                 crate::config::FailureMode::Allow => {
                     events.insert(Event::FailureModeAllowed);
+                    (Action::Continue(None), events)
+                }
+                crate::config::FailureMode::Deny if policy.shadow_mode => {
+                    events.insert(Event::ShadowFailureDenied);
                     (Action::Continue(None), events)
                 }
                 crate::config::FailureMode::Deny => {
@@ -396,6 +429,46 @@ mod tests {
     }
 
     #[test]
+    fn shadow_mode_lets_every_would_be_denial_through_and_counts_it() {
+        let p = policy(r#"{"limits": ["1/min"], "shadow_mode": true, "failure_mode": "deny"}"#);
+        let mut store = MemStore::default();
+        let (a, e) = run(&p, &mut store, "/", S);
+        assert_eq!(
+            (a, e),
+            (
+                Action::Continue(None),
+                Events::of(&[Event::MissingKey, Event::ShadowMissingKey])
+            )
+        );
+        let (a, e) = run(&p, &mut store, "/?api_key=%zz", S);
+        assert_eq!(
+            (a, e),
+            (
+                Action::Continue(None),
+                Events::of(&[Event::InvalidKey, Event::ShadowInvalidKey])
+            )
+        );
+        assert_eq!(
+            finish(&p, 0, Events::default(), Err(StoreFailure::Host)),
+            (
+                Action::Continue(None),
+                Events::of(&[Event::StoreError, Event::ShadowFailureDenied])
+            )
+        );
+        for outcome in [
+            Outcome::RetriesExhausted {
+                retry_after_nanos: 0,
+            },
+            Outcome::Full {
+                retry_after_nanos: S,
+            },
+        ] {
+            let (a, _) = finish(&p, 0, Events::default(), Ok(outcome));
+            assert!(matches!(a, Action::Continue(_)), "{outcome:?}");
+        }
+    }
+
+    #[test]
     fn missing_invalid_and_unlimited_keys() {
         let p = policy(r#"{"limits": ["1/s"], "overrides": [{"key": "free", "limits": []}]}"#);
         let mut store = MemStore::default();
@@ -433,9 +506,23 @@ mod tests {
     }
 
     #[test]
-    fn exhausted_retries_deny_with_the_soonest_interval() {
+    fn exhausted_retries_deny_with_the_wait_the_state_implies() {
         let p = policy(r#"{"limits": ["10/s", "100/min"]}"#);
-        let (action, events) = finish(&p, 0, Events::default(), Ok(Outcome::RetriesExhausted));
+        // The state read after the last conflict would deny for 61.5 s.
+        let exhausted = |retry_after_nanos| {
+            finish(
+                &p,
+                0,
+                Events::default(),
+                Ok(Outcome::RetriesExhausted { retry_after_nanos }),
+            )
+        };
+        let Action::Respond(reply) = exhausted(61_500_000_000).0 else {
+            panic!()
+        };
+        assert!(reply.headers.contains(&("retry-after", "62".to_string())));
+        // It would admit: the smallest honest Retry-After, one second.
+        let (action, events) = exhausted(0);
         assert_eq!(
             events,
             Events::of(&[

@@ -2,16 +2,18 @@
 //! needs. Built once in `on_configure`; per request it only looks things up.
 
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
+use xxhash_rust::xxh3::xxh3_128;
 
 use crate::config::{
     Config, ConfigError, FailureMode, KeySourceConfig, LimitConfig, LocalStoreConfig, MissingKey,
     ResponseHeadersConfig, StoreConfig, WebdisStoreConfig,
 };
 use crate::gcra::{Limit, MAX_LIMITS};
-use crate::hash::KeyHash;
+use crate::hash::{KeyHash, KeyHasher};
 use crate::key::{self, KeyError, KeyErrorKind, KeySource, RequestHeaders};
 use crate::rate::MAX_COUNT;
 use crate::response;
@@ -66,6 +68,9 @@ pub struct Policy {
     plain_overrides: HashMap<u128, (Box<[u8]>, usize)>,
     /// `sha256:` overrides; hashing a key with SHA-256 happens only if any.
     sha256_overrides: HashMap<[u8; 32], usize>,
+    /// The keyed hash of keys in the stores; the filter seeds it with the
+    /// process's secret after compiling (see `hash`).
+    hasher: Cell<KeyHasher>,
     /// Bodies computed once: 401, and 400 per (source, reason).
     pub(crate) missing_body: String,
     pub(crate) invalid_bodies: Vec<[String; 4]>,
@@ -135,7 +140,7 @@ impl Policy {
                         ));
                     }
                     plain_overrides
-                        .insert(KeyHash::of(key).wide(), (key.into(), set))
+                        .insert(xxh3_128(key), (key.into(), set))
                         .is_some()
                 }
             };
@@ -167,6 +172,7 @@ impl Policy {
             anonymous_set,
             plain_overrides,
             sha256_overrides,
+            hasher: Cell::new(KeyHasher::unseeded()),
             missing_body,
             invalid_bodies,
         })
@@ -177,25 +183,27 @@ impl Policy {
         match key::extract(&self.sources, headers, self.max_key_length) {
             Err(e) => Identity::Invalid(e),
             Ok(Some(key)) => {
-                let hash = KeyHash::of(&key);
-                let set = self.set_for(&key, hash);
+                let hash = self.hasher.get().hash(&key);
+                let set = self.set_for(&key);
                 Identity::Key { key, hash, set }
             }
             Ok(None) => match self.missing_key {
                 MissingKey::Reject => Identity::MissingRejected,
                 MissingKey::Allow => Identity::MissingAllowed,
                 MissingKey::Anonymous => Identity::Anonymous {
-                    hash: KeyHash::anonymous(),
+                    hash: self.hasher.get().anonymous(),
                     set: self.anonymous_set,
                 },
             },
         }
     }
 
-    fn set_for(&self, key: &[u8], hash: KeyHash) -> usize {
-        if let Some((stored, set)) = self.plain_overrides.get(&hash.wide()) {
-            if **stored == *key {
-                return *set;
+    fn set_for(&self, key: &[u8]) -> usize {
+        if !self.plain_overrides.is_empty() {
+            if let Some((stored, set)) = self.plain_overrides.get(&xxh3_128(key)) {
+                if **stored == *key {
+                    return *set;
+                }
             }
         }
         if !self.sha256_overrides.is_empty() {
@@ -205,6 +213,16 @@ impl Policy {
             }
         }
         DEFAULT_SET
+    }
+
+    /// Keys the store hashes with `hasher` from now on.
+    pub fn reseed(&self, hasher: KeyHasher) {
+        self.hasher.set(hasher);
+    }
+
+    /// The keyed hash in use.
+    pub fn hasher(&self) -> KeyHasher {
+        self.hasher.get()
     }
 
     pub fn set(&self, index: usize) -> Option<&LimitSet> {
@@ -511,7 +529,7 @@ mod tests {
         );
         match identify(&anon, "/") {
             Identity::Anonymous { hash, set } => {
-                assert_eq!(hash, KeyHash::anonymous());
+                assert_eq!(hash, KeyHasher::unseeded().anonymous());
                 assert_eq!(anon.sets[set].limits[0].rate.count, 5);
             }
             other => panic!("{other:?}"),

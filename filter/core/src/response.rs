@@ -6,7 +6,10 @@
 //! - Quota headers (IETF draft-ietf-httpapi-ratelimit-headers), on by
 //!   default: `RateLimit-Policy: "1/s";q=1;w=1` and `RateLimit: "1/s";r=0;t=1`,
 //!   one list member per limit. `r` is what may still be sent now, `t` the
-//!   seconds until the quota is whole again.
+//!   seconds until the quota is whole again. `r` never exceeds `q`: with a
+//!   burst above the count (`{"rate": "10/min", "burst": 49}`) the bucket
+//!   may hold more than `q`, and the header then says `q` rather than
+//!   contradict the policy it names.
 //! - Legacy `X-RateLimit-Limit/Remaining/Reset`, opt-in, describe the most
 //!   restrictive limit (fewest remaining).
 
@@ -70,7 +73,7 @@ pub fn write_quota_headers(
                 buf,
                 "{sep}\"{}\";r={};t={}",
                 limit.name,
-                state.remaining,
+                shown_remaining(limit, state.remaining),
                 ceil_seconds(state.reset_nanos)
             );
         }
@@ -89,13 +92,22 @@ pub fn write_quota_headers(
                 emit(name, buf);
             };
             number("x-ratelimit-limit", limit.rate.count);
-            number("x-ratelimit-remaining", state.remaining);
+            number(
+                "x-ratelimit-remaining",
+                shown_remaining(limit, state.remaining),
+            );
             number("x-ratelimit-reset", ceil_seconds(state.reset_nanos));
         }
     }
 }
 
 /// The quota headers of a decision, collected (for local replies).
+/// What a header reports as remaining: never more than the limit's count,
+/// the quota the policy header announces.
+fn shown_remaining(limit: &Limit, remaining: u64) -> u64 {
+    remaining.min(limit.rate.count)
+}
+
 pub fn quota_headers(
     policy: &Policy,
     set: &LimitSet,
@@ -257,6 +269,56 @@ mod tests {
         assert_eq!(header(&reply.headers, "x-ratelimit-limit"), Some("2"));
         assert_eq!(header(&reply.headers, "x-ratelimit-remaining"), Some("0"));
         assert_eq!(header(&reply.headers, "x-ratelimit-reset"), Some("60"));
+    }
+
+    /// Every member of a parsed SF list: its name and integer parameters.
+    fn sf_members(value: &str) -> Vec<(String, std::collections::HashMap<String, i64>)> {
+        let list: sfv::List = sfv::Parser::new(value)
+            .parse()
+            .unwrap_or_else(|e| panic!("{value:?} is not a Structured Fields list: {e}"));
+        list.into_iter()
+            .map(|entry| {
+                let sfv::ListEntry::Item(item) = entry else {
+                    panic!("{value:?}: an inner list")
+                };
+                let name = item.bare_item.as_string().unwrap().as_str().to_string();
+                let params = item
+                    .params
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_string(), v.as_integer().unwrap().into()))
+                    .collect();
+                (name, params)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn quota_headers_agree_with_their_policy_for_every_burst() {
+        for burst in [1u64, 2, 9, 10, 11, 49, 500] {
+            let p = policy(&format!(
+                r#"{{"limits": [{{"rate": "10/min", "burst": {burst}}}, "1000/day"]}}"#
+            ));
+            let set = &p.sets[0];
+            let mut tats = [0, 0];
+            for step in 0..(burst + 2) {
+                let d = gcra::decide(&set.limits, &mut tats, 1_000 + step);
+                let mut out = Vec::new();
+                quota_headers(&p, set, &d, &mut out);
+                let policy_members = sf_members(header(&out, "ratelimit-policy").unwrap());
+                let members = sf_members(header(&out, "ratelimit").unwrap());
+                assert_eq!(policy_members.len(), members.len());
+                for ((name, policy), (same, state)) in policy_members.iter().zip(&members) {
+                    assert_eq!(name, same);
+                    assert!(
+                        state["r"] <= policy["q"],
+                        "burst {burst}: {name} r={} above q={}",
+                        state["r"],
+                        policy["q"]
+                    );
+                    assert!(state["r"] >= 0 && state["t"] >= 0 && policy["w"] > 0);
+                }
+            }
+        }
     }
 
     #[test]

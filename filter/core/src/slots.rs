@@ -4,20 +4,25 @@
 //! Envoy never frees a shared-data key, so one entry per API key would grow
 //! forever and any client could mint keys. Instead the table has `slots`
 //! entries, all created at start-up; a key lives in one of [`PROBES`]
-//! candidate slots chosen by its hash. A slot holds the key's 64-bit
-//! fingerprint and one TAT per limit, so a single CAS write updates the whole
-//! state of a key atomically.
+//! candidate slots chosen by its keyed hash (`hash::KeyHasher`: the slots of
+//! a key cannot be computed offline). A slot holds the key's state
+//! ([`KeyState`]: its fingerprint and one TAT per limit), so a single CAS
+//! write updates the whole state of a key atomically.
 //!
 //! Finding a key's slot, in order:
 //! 1. a candidate holding the key's fingerprint is the key's state;
 //! 2. else the first candidate that is empty or *idle* (every bucket full,
 //!    which is the same as a fresh state) is taken over: nothing is lost;
-//! 3. else every candidate holds a live state of another key, and the one
+//! 3. else, among candidates whose key is not throttled right now, the one
 //!    with the least debt (the earliest TAT, the key closest to being
-//!    forgotten anyway) is evicted, like nginx's `limit_req` evicts its least
-//!    recently used state. The evicted key restarts with a full bucket, so it
-//!    can get back at most the debt it had; heavy and throttled keys carry
-//!    the most debt and are the last to go. Evictions are counted.
+//!    forgotten anyway) is evicted, like nginx's `limit_req` evicts its
+//!    least recently used state. The evicted key restarts with a full bucket
+//!    but was not throttled, so it regains less than one burst. Evictions are
+//!    counted;
+//! 4. else every candidate holds a throttled key: a throttled state is never
+//!    evicted (that would hand its key a fresh bucket), so the newcomer is
+//!    the one that loses: it is denied ([`Outcome::Full`]) until the first
+//!    of those keys stops being throttled, and counted (`slot_table_full`).
 //!
 //! Every write is a CAS on the value read; on a conflict the lookup starts
 //! again, at most `max_retries` times. If the retries run out the request is
@@ -27,13 +32,10 @@
 
 use crate::gcra::{self, Decision, Limit, MAX_LIMITS};
 use crate::hash::KeyHash;
+use crate::state::{KeyState, MAX_VALUE};
 
 /// Candidate slots per key.
 pub const PROBES: usize = 4;
-
-const TAT_BYTES: usize = 8;
-/// The largest slot value: a fingerprint and [`MAX_LIMITS`] TATs.
-pub const MAX_VALUE: usize = 8 + TAT_BYTES * MAX_LIMITS;
 
 /// The result of a CAS write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +63,7 @@ pub enum Placement {
     Existing,
     /// An empty or idle slot, taken over at no loss.
     Fresh,
-    /// Another key's live state was evicted.
+    /// Another key's live, unthrottled state was evicted.
     Evicted,
 }
 
@@ -73,8 +75,14 @@ pub enum Outcome {
         /// CAS conflicts met on the way.
         conflicts: u32,
     },
-    /// Every attempt met a CAS conflict; the caller denies the request.
-    RetriesExhausted,
+    /// Every attempt met a CAS conflict; the caller denies the request. The
+    /// wait is read from the key's state after the last conflict: 0 if that
+    /// state would admit the request (the caller still answers at least one
+    /// second), else the exact wait it implies.
+    RetriesExhausted { retry_after_nanos: u64 },
+    /// Every candidate slot holds another key that is throttled: the request
+    /// is denied, and a wait of `retry_after_nanos` frees a candidate.
+    Full { retry_after_nanos: u64 },
 }
 
 /// The table's shape: how many slots, how many CAS retries.
@@ -123,8 +131,11 @@ impl SlotTable {
         let candidates = self.candidates(key);
         let mut conflicts = 0;
         loop {
-            let found = self.find(store, key, &candidates, limits.len(), now)?;
-            let mut tats = found.tats;
+            let found = match self.find(store, key, &candidates, now)? {
+                Ok(found) => found,
+                Err(retry_after_nanos) => return Ok(Outcome::Full { retry_after_nanos }),
+            };
+            let mut tats = found.state.tats_for(limits);
             let tats = tats.get_mut(..limits.len()).unwrap_or(&mut []);
             let decision = gcra::decide(limits, tats, now);
             if !decision.allowed {
@@ -135,9 +146,10 @@ impl SlotTable {
                     conflicts,
                 });
             }
+            let mut next = found.state.with_tats(limits, tats, now);
+            next.guard = next.throttled_until(limits);
             let mut buf = [0u8; MAX_VALUE];
-            let value = encode(&mut buf, key.fingerprint, tats);
-            match store.write(found.slot, value, found.cas)? {
+            match store.write(found.slot, next.encode(&mut buf), found.cas)? {
                 Written::Ok => {
                     return Ok(Outcome::Decided {
                         decision,
@@ -146,56 +158,71 @@ impl SlotTable {
                     })
                 }
                 Written::Conflict if conflicts >= self.max_retries => {
-                    return Ok(Outcome::RetriesExhausted)
+                    let retry_after_nanos = match self.find(store, key, &candidates, now)? {
+                        Ok(found) => {
+                            let mut tats = found.state.tats_for(limits);
+                            let tats = tats.get_mut(..limits.len()).unwrap_or(&mut []);
+                            gcra::decide(limits, tats, now).retry_after_nanos
+                        }
+                        Err(wait) => wait,
+                    };
+                    return Ok(Outcome::RetriesExhausted { retry_after_nanos });
                 }
                 Written::Conflict => conflicts += 1,
             }
         }
     }
 
+    /// The slot for `key`, or `Err(wait)` when every candidate holds a
+    /// throttled key (the wait until the first of them is not).
     fn find<S: CasStore>(
         &self,
         store: &mut S,
         key: KeyHash,
         candidates: &[u32; PROBES],
-        limits: usize,
         now: u64,
-    ) -> Result<Found, S::Error> {
+    ) -> Result<Result<Found, u64>, S::Error> {
         let mut free: Option<(u32, u32)> = None;
         let mut least_debt: Option<(u32, u32, u64)> = None;
+        let mut soonest_unthrottled = u64::MAX;
         for &slot in candidates {
             let (value, cas) = store.read(slot)?;
-            match Stored::decode(value.as_ref()) {
-                Some(stored) if stored.fingerprint == key.fingerprint => {
-                    let mut found = Found::fresh(slot, cas, Placement::Existing);
-                    // A state with another number of limits predates a config
-                    // change; it restarts fresh rather than being misread.
-                    if stored.count == limits {
-                        found.tats = stored.tats;
-                    }
-                    return Ok(found);
+            match KeyState::decode(value.as_ref()) {
+                Some(state) if state.fingerprint == key.fingerprint => {
+                    return Ok(Ok(Found {
+                        slot,
+                        cas,
+                        placement: Placement::Existing,
+                        state,
+                    }));
                 }
-                Some(stored) if !stored.is_idle(now) => {
-                    let latest = stored.latest_tat();
+                Some(state) if state.is_idle(now) => {
+                    free.get_or_insert((slot, cas));
+                }
+                Some(state) if state.guard > now => {
+                    soonest_unthrottled = soonest_unthrottled.min(state.guard - now);
+                }
+                Some(state) => {
+                    let latest = state.latest_tat();
                     if least_debt.is_none_or(|(_, _, best)| latest < best) {
                         least_debt = Some((slot, cas, latest));
                     }
                 }
-                _ => {
+                None => {
                     free.get_or_insert((slot, cas));
                 }
             }
         }
+        let fresh = |(slot, cas), placement| Found {
+            slot,
+            cas,
+            placement,
+            state: KeyState::fresh(key.fingerprint),
+        };
         Ok(match (free, least_debt) {
-            (Some((slot, cas)), _) => Found::fresh(slot, cas, Placement::Fresh),
-            (None, Some((slot, cas, _))) => Found::fresh(slot, cas, Placement::Evicted),
-            // Unreachable with PROBES > 0; a fresh state on the first
-            // candidate is the safe answer anyway.
-            (None, None) => Found::fresh(
-                candidates.first().copied().unwrap_or(0),
-                0,
-                Placement::Fresh,
-            ),
+            (Some(at), _) => Ok(fresh(at, Placement::Fresh)),
+            (None, Some((slot, cas, _))) => Ok(fresh((slot, cas), Placement::Evicted)),
+            (None, None) => Err(soonest_unthrottled),
         })
     }
 }
@@ -204,73 +231,7 @@ struct Found {
     slot: u32,
     cas: u32,
     placement: Placement,
-    tats: [u64; MAX_LIMITS],
-}
-
-impl Found {
-    fn fresh(slot: u32, cas: u32, placement: Placement) -> Found {
-        Found {
-            slot,
-            cas,
-            placement,
-            tats: [0; MAX_LIMITS],
-        }
-    }
-}
-
-/// A decoded slot value: fingerprint, then TATs, all little-endian u64.
-pub(crate) struct Stored {
-    pub(crate) fingerprint: u64,
-    pub(crate) tats: [u64; MAX_LIMITS],
-    pub(crate) count: usize,
-}
-
-impl Stored {
-    /// `None` for an empty slot or bytes that are not a state.
-    pub(crate) fn decode(bytes: &[u8]) -> Option<Stored> {
-        if bytes.len() < 8 || bytes.len() % TAT_BYTES != 0 || bytes.len() > MAX_VALUE {
-            return None;
-        }
-        let mut words = bytes
-            .chunks_exact(TAT_BYTES)
-            .map(|w| u64::from_le_bytes(w.try_into().unwrap_or([0; 8])));
-        let fingerprint = words.next()?;
-        let mut tats = [0u64; MAX_LIMITS];
-        let mut count = 0;
-        for (tat, word) in tats.iter_mut().zip(words) {
-            *tat = word;
-            count += 1;
-        }
-        Some(Stored {
-            fingerprint,
-            tats,
-            count,
-        })
-    }
-
-    fn live_tats(&self) -> &[u64] {
-        self.tats.get(..self.count).unwrap_or(&[])
-    }
-
-    fn is_idle(&self, now: u64) -> bool {
-        gcra::is_idle(self.live_tats().iter().copied(), now)
-    }
-
-    fn latest_tat(&self) -> u64 {
-        self.live_tats().iter().copied().max().unwrap_or(0)
-    }
-}
-
-/// A slot value: the fingerprint, then the TATs.
-pub fn encode<'a>(buf: &'a mut [u8; MAX_VALUE], fingerprint: u64, tats: &[u64]) -> &'a [u8] {
-    let mut words = buf.chunks_exact_mut(TAT_BYTES);
-    let mut len = 0;
-    for (chunk, word) in (&mut words).zip(std::iter::once(fingerprint).chain(tats.iter().copied()))
-    {
-        chunk.copy_from_slice(&word.to_le_bytes());
-        len += TAT_BYTES;
-    }
-    buf.get(..len).unwrap_or(&[])
+    state: KeyState,
 }
 
 #[cfg(test)]
@@ -342,6 +303,22 @@ pub(crate) mod tests {
         vec![crate::gcra::test_limit(count, window_seconds, burst)]
     }
 
+    /// A key whose candidates in a 4-slot table are all four slots (double
+    /// hashing with step 2 probes only two), named `name` or `name` plus a
+    /// counter.
+    fn four_slot_key(name: &str) -> KeyHash {
+        let table = SlotTable::new(4, 1);
+        (0..)
+            .map(|i| KeyHash::of(format!("{name}{i}").as_bytes()))
+            .find(|k| {
+                let mut c = table.candidates(*k).to_vec();
+                c.sort();
+                c.dedup();
+                c.len() == PROBES
+            })
+            .unwrap()
+    }
+
     fn allowed(outcome: Outcome) -> bool {
         matches!(outcome, Outcome::Decided { decision, .. } if decision.allowed)
     }
@@ -349,7 +326,7 @@ pub(crate) mod tests {
     fn placement(outcome: Outcome) -> Placement {
         match outcome {
             Outcome::Decided { placement, .. } => placement,
-            Outcome::RetriesExhausted => panic!("exhausted"),
+            other => panic!("{other:?}"),
         }
     }
 
@@ -433,31 +410,33 @@ pub(crate) mod tests {
         };
         assert_eq!(
             table.decide(&mut store, key, &lim, S).unwrap(),
-            Outcome::RetriesExhausted
+            Outcome::RetriesExhausted {
+                retry_after_nanos: 0
+            }
         );
         assert_eq!(store.writes, 0);
     }
 
     #[test]
-    fn idle_slots_are_taken_over_and_live_ones_evicted_least_debt_first() {
+    fn idle_slots_are_taken_over_and_unthrottled_ones_evicted_least_debt_first() {
         // Four slots: every key has the same four candidates.
         let table = SlotTable::new(4, 8);
         let mut store = MemStore::default();
         let lim = limits(10, 10, 10);
-        let heavy = KeyHash::of(b"heavy");
+        let heavy = four_slot_key("heavy");
         for _ in 0..10 {
             assert!(allowed(table.decide(&mut store, heavy, &lim, S).unwrap()));
         }
         for i in 0..3 {
-            let key = KeyHash::of(format!("light-{i}").as_bytes());
+            let key = four_slot_key(&format!("light-{i}-"));
             assert_eq!(
                 placement(table.decide(&mut store, key, &lim, S).unwrap()),
                 Placement::Fresh
             );
         }
         // The table is full of live states: a newcomer evicts a light key
-        // (one request of debt), never the throttled heavy one.
-        let newcomer = KeyHash::of(b"newcomer");
+        // (one request of debt, not throttled), never the throttled heavy one.
+        let newcomer = four_slot_key("newcomer");
         assert_eq!(
             placement(table.decide(&mut store, newcomer, &lim, S).unwrap()),
             Placement::Evicted
@@ -469,7 +448,7 @@ pub(crate) mod tests {
         );
         // Once the light keys' buckets are full again, their slots are free.
         let later = S + 2 * S;
-        let other = KeyHash::of(b"other");
+        let other = four_slot_key("other");
         assert_eq!(
             placement(table.decide(&mut store, other, &lim, later).unwrap()),
             Placement::Fresh
@@ -477,14 +456,162 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_state_from_another_config_restarts_fresh() {
+    fn a_throttled_key_is_never_evicted_the_newcomer_is_denied() {
+        // Four slots, every key on the same candidates, 1/min with burst 1:
+        // every admitted key is throttled for a minute.
+        let table = SlotTable::new(4, 8);
+        let mut store = MemStore::default();
+        let lim = limits(1, 60, 1);
+        let victim = four_slot_key("victim");
+        assert!(allowed(table.decide(&mut store, victim, &lim, S).unwrap()));
+        for i in 0..3 {
+            let key = four_slot_key(&format!("junk-{i}-"));
+            assert!(allowed(table.decide(&mut store, key, &lim, 2 * S).unwrap()));
+        }
+        // The victim has the least debt, but it is throttled: a newcomer
+        // gets no slot and is told when the first candidate frees up.
+        let newcomer = four_slot_key("newcomer");
+        assert_eq!(
+            table.decide(&mut store, newcomer, &lim, 3 * S).unwrap(),
+            Outcome::Full {
+                retry_after_nanos: 58 * S
+            }
+        );
+        assert!(!allowed(
+            table.decide(&mut store, victim, &lim, 3 * S).unwrap()
+        ));
+        // After that wait, the newcomer is admitted (nothing else happened).
+        assert_eq!(
+            placement(table.decide(&mut store, newcomer, &lim, 61 * S).unwrap()),
+            Placement::Fresh
+        );
+    }
+
+    /// The attack: an attacker holding key K grinds, offline against
+    /// the hash it believes the filter uses, junk keys Z whose candidates
+    /// include K's slot, and fillers that occupy Z's other candidates after
+    /// K, so that K has the least debt there and Z evicts it. Returns how
+    /// many times K was admitted.
+    fn targeted_eviction_attack(filter_hash: impl Fn(&[u8]) -> KeyHash) -> usize {
+        let slots = 65_536;
+        let table = SlotTable::new(slots, 8);
+        let mut store = MemStore::default();
+        let lim = limits(1, 60, 1);
+        let attacker_hash = KeyHash::of;
+        let mut admitted = 0;
+        let mut now = 10 * S;
+        let mut minted = 0u64;
+        let mut mint = |wanted: &dyn Fn(&[u32; PROBES]) -> bool| loop {
+            minted += 1;
+            let key = format!("junk-{minted}").into_bytes();
+            if wanted(&table.candidates(attacker_hash(&key))) {
+                return key;
+            }
+        };
+        let request = |store: &mut MemStore, key: &[u8], now: u64| {
+            allowed(table.decide(store, filter_hash(key), &lim, now).unwrap())
+        };
+        for _ in 0..20 {
+            if request(&mut store, b"K", now) {
+                admitted += 1;
+            }
+            now += S / 100;
+            let k_slot = table.candidates(attacker_hash(b"K"))[0];
+            let z = mint(&|c| c.contains(&k_slot) && c[0] != k_slot);
+            let z_candidates = table.candidates(attacker_hash(&z));
+            for slot in z_candidates.iter().filter(|s| **s != k_slot) {
+                let filler = mint(&|c| c[0] == *slot);
+                request(&mut store, &filler, now);
+            }
+            now += S / 100;
+            request(&mut store, &z, now);
+            now += S / 100;
+        }
+        admitted
+    }
+
+    #[test]
+    fn targeted_eviction_cannot_reset_a_throttled_key_even_with_a_known_hash() {
+        // The attacker even knows the hash (the filter is unseeded here):
+        // K is throttled, so it is never the one evicted.
+        assert_eq!(targeted_eviction_attack(KeyHash::of), 1);
+    }
+
+    #[test]
+    fn keys_ground_offline_miss_a_seeded_table() {
+        let seeded = crate::hash::KeyHasher::new(*b"secret-seed-0001");
+        assert_eq!(targeted_eviction_attack(|k| seeded.hash(k)), 1);
+        // And the ground keys do not even land on K's candidates.
+        let table = SlotTable::new(65_536, 8);
+        let k_slots = table.candidates(seeded.hash(b"K"));
+        let k_known = table.candidates(KeyHash::of(b"K"));
+        let mut hits = 0;
+        let mut ground = 0;
+        for i in 0..2_000_000u32 {
+            let key = format!("z{i}");
+            if table
+                .candidates(KeyHash::of(key.as_bytes()))
+                .contains(&k_known[0])
+            {
+                ground += 1;
+                let c = table.candidates(seeded.hash(key.as_bytes()));
+                hits += usize::from(c.iter().any(|s| k_slots.contains(s)));
+            }
+        }
+        assert!(ground > 50, "{ground}");
+        assert!(
+            hits <= 1,
+            "{hits} of {ground} ground keys reached K's slots"
+        );
+    }
+
+    #[test]
+    fn a_flood_of_random_keys_leaves_every_throttled_key_throttled() {
+        let table = SlotTable::new(1024, 8);
+        let mut store = MemStore::default();
+        let lim = limits(1, 60, 1);
+        let hot: Vec<KeyHash> = (0..200)
+            .map(|i| KeyHash::of(format!("hot-{i}").as_bytes()))
+            .collect();
+        for key in &hot {
+            assert!(allowed(table.decide(&mut store, *key, &lim, S).unwrap()));
+        }
+        let mut full = 0;
+        for i in 0..50_000u64 {
+            let junk = KeyHash::of(format!("flood-{i}").as_bytes());
+            let now = S + i * (50 * S / 50_000);
+            full += usize::from(matches!(
+                table.decide(&mut store, junk, &lim, now).unwrap(),
+                Outcome::Full { .. }
+            ));
+        }
+        assert!(full > 0, "the flood never filled the table");
+        for key in &hot {
+            assert!(!allowed(
+                table.decide(&mut store, *key, &lim, 55 * S).unwrap()
+            ));
+        }
+    }
+
+    #[test]
+    fn adding_a_limit_keeps_the_existing_limit_s_debt() {
         let table = SlotTable::new(16, 8);
         let mut store = MemStore::default();
         let key = KeyHash::of(b"k");
-        table.decide(&mut store, key, &limits(1, 60, 1), S).unwrap();
-        let two = [limits(1, 60, 1), limits(5, 60, 5)].concat();
-        assert!(allowed(table.decide(&mut store, key, &two, S).unwrap()));
-        assert!(!allowed(table.decide(&mut store, key, &two, S).unwrap()));
+        let one = limits(1, 60, 1);
+        assert!(allowed(table.decide(&mut store, key, &one, S).unwrap()));
+        // A rolling update adds a daily cap: the per-minute debt stays.
+        let two = [one.clone(), limits(1000, 86_400, 1000)].concat();
+        assert!(!allowed(
+            table.decide(&mut store, key, &two, 2 * S).unwrap()
+        ));
+        assert!(allowed(
+            table.decide(&mut store, key, &two, 61 * S).unwrap()
+        ));
+        // And back: removing the daily cap keeps the per-minute debt too.
+        assert!(!allowed(
+            table.decide(&mut store, key, &one, 62 * S).unwrap()
+        ));
     }
 
     #[test]
@@ -546,17 +673,5 @@ pub(crate) mod tests {
             .collect();
         let admitted: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
         assert_eq!(admitted, 50);
-    }
-
-    #[test]
-    fn encoding_round_trips() {
-        let mut buf = [0u8; MAX_VALUE];
-        let bytes = encode(&mut buf, 42, &[1, 2, 3]).to_vec();
-        let stored = Stored::decode(&bytes).unwrap();
-        assert_eq!(stored.fingerprint, 42);
-        assert_eq!(stored.live_tats(), &[1, 2, 3]);
-        assert!(Stored::decode(&[]).is_none());
-        assert!(Stored::decode(&[0; 9]).is_none());
-        assert!(Stored::decode(&[0; MAX_VALUE + 8]).is_none());
     }
 }

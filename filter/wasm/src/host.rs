@@ -34,7 +34,6 @@ const STREAM_HTTP_REQUEST: u32 = 0;
 #[link(wasm_import_module = "env")]
 extern "C" {
     fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
-    fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
     fn proxy_get_buffer_bytes(
         buffer_type: u32,
         start: usize,
@@ -102,6 +101,15 @@ extern "C" {
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
 }
 
+// WASI, which Envoy's Wasm host implements: the clocks and randomness.
+#[link(wasm_import_module = "wasi_snapshot_preview1")]
+extern "C" {
+    fn clock_time_get(clock_id: u32, precision: u64, time: *mut u64) -> u32;
+    fn random_get(buf: *mut u8, len: usize) -> u32;
+}
+
+const CLOCK_MONOTONIC: u32 = 1;
+
 fn check(status: u32) -> Result<(), Status> {
     if status == 0 {
         Ok(())
@@ -128,10 +136,27 @@ pub fn log(level: u32, message: &str) {
     let _ = unsafe { proxy_log(level, message.as_ptr(), message.len()) };
 }
 
+/// The filter's clock: Envoy's monotonic clock, in nanoseconds. Everything
+/// timed inside one Envoy process (local counters, the deny cache, metric
+/// flushes, log throttling) uses it, so a wall-clock step (NTP) can neither
+/// lock keys out nor hand them a fresh burst. It is one clock for every
+/// worker of the process, and shared data lives no longer than the process.
+/// Global mode decides on Redis `TIME` instead.
 pub fn now_nanos() -> Result<u64, Status> {
     let mut now = 0u64;
-    check(unsafe { proxy_get_current_time_nanoseconds(&mut now) })?;
-    Ok(now)
+    match unsafe { clock_time_get(CLOCK_MONOTONIC, 1, &mut now) } {
+        0 => Ok(now),
+        errno => Err(Status(errno)),
+    }
+}
+
+/// `N` random bytes from the host.
+pub fn random_bytes<const N: usize>() -> Result<[u8; N], Status> {
+    let mut out = [0u8; N];
+    match unsafe { random_get(out.as_mut_ptr(), N) } {
+        0 => Ok(out),
+        errno => Err(Status(errno)),
+    }
 }
 
 fn buffer(buffer_type: u32, max_size: usize) -> Result<Vec<u8>, Status> {

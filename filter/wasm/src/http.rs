@@ -66,6 +66,9 @@ impl Request {
     /// Carries out the pipeline's verdict.
     fn apply(&mut self, filter: &Filter, action: pipeline::Action, events: Events) -> Action {
         filter.metrics.record(events, self.now);
+        if filter.policy.shadow_mode {
+            filter.log_shadow(events);
+        }
         match action {
             pipeline::Action::Continue(quota) => {
                 self.quota = quota;
@@ -156,7 +159,12 @@ impl Request {
                     reply.resets_us().iter().map(|r| r.saturating_mul(1_000)),
                 );
                 if deny_cache::worth_remembering(&decision) {
-                    webdis.remember(pending.hash, pending.sent_at, reply.resets_us());
+                    let answer = deny_cache::Answer {
+                        sent_at: pending.sent_at,
+                        received_at: host::now_nanos().unwrap_or(pending.sent_at),
+                        resets_us: reply.resets_us(),
+                    };
+                    webdis.remember(pending.hash, limits, answer);
                 }
                 Ok(decided(decision))
             }

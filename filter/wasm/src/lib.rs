@@ -26,9 +26,11 @@
 
 mod host;
 mod http;
+mod log_limit;
 mod metrics;
 mod request_headers;
 mod root;
+mod seed;
 mod shared_store;
 mod webdis_store;
 

@@ -1,24 +1,21 @@
 //! The root context: turns the plugin configuration into a [`Filter`] once,
 //! in `on_configure`, and hands it to every request.
 
-use std::cell::Cell;
 use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 use ratelimit_core::slots::SlotTable;
 use ratelimit_core::webdis::{BackendError, FailureClass};
-use ratelimit_core::Policy;
+use ratelimit_core::{Event, Events, Policy};
 
 use crate::host::{self, LOG_CRITICAL, LOG_ERROR, LOG_INFO, LOG_WARN};
 use crate::http::Request;
+use crate::log_limit::LogLimit;
 use crate::metrics::{Metrics, TICK_MILLIS};
-use crate::shared_store::{table_prefix, SharedStore};
+use crate::seed;
+use crate::shared_store::{table_prefix, with_slot_key, SharedStore};
 use crate::webdis_store::WebdisStore;
-
-/// One log line per failure class per this long, per VM: a dead backend
-/// must not flood Envoy's log at the request rate (the metrics count all).
-const LOG_EVERY_NANOS: u64 = 10_000_000_000;
 
 /// Where the counters live.
 pub enum Store {
@@ -32,7 +29,10 @@ pub struct Filter {
     pub store: Store,
     pub metrics: Metrics,
     plugin_name: String,
-    last_logged: [Cell<u64>; 6],
+    /// Where the process's hash seed is kept in shared data.
+    seed_key: Vec<u8>,
+    backend_logs: LogLimit<6>,
+    shadow_logs: LogLimit<3>,
 }
 
 impl Filter {
@@ -46,14 +46,12 @@ impl Filter {
             FailureClass::Redis => 4,
             FailureClass::Parse => 5,
         };
-        let Some(last) = self.last_logged.get(index) else {
-            return;
-        };
-        let now = host::now_nanos().unwrap_or(0);
-        if last.get() != 0 && now.saturating_sub(last.get()) < LOG_EVERY_NANOS {
+        if !self
+            .backend_logs
+            .allow(index, host::now_nanos().unwrap_or(0))
+        {
             return;
         }
-        last.set(now.max(1));
         let level = if error.transient { LOG_WARN } else { LOG_ERROR };
         host::log(
             level,
@@ -62,6 +60,37 @@ impl Filter {
                 self.plugin_name, error.class, error.detail, self.policy.failure_mode
             ),
         );
+    }
+}
+
+impl Filter {
+    /// Says, at most once per cause every 10 s, that shadow mode let through
+    /// a request it would have denied for a reason other than its rate.
+    pub fn log_shadow(&self, events: Events) {
+        let causes = [
+            (Event::ShadowMissingKey, "a request without an API key"),
+            (Event::ShadowInvalidKey, "a request with an invalid API key"),
+            (
+                Event::ShadowFailureDenied,
+                "a request that failure_mode deny would have answered 503",
+            ),
+        ];
+        for (index, (event, what)) in causes.iter().enumerate() {
+            if events.contains(*event)
+                && self
+                    .shadow_logs
+                    .allow(index, host::now_nanos().unwrap_or(0))
+            {
+                host::log(
+                    LOG_INFO,
+                    &format!(
+                        "plugin '{}': shadow mode let through {what} (metric {})",
+                        self.plugin_name,
+                        event.metric_name()
+                    ),
+                );
+            }
+        }
     }
 }
 
@@ -100,6 +129,16 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         if let Some(filter) = &self.filter {
             filter.metrics.flush(host::now_nanos().unwrap_or(0));
+            if let Some(stored) = seed::refresh(&filter.seed_key, filter.policy.hasher()) {
+                filter.policy.reseed(stored);
+                host::log(
+                    LOG_WARN,
+                    &format!(
+                        "plugin '{}': adopted the process's stored hash seed",
+                        filter.plugin_name
+                    ),
+                );
+            }
         }
     }
 
@@ -129,6 +168,8 @@ fn configure() -> Result<Filter, String> {
         ))
     })?;
     let policy = Policy::from_json(&bytes).map_err(|e| fail(e.to_string()))?;
+    let seed_key = with_slot_key(&table_prefix(&plugin_name, "seed"), 0, <[u8]>::to_vec);
+    policy.reseed(seed::load_or_create(&seed_key).map_err(fail)?);
     let metrics = Metrics::define(&plugin_name)
         .map_err(|s| fail(format!("cannot define metrics (host status {})", s.0)))?;
     let (store, described) = match (policy.slot_table(), policy.webdis()) {
@@ -167,6 +208,8 @@ fn configure() -> Result<Filter, String> {
         store,
         metrics,
         plugin_name,
-        last_logged: Default::default(),
+        seed_key,
+        backend_logs: LogLimit::default(),
+        shadow_logs: LogLimit::default(),
     })
 }

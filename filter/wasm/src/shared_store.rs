@@ -58,10 +58,7 @@ pub fn with_slot_key<T>(prefix: &[u8], slot: u32, f: impl FnOnce(&[u8]) -> T) ->
 }
 
 fn xxh3_hex(bytes: &[u8]) -> String {
-    format!(
-        "{:016x}",
-        ratelimit_core::hash::KeyHash::of(bytes).fingerprint
-    )
+    format!("{:016x}", ratelimit_core::hash::name_hash(bytes))
 }
 
 pub struct SharedStore<'a> {

@@ -9,7 +9,7 @@ use ratelimit_core::deny_cache;
 use ratelimit_core::gcra::{Decision, Limit};
 use ratelimit_core::hash::KeyHash;
 use ratelimit_core::pipeline::Subject;
-use ratelimit_core::slots::MAX_VALUE;
+use ratelimit_core::state::MAX_VALUE;
 use ratelimit_core::webdis::{self, Command};
 
 use crate::host::{self, Status};
@@ -67,7 +67,7 @@ impl WebdisStore {
     }
 
     /// Remembers what Redis said about a key (a lower bound of its state).
-    pub fn remember(&self, key: KeyHash, sent_at: u64, resets_us: &[u64]) {
+    pub fn remember(&self, key: KeyHash, limits: &[Limit], answer: deny_cache::Answer<'_>) {
         if self.cache_slots == 0 {
             return;
         }
@@ -80,7 +80,7 @@ impl WebdisStore {
                 .flatten()
                 .unwrap_or_default();
             let mut buf = [0u8; MAX_VALUE];
-            let entry = deny_cache::entry(&mut buf, &current, key, sent_at, resets_us);
+            let entry = deny_cache::entry(&mut buf, &current, key, limits, answer);
             let _ = host::set_shared_data(name, entry, cas);
         });
     }
