@@ -190,6 +190,31 @@ fn shadow_mode_reports_but_never_denies() {
 }
 
 #[test]
+fn shadow_mode_lets_missing_and_bad_keys_through_counted_and_logged_once() {
+    let local = Local::start(
+        r#"{"limits": ["1/hour"], "shadow_mode": true, "failure_mode": "deny"}"#,
+        2,
+    );
+    for _ in 0..5 {
+        for target in ["/", "/?api_key=%zz", "/?api_key=a&api_key=b"] {
+            let r = get(&local, target);
+            assert_eq!((r.status, r.body_str().as_ref()), (200, "\"ok\""), "{target}: {r:?}");
+        }
+    }
+    assert_eq!(local.metric_at_least("shadow_missing_key", 5), 5);
+    assert_eq!(local.metric_at_least("shadow_invalid_key", 10), 10);
+    assert_eq!(local.metric("missing_key"), 5);
+    assert_eq!(local.metric("invalid_key"), 10);
+    // One line per cause per worker in 10 s, not one per request.
+    let log = local.envoy.proc().log();
+    let lines = |what: &str| log.lines().filter(|l| l.contains(what)).count();
+    let missing = lines("shadow mode let through a request without an API key");
+    let invalid = lines("shadow mode let through a request with an invalid API key");
+    assert!((1..=2).contains(&missing), "{missing} lines:\n{log}");
+    assert!((1..=2).contains(&invalid), "{invalid} lines:\n{log}");
+}
+
+#[test]
 fn metrics_are_in_stats_and_prometheus() {
     let local = Local::start_shipped(1);
     get(&local, "/?api_key=m");
