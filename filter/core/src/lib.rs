@@ -7,8 +7,9 @@
 //! - [`policy`]: the validated, compiled configuration; key → limits lookup.
 //! - [`header_map`]: reads the header map the host serializes.
 //! - [`key`]: finds the API key in the query string or a header.
-//! - [`hash`]: key fingerprints and slot choice.
+//! - [`hash`]: the keyed hash of API keys (fingerprints, slot choice).
 //! - [`gcra`]: the algorithm.
+//! - [`state`]: a key's stored state and its byte layout.
 //! - [`slots`]: the local store's fixed slot table and its CAS loop, over a
 //!   [`slots::CasStore`] trait the glue implements on Envoy shared data.
 //! - [`webdis`]: the global store's calls (the Lua script, URLs, replies).
@@ -37,15 +38,19 @@
 //!
 //! **The local store.** One state per key in a fixed table of slots, updated
 //! by compare-and-swap, so counts are exact across all of an Envoy's workers.
-//! On collisions: a slot whose state is idle (all buckets full) is taken
-//! over, losing nothing; only when all of a key's candidate slots hold live
-//! states is the one with the least debt evicted, and that key can regain
-//! at most the debt it had. Size `slots` above the number of keys active
-//! within one window and evictions do not happen (the `slot_evictions`
-//! metric shows them). A key's first request can be placed twice only if
-//! two of its requests race on two workers in the very microsecond another
-//! key's state in an earlier candidate slot turns idle: at most one extra
-//! admission per such race. When CAS retries run out the request is denied.
+//! A key's candidate slots come from a keyed hash ([`hash::KeyHasher`]) whose
+//! secret is drawn once per process: they cannot be computed offline. On
+//! collisions: a slot whose state is idle (all buckets full) is taken over,
+//! losing nothing; when all of a key's candidates hold live states, the
+//! unthrottled one with the least debt is evicted (it regains less than one
+//! burst); a throttled state is never evicted, and a newcomer whose
+//! candidates are all throttled is denied instead ([`slots::Outcome::Full`]).
+//! A key's first request can be placed twice only if two of its requests
+//! race on two workers in the very microsecond another key's state in an
+//! earlier candidate slot turns idle: at most one extra admission per such
+//! race. When CAS retries run out the request is denied. Each limit's debt is
+//! kept under its name ([`state`]), so adding or removing a limit leaves the
+//! others' debt in place.
 
 #![cfg_attr(
     test,
