@@ -198,7 +198,11 @@ fn shadow_mode_lets_missing_and_bad_keys_through_counted_and_logged_once() {
     for _ in 0..5 {
         for target in ["/", "/?api_key=%zz", "/?api_key=a&api_key=b"] {
             let r = get(&local, target);
-            assert_eq!((r.status, r.body_str().as_ref()), (200, "\"ok\""), "{target}: {r:?}");
+            assert_eq!(
+                (r.status, r.body_str().as_ref()),
+                (200, "\"ok\""),
+                "{target}: {r:?}"
+            );
         }
     }
     assert_eq!(local.metric_at_least("shadow_missing_key", 5), 5);
