@@ -71,21 +71,25 @@ impl KeySource {
     }
 }
 
-/// Why a key was refused.
+/// Why the value of one source was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KeyErrorKind {
     Repeated,
     BadEncoding,
     NotUtf8,
     TooLong,
+    /// The query parameter sits in a `;`-separated run, which older Python
+    /// and Django split as separate parameters.
+    Semicolon,
 }
 
 impl KeyErrorKind {
-    pub const ALL: [KeyErrorKind; 4] = [
+    pub const ALL: [KeyErrorKind; 5] = [
         KeyErrorKind::Repeated,
         KeyErrorKind::BadEncoding,
         KeyErrorKind::NotUtf8,
         KeyErrorKind::TooLong,
+        KeyErrorKind::Semicolon,
     ];
 
     pub fn index(self) -> usize {
@@ -93,11 +97,13 @@ impl KeyErrorKind {
     }
 }
 
-/// A refused key: which source (index into the configured sources), and why.
+/// A refused key. Sources are indices into the configured sources.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KeyError {
-    pub source: usize,
-    pub kind: KeyErrorKind,
+pub enum KeyError {
+    /// One source's value cannot be used.
+    Source { source: usize, kind: KeyErrorKind },
+    /// Two sources hold different keys: the application may read either.
+    Conflict { first: usize, second: usize },
 }
 
 /// Extracts the key. `Ok(None)` means no source held one.
@@ -107,7 +113,7 @@ pub fn extract<'a>(
     max_len: usize,
 ) -> Result<Option<Cow<'a, [u8]>>, KeyError> {
     for (index, source) in sources.iter().enumerate() {
-        let fail = |kind| KeyError {
+        let fail = |kind| KeyError::Source {
             source: index,
             kind,
         };
@@ -292,7 +298,7 @@ mod tests {
     }
 
     fn err(source: usize, kind: KeyErrorKind) -> Result<Option<Vec<u8>>, KeyError> {
-        Err(KeyError { source, kind })
+        Err(KeyError::Source { source, kind })
     }
 
     #[test]

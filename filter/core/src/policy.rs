@@ -12,7 +12,7 @@ use crate::config::{
 };
 use crate::gcra::{Limit, MAX_LIMITS};
 use crate::hash::KeyHash;
-use crate::key::{self, KeyError, KeyErrorKind, KeySource, RequestHeaders};
+use crate::key::{self, KeyError, KeySource, RequestHeaders};
 use crate::rate::MAX_COUNT;
 use crate::response;
 use crate::slots::{SlotTable, PROBES};
@@ -66,9 +66,9 @@ pub struct Policy {
     plain_overrides: HashMap<u128, (Box<[u8]>, usize)>,
     /// `sha256:` overrides; hashing a key with SHA-256 happens only if any.
     sha256_overrides: HashMap<[u8; 32], usize>,
-    /// Bodies computed once: 401, and 400 per (source, reason).
+    /// Bodies computed once: 401, and the 400s.
     pub(crate) missing_body: String,
-    pub(crate) invalid_bodies: Vec<[String; 4]>,
+    pub(crate) invalid_bodies: response::InvalidBodies,
 }
 
 const DEFAULT_SET: usize = 0;
@@ -148,13 +148,7 @@ impl Policy {
         }
 
         let missing_body = response::missing_key_body(&sources);
-        let invalid_bodies = sources
-            .iter()
-            .map(|s| {
-                KeyErrorKind::ALL
-                    .map(|kind| response::invalid_key_body(s, kind, config.max_key_length))
-            })
-            .collect();
+        let invalid_bodies = response::InvalidBodies::new(&sources, config.max_key_length);
         Ok(Policy {
             sources,
             max_key_length: config.max_key_length,
@@ -433,6 +427,7 @@ fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
 mod tests {
     use super::*;
     use crate::header_map::{serialize, HeaderMap};
+    use crate::key::KeyErrorKind;
 
     fn policy(json: &str) -> Policy {
         Policy::from_json(json.as_bytes()).unwrap()
@@ -518,7 +513,7 @@ mod tests {
         }
         assert!(matches!(
             identify(&anon, "/?api_key=%zz"),
-            Identity::Invalid(KeyError {
+            Identity::Invalid(KeyError::Source {
                 source: 0,
                 kind: KeyErrorKind::BadEncoding
             })

@@ -142,10 +142,8 @@ pub fn missing_key(policy: &Policy) -> LocalReply {
 pub fn invalid_key(policy: &Policy, error: KeyError) -> LocalReply {
     let body = policy
         .invalid_bodies
-        .get(error.source)
-        .and_then(|bodies| bodies.get(error.kind.index()))
-        .cloned()
-        .unwrap_or_else(|| detail("Invalid API key."));
+        .get(error)
+        .map_or_else(|| detail("Invalid API key."), str::to_string);
     LocalReply {
         status: 400,
         headers: vec![(JSON.0, JSON.1.to_string())],
@@ -170,13 +168,65 @@ pub(crate) fn missing_key_body(sources: &[KeySource]) -> String {
     ))
 }
 
-pub(crate) fn invalid_key_body(source: &KeySource, kind: KeyErrorKind, max_len: usize) -> String {
+/// The 400 bodies of a policy, computed once: one per (source, reason) and
+/// one per pair of sources that can disagree.
+#[derive(Debug, Clone)]
+pub(crate) struct InvalidBodies {
+    per_source: Vec<[String; KeyErrorKind::ALL.len()]>,
+    /// Row-major `first * sources + second`.
+    conflicts: Vec<String>,
+}
+
+impl InvalidBodies {
+    pub(crate) fn new(sources: &[KeySource], max_len: usize) -> InvalidBodies {
+        let per_source = sources
+            .iter()
+            .map(|s| KeyErrorKind::ALL.map(|kind| invalid_key_body(s, kind, max_len)))
+            .collect();
+        let conflicts = sources
+            .iter()
+            .flat_map(|first| {
+                sources.iter().map(move |second| {
+                    detail(&format!(
+                        "Invalid API key: {} and {} hold different keys; send the key in one place only.",
+                        first.describe(),
+                        second.describe()
+                    ))
+                })
+            })
+            .collect();
+        InvalidBodies {
+            per_source,
+            conflicts,
+        }
+    }
+
+    fn get(&self, error: KeyError) -> Option<&str> {
+        match error {
+            KeyError::Source { source, kind } => self
+                .per_source
+                .get(source)
+                .and_then(|bodies| bodies.get(kind.index())),
+            KeyError::Conflict { first, second } => self.conflicts.get(
+                first
+                    .checked_mul(self.per_source.len())?
+                    .checked_add(second)?,
+            ),
+        }
+        .map(String::as_str)
+    }
+}
+
+fn invalid_key_body(source: &KeySource, kind: KeyErrorKind, max_len: usize) -> String {
     let place = source.describe();
     let why = match kind {
         KeyErrorKind::Repeated => format!("{place} is given more than once"),
         KeyErrorKind::BadEncoding => format!("{place} is not valid percent-encoding"),
         KeyErrorKind::NotUtf8 => format!("{place} is not valid UTF-8"),
         KeyErrorKind::TooLong => format!("{place} is longer than {max_len} bytes"),
+        KeyErrorKind::Semicolon => format!(
+            "{place} is next to a ';', which some servers read as a separator (separate parameters with '&', encode ';' as %3B)"
+        ),
     };
     detail(&format!("Invalid API key: {why}."))
 }
@@ -287,7 +337,7 @@ mod tests {
         );
         let reply = invalid_key(
             &p,
-            KeyError {
+            KeyError::Source {
                 source: 1,
                 kind: KeyErrorKind::TooLong,
             },
@@ -299,7 +349,7 @@ mod tests {
         );
         let reply = invalid_key(
             &p,
-            KeyError {
+            KeyError::Source {
                 source: 0,
                 kind: KeyErrorKind::Repeated,
             },
