@@ -237,6 +237,25 @@ fn header_value<'a>(
     }
 }
 
+/// Why a configured query parameter name could never match a request, if
+/// it could not. The name is given decoded, as the application reads it.
+pub fn check_query_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if let Some(c) = name.chars().find(|c| "=&#;".contains(*c)) {
+        return Err(format!(
+            "\"{name}\" cannot name a query parameter: '{c}' separates or ends parameters"
+        ));
+    }
+    if !lenient_decode(name.as_bytes()).eq(name.bytes()) {
+        return Err(format!(
+            "\"{name}\" is written encoded; give the name decoded, as the application reads it (\"api_key\", not \"api%5Fkey\"; a space, not '+')"
+        ));
+    }
+    Ok(())
+}
+
 /// Strict form decoding for values: borrows when there is nothing to decode,
 /// stops early once the result is longer than `max_len`.
 fn form_decode(raw: &[u8], max_len: usize) -> Result<Cow<'_, [u8]>, KeyErrorKind> {
