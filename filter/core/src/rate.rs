@@ -5,8 +5,8 @@ use std::fmt;
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
 
-/// The longest window a rate may span. It keeps every nanosecond product in
-/// range (`burst * interval` must fit a u64) and catches typos like `1/9999d`.
+/// The longest window a rate may span; it catches typos like `1/9999d`.
+/// [`MAX_CAPACITY_SECONDS`] bounds what a burst may add on top.
 pub const MAX_WINDOW_SECONDS: u64 = 366 * 86_400;
 
 /// The longest capacity (burst x emission interval) a limit may have: 50
