@@ -630,6 +630,26 @@ mod tests {
         }
 
         #[test]
+        fn a_key_found_is_the_key_of_every_source_that_holds_one(
+            query in "[a-c]{0,2}",
+            header in "[a-c]{0,2}",
+        ) {
+            let p = format!("/?api_key={query}");
+            match run(&[path(&p), ("x-api-key", header.as_bytes())]) {
+                Ok(Some(key)) => {
+                    for held in [&query, &header] {
+                        prop_assert!(held.is_empty() || held.as_bytes() == key.as_slice());
+                    }
+                }
+                Ok(None) => prop_assert!(query.is_empty() && header.is_empty()),
+                Err(e) => {
+                    prop_assert_eq!(e, KeyError::Conflict { first: 0, second: 1 });
+                    prop_assert!(!query.is_empty() && !header.is_empty() && query != header);
+                }
+            }
+        }
+
+        #[test]
         fn encoded_keys_round_trip(key in "[ -~]{1,40}") {
             let mut encoded = String::new();
             for b in key.bytes() {

@@ -361,6 +361,52 @@ mod tests {
     }
 
     #[test]
+    fn conflict_and_semicolon_bodies_name_the_sources() {
+        let p = policy(
+            r#"{"limits": ["1/s"], "key_sources": [{"query": "k"}, {"header": "x-a"},
+                {"header": "authorization", "prefix": "Api-Key "}]}"#,
+        );
+        let reply = invalid_key(
+            &p,
+            KeyError::Conflict {
+                first: 1,
+                second: 2,
+            },
+        );
+        assert_eq!(reply.status, 400);
+        assert_eq!(
+            reply.body,
+            r#"{"detail":"Invalid API key: the header 'x-a' and the header 'authorization' (as 'Api-Key <key>') hold different keys; send the key in one place only."}"#
+        );
+        let reply = invalid_key(
+            &p,
+            KeyError::Source {
+                source: 0,
+                kind: KeyErrorKind::Semicolon,
+            },
+        );
+        assert!(
+            reply.body.starts_with(
+                r#"{"detail":"Invalid API key: the query parameter 'k' is next to a ';'"#
+            ),
+            "{}",
+            reply.body
+        );
+        // An index no source has still gets a 400 with the generic body.
+        let reply = invalid_key(
+            &p,
+            KeyError::Conflict {
+                first: 7,
+                second: 9,
+            },
+        );
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (400, r#"{"detail":"Invalid API key."}"#)
+        );
+    }
+
+    #[test]
     fn configured_names_are_escaped_in_json() {
         let p = policy(r#"{"limits": ["1/s"], "key_sources": [{"query": "k\"ey"}]}"#);
         let body = missing_key(&p).body;
