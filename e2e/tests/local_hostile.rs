@@ -46,6 +46,9 @@ fn hostile_requests() -> Vec<Vec<u8>> {
         b"/?api_key=%2B%2B",
         b"/?api_key=key%0D%0AX-Injected:%201",
         b"/?api%5Fkey=x&api_key=y",
+        b"/?x=1;api_key=k",
+        b"/?;;;;api_key=;;;&api_key",
+        b"/?api_key=a;api%5fkey=b%3B;",
         b"*",
         b"http://evil.example/?api_key=abs",
     ] {

@@ -17,7 +17,7 @@ use crate::rate::Rate;
 pub struct Config {
     /// Limits applied to every key without an override. Required.
     pub limits: Vec<LimitConfig>,
-    /// Where the key is looked for, in order.
+    /// Where the key is looked for; every source is read.
     #[serde(default = "default_key_sources")]
     pub key_sources: Vec<KeySourceConfig>,
     /// Longest accepted key, in bytes after decoding.
@@ -324,6 +324,9 @@ fn limit_from<E: de::Error>(
         name,
     })
 }
+
+#[cfg(test)]
+mod load_refusals;
 
 #[cfg(test)]
 mod tests {

@@ -1,10 +1,14 @@
 //! Finds the API key of a request: in the query string (the tutorial's
-//! `?api_key=`) or in a header, trying the configured sources in order.
+//! `?api_key=`) or in a header, reading every configured source.
 //!
 //! The rules, chosen so that the proxy and the application can never
 //! disagree about whose key a request carries:
-//! - The first source holding a non-empty value wins; an empty value
-//!   (`?api_key=`) counts as absent and the next source is tried.
+//! - An empty value (`?api_key=`) counts as absent. Two sources holding
+//!   different keys are refused (an app reading `X-Api-Key: real` must not
+//!   be fooled by a random `?api_key=` the limiter would count instead);
+//!   the same key in both, byte for byte after decoding, is that key.
+//! - A key parameter in a `;`-separated run (`?x=1;api_key=k`,
+//!   `?api_key=k;x`) is refused: older Python and Django split on `;` too.
 //! - A source given twice (`?api_key=a&api_key=b`, or two `x-api-key`
 //!   headers) is refused: Django would read the last value, other frameworks
 //!   the first, and a limiter that guessed differently could be bypassed.
@@ -71,21 +75,25 @@ impl KeySource {
     }
 }
 
-/// Why a key was refused.
+/// Why the value of one source was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KeyErrorKind {
     Repeated,
     BadEncoding,
     NotUtf8,
     TooLong,
+    /// The query parameter sits in a `;`-separated run, which older Python
+    /// and Django split as separate parameters.
+    Semicolon,
 }
 
 impl KeyErrorKind {
-    pub const ALL: [KeyErrorKind; 4] = [
+    pub const ALL: [KeyErrorKind; 5] = [
         KeyErrorKind::Repeated,
         KeyErrorKind::BadEncoding,
         KeyErrorKind::NotUtf8,
         KeyErrorKind::TooLong,
+        KeyErrorKind::Semicolon,
     ];
 
     pub fn index(self) -> usize {
@@ -93,48 +101,68 @@ impl KeyErrorKind {
     }
 }
 
-/// A refused key: which source (index into the configured sources), and why.
+/// A refused key. Sources are indices into the configured sources.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KeyError {
-    pub source: usize,
-    pub kind: KeyErrorKind,
+pub enum KeyError {
+    /// One source's value cannot be used.
+    Source { source: usize, kind: KeyErrorKind },
+    /// Two sources hold different keys: the application may read either.
+    Conflict { first: usize, second: usize },
 }
 
-/// Extracts the key. `Ok(None)` means no source held one.
+/// Extracts the key. `Ok(None)` means no source held one. Every source is
+/// read: two that hold different keys are refused, as the application may
+/// read either.
 pub fn extract<'a>(
     sources: &[KeySource],
     headers: &impl RequestHeaders<'a>,
     max_len: usize,
 ) -> Result<Option<Cow<'a, [u8]>>, KeyError> {
+    let mut found: Option<(usize, Cow<'a, [u8]>)> = None;
     for (index, source) in sources.iter().enumerate() {
-        let fail = |kind| KeyError {
+        let key = source_value(source, headers, max_len).map_err(|kind| KeyError::Source {
             source: index,
             kind,
-        };
-        let found = match source {
-            KeySource::Query { name } => query_value(headers, name.as_bytes())
-                .map_err(fail)?
-                .map(|raw| form_decode(raw, max_len).map_err(fail))
-                .transpose()?,
-            KeySource::Header { name, prefix } => {
-                header_value(headers, name.as_bytes(), prefix.as_deref())
-                    .map_err(fail)?
-                    .map(Cow::Borrowed)
+        })?;
+        let Some(key) = key else { continue };
+        match &found {
+            None => found = Some((index, key)),
+            Some((first, held)) if *held != key => {
+                return Err(KeyError::Conflict {
+                    first: *first,
+                    second: index,
+                })
             }
-        };
-        let Some(key) = found else { continue };
-        if key.is_empty() {
-            continue;
+            Some(_) => {}
         }
-        if key.len() > max_len {
-            return Err(fail(KeyErrorKind::TooLong));
-        }
-        if std::str::from_utf8(&key).is_err() {
-            return Err(fail(KeyErrorKind::NotUtf8));
-        }
-        return Ok(Some(key));
     }
-    Ok(None)
+    Ok(found.map(|(_, key)| key))
+}
+
+/// The usable, non-empty key one source holds, if any.
+fn source_value<'a>(
+    source: &KeySource,
+    headers: &impl RequestHeaders<'a>,
+    max_len: usize,
+) -> Result<Option<Cow<'a, [u8]>>, KeyErrorKind> {
+    let found = match source {
+        KeySource::Query { name } => query_value(headers, name.as_bytes())?
+            .map(|raw| form_decode(raw, max_len))
+            .transpose()?,
+        KeySource::Header { name, prefix } => {
+            header_value(headers, name.as_bytes(), prefix.as_deref())?.map(Cow::Borrowed)
+        }
+    };
+    let Some(key) = found.filter(|key| !key.is_empty()) else {
+        return Ok(None);
+    };
+    if key.len() > max_len {
+        return Err(KeyErrorKind::TooLong);
+    }
+    if std::str::from_utf8(&key).is_err() {
+        return Err(KeyErrorKind::NotUtf8);
+    }
+    Ok(Some(key))
 }
 
 /// The raw (still encoded) value of query parameter `name`, if given once.
@@ -155,21 +183,38 @@ fn query_value<'a>(
     };
     let mut found = None;
     for param in query.split(|b| *b == b'&') {
-        let (param_name, value) = match param.iter().position(|b| *b == b'=') {
-            Some(eq) => (
-                param.get(..eq).unwrap_or(&[]),
-                param.get(eq + 1..).unwrap_or(&[]),
-            ),
-            None => (param, &[][..]),
-        };
-        if lenient_decode(param_name).eq(name.iter().copied()) {
+        if param.contains(&b';') {
+            // Older Python and Django split here too, and would read a
+            // different key (or none): whichever way, refuse.
+            if param.split(|b| *b == b';').any(|part| names(part, name)) {
+                return Err(KeyErrorKind::Semicolon);
+            }
+            continue;
+        }
+        if names(param, name) {
             if found.is_some() {
                 return Err(KeyErrorKind::Repeated);
             }
-            found = Some(value);
+            found = Some(split_param(param).1);
         }
     }
     Ok(found)
+}
+
+/// `name=value` (or a bare `name`) split at the first `=`.
+fn split_param(param: &[u8]) -> (&[u8], &[u8]) {
+    match param.iter().position(|b| *b == b'=') {
+        Some(eq) => (
+            param.get(..eq).unwrap_or(&[]),
+            param.get(eq + 1..).unwrap_or(&[]),
+        ),
+        None => (param, &[][..]),
+    }
+}
+
+/// Whether a raw query parameter's name decodes to `name`.
+fn names(param: &[u8], name: &[u8]) -> bool {
+    lenient_decode(split_param(param).0).eq(name.iter().copied())
 }
 
 fn header_value<'a>(
@@ -190,6 +235,25 @@ fn header_value<'a>(
         )),
         _ => Ok(None),
     }
+}
+
+/// Why a configured query parameter name could never match a request, if
+/// it could not. The name is given decoded, as the application reads it.
+pub fn check_query_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if let Some(c) = name.chars().find(|c| "=&#;".contains(*c)) {
+        return Err(format!(
+            "\"{name}\" cannot name a query parameter: '{c}' separates or ends parameters"
+        ));
+    }
+    if !lenient_decode(name.as_bytes()).eq(name.bytes()) {
+        return Err(format!(
+            "\"{name}\" is written encoded; give the name decoded, as the application reads it (\"api_key\", not \"api%5Fkey\"; a space, not '+')"
+        ));
+    }
+    Ok(())
 }
 
 /// Strict form decoding for values: borrows when there is nothing to decode,
@@ -292,7 +356,7 @@ mod tests {
     }
 
     fn err(source: usize, kind: KeyErrorKind) -> Result<Option<Vec<u8>>, KeyError> {
-        Err(KeyError { source, kind })
+        Err(KeyError::Source { source, kind })
     }
 
     #[test]
@@ -305,15 +369,129 @@ mod tests {
     }
 
     #[test]
-    fn header_is_the_fallback_and_query_wins_over_it() {
+    fn header_is_read_when_the_query_has_no_key() {
         assert_eq!(
             run(&[path("/"), ("x-api-key", b"from-header")]),
             Ok(Some(b"from-header".to_vec()))
         );
+    }
+
+    fn conflict(first: usize, second: usize) -> Result<Option<Vec<u8>>, KeyError> {
+        Err(KeyError::Conflict { first, second })
+    }
+
+    #[test]
+    fn different_keys_in_two_sources_are_refused_naming_both() {
+        // The bypass: the app reads the header, a random query key
+        // would be counted instead.
         assert_eq!(
-            run(&[path("/?api_key=q"), ("x-api-key", b"h")]),
-            Ok(Some(b"q".to_vec()))
+            run(&[path("/?api_key=random"), ("x-api-key", b"real")]),
+            conflict(0, 1)
         );
+        // Decoding happens before comparing: "a+b" is "a b", not "a+b".
+        assert_eq!(
+            run(&[path("/?api_key=a+b"), ("x-api-key", b"a+b")]),
+            conflict(0, 1)
+        );
+        let three = vec![
+            KeySource::Query { name: "k".into() },
+            KeySource::Header {
+                name: "x-a".into(),
+                prefix: None,
+            },
+            KeySource::Header {
+                name: "x-b".into(),
+                prefix: None,
+            },
+        ];
+        assert_eq!(
+            run_with(&three, &[path("/?k=1"), ("x-a", b"1"), ("x-b", b"2")], 256),
+            conflict(0, 2)
+        );
+        assert_eq!(
+            run_with(&three, &[path("/"), ("x-a", b"1"), ("x-b", b"2")], 256),
+            conflict(1, 2)
+        );
+    }
+
+    #[test]
+    fn the_same_key_in_two_sources_is_that_key() {
+        assert_eq!(
+            run(&[path("/?api_key=k"), ("x-api-key", b"k")]),
+            Ok(Some(b"k".to_vec()))
+        );
+        assert_eq!(
+            run(&[path("/?api_key=a%20b+c"), ("x-api-key", b"a b c")]),
+            Ok(Some(b"a b c".to_vec()))
+        );
+    }
+
+    #[test]
+    fn a_bad_value_in_any_source_is_refused_even_after_a_good_one() {
+        assert_eq!(
+            run(&[path("/?api_key=ok"), ("x-api-key", b"\xff")]),
+            err(1, KeyErrorKind::NotUtf8)
+        );
+        assert_eq!(
+            run(&[
+                path("/?api_key=ok"),
+                ("x-api-key", b"ok"),
+                ("x-api-key", b"ok")
+            ]),
+            err(1, KeyErrorKind::Repeated)
+        );
+    }
+
+    #[test]
+    fn a_header_without_its_prefix_does_not_count_as_a_second_key() {
+        let sources = vec![
+            KeySource::Query {
+                name: "api_key".into(),
+            },
+            KeySource::Header {
+                name: "authorization".into(),
+                prefix: Some("Api-Key ".into()),
+            },
+        ];
+        let got = |p: &str, v: &[u8]| run_with(&sources, &[path(p), ("authorization", v)], 256);
+        assert_eq!(got("/?api_key=q", b"Bearer t"), Ok(Some(b"q".to_vec())));
+        assert_eq!(got("/?api_key=q", b"Api-Key h"), conflict(0, 1));
+        assert_eq!(got("/?api_key=q", b"api-key q"), Ok(Some(b"q".to_vec())));
+    }
+
+    #[test]
+    fn a_key_parameter_in_a_semicolon_run_is_refused_as_ambiguous() {
+        for bad in [
+            "/?x=1;api_key=k",
+            "/?api_key=a;api_key=b",
+            "/?a=b&c=d;api_key=k",
+            "/?api_key=k;x=1",
+            "/?api_key=k;",
+            "/?;api_key=k",
+            "/?x;api_key=k",
+            "/?x=1;api%5Fkey=k",
+            "/?x=1;api%5fkey=k&y=2",
+            "/?api_key=a&x=1;api_key=b",
+            "/?x=1;api+key=k&api_key=k",
+        ] {
+            let sources = vec![KeySource::Query {
+                name: if bad.contains("api+key") {
+                    "api key".into()
+                } else {
+                    "api_key".into()
+                },
+            }];
+            assert_eq!(
+                run_with(&sources, &[path(bad)], 256),
+                err(0, KeyErrorKind::Semicolon),
+                "{bad}"
+            );
+        }
+        // A ';' elsewhere, or encoded, splits nothing that names the key.
+        assert_eq!(run(&[path("/?api_key=k&x=1;y=2")]), Ok(Some(b"k".to_vec())));
+        assert_eq!(run(&[path("/?api_key=a%3Bb")]), Ok(Some(b"a;b".to_vec())));
+        assert_eq!(run(&[path("/?x=1%3Bapi_key=k")]), Ok(None));
+        assert_eq!(run(&[path("/?x=a;b&api_key=k")]), Ok(Some(b"k".to_vec())));
     }
 
     #[test]
@@ -358,6 +536,20 @@ mod tests {
         assert_eq!(
             run(&[path("/"), ("x-api-key", b"a"), ("x-api-key", b"b")]),
             err(1, KeyErrorKind::Repeated)
+        );
+        // Repeated even when the values agree, and whatever the spelling.
+        assert_eq!(
+            run(&[path("/?api_key=k&api_key=k")]),
+            err(0, KeyErrorKind::Repeated)
+        );
+        assert_eq!(
+            run(&[path("/?api+key=k&api%20key=k")]).ok(),
+            Some(None),
+            "another name entirely"
+        );
+        assert_eq!(
+            run(&[path("/?api_%6Bey=a&a%70i_key=b"), ("x-api-key", b"a")]),
+            err(0, KeyErrorKind::Repeated)
         );
     }
 
@@ -434,6 +626,26 @@ mod tests {
             if let Ok(Some(key)) = extract(&sources(), &map, max) {
                 prop_assert!(!key.is_empty() && key.len() <= max);
                 prop_assert!(std::str::from_utf8(&key).is_ok());
+            }
+        }
+
+        #[test]
+        fn a_key_found_is_the_key_of_every_source_that_holds_one(
+            query in "[a-c]{0,2}",
+            header in "[a-c]{0,2}",
+        ) {
+            let p = format!("/?api_key={query}");
+            match run(&[path(&p), ("x-api-key", header.as_bytes())]) {
+                Ok(Some(key)) => {
+                    for held in [&query, &header] {
+                        prop_assert!(held.is_empty() || held.as_bytes() == key.as_slice());
+                    }
+                }
+                Ok(None) => prop_assert!(query.is_empty() && header.is_empty()),
+                Err(e) => {
+                    prop_assert_eq!(e, KeyError::Conflict { first: 0, second: 1 });
+                    prop_assert!(!query.is_empty() && !header.is_empty() && query != header);
+                }
             }
         }
 

@@ -14,8 +14,8 @@ use crate::config::{
 };
 use crate::gcra::{Limit, MAX_LIMITS};
 use crate::hash::{KeyHash, KeyHasher};
-use crate::key::{self, KeyError, KeyErrorKind, KeySource, RequestHeaders};
-use crate::rate::MAX_COUNT;
+use crate::key::{self, KeyError, KeySource, RequestHeaders};
+use crate::rate::{MAX_CAPACITY_NANOS, MAX_CAPACITY_SECONDS, MAX_COUNT};
 use crate::response;
 use crate::slots::{SlotTable, PROBES};
 
@@ -71,9 +71,9 @@ pub struct Policy {
     /// The keyed hash of keys in the stores; the filter seeds it with the
     /// process's secret after compiling (see `hash`).
     hasher: Cell<KeyHasher>,
-    /// Bodies computed once: 401, and 400 per (source, reason).
+    /// Bodies computed once: 401, and the 400s.
     pub(crate) missing_body: String,
-    pub(crate) invalid_bodies: Vec<[String; 4]>,
+    pub(crate) invalid_bodies: response::InvalidBodies,
 }
 
 const DEFAULT_SET: usize = 0;
@@ -114,11 +114,14 @@ impl Policy {
 
         let mut plain_overrides = HashMap::new();
         let mut sha256_overrides = HashMap::new();
+        // Every override by the SHA-256 of its key, whichever way it was
+        // given: a key twice would leave which limits apply to chance.
+        let mut seen: HashMap<[u8; 32], usize> = HashMap::new();
         for (i, o) in config.overrides.iter().enumerate() {
             let field = format!("overrides[{i}]");
             sets.push(compile_set(&format!("{field}.limits"), &o.limits, true)?);
             let set = sets.len() - 1;
-            let duplicate = match o.key.strip_prefix("sha256:") {
+            let digest = match o.key.strip_prefix("sha256:") {
                 Some(hex) => {
                     let digest = parse_sha256(hex).ok_or_else(|| {
                         ConfigError::new(
@@ -126,7 +129,8 @@ impl Policy {
                             "a \"sha256:\" key must be followed by 64 hexadecimal digits",
                         )
                     })?;
-                    sha256_overrides.insert(digest, set).is_some()
+                    sha256_overrides.insert(digest, set);
+                    digest
                 }
                 None => {
                     let key = o.key.as_bytes();
@@ -139,27 +143,20 @@ impl Policy {
                             ),
                         ));
                     }
-                    plain_overrides
-                        .insert(xxh3_128(key), (key.into(), set))
-                        .is_some()
+                    plain_overrides.insert(xxh3_128(key), (key.into(), set));
+                    Sha256::digest(key).into()
                 }
             };
-            if duplicate {
+            if let Some(first) = seen.insert(digest, i) {
                 return Err(ConfigError::new(
                     format!("{field}.key"),
-                    "this key already has an override",
+                    format!("this key already has an override, overrides[{first}] (as plain text or \"sha256:\")"),
                 ));
             }
         }
 
         let missing_body = response::missing_key_body(&sources);
-        let invalid_bodies = sources
-            .iter()
-            .map(|s| {
-                KeyErrorKind::ALL
-                    .map(|kind| response::invalid_key_body(s, kind, config.max_key_length))
-            })
-            .collect();
+        let invalid_bodies = response::InvalidBodies::new(&sources, config.max_key_length);
         Ok(Policy {
             sources,
             max_key_length: config.max_key_length,
@@ -262,7 +259,11 @@ fn compile_sources(sources: &[KeySourceConfig]) -> Result<Vec<KeySource>, Config
     for (i, s) in sources.iter().enumerate() {
         let field = format!("key_sources[{i}]");
         let source = match (&s.query, &s.header, &s.prefix) {
-            (Some(name), None, None) if !name.is_empty() => KeySource::Query { name: name.clone() },
+            (Some(name), None, None) => {
+                key::check_query_name(name)
+                    .map_err(|why| ConfigError::new(format!("{field}.query"), why))?;
+                KeySource::Query { name: name.clone() }
+            }
             (None, Some(name), prefix) if is_header_name(name) => KeySource::Header {
                 name: name.to_ascii_lowercase(),
                 prefix: prefix.clone().filter(|p| !p.is_empty()),
@@ -338,10 +339,14 @@ fn compile_set(
             .contains(&burst)
             .then(|| Limit::new(name, l.rate, burst))
             .flatten()
+            .filter(|limit| limit.capacity_nanos <= MAX_CAPACITY_NANOS)
             .ok_or_else(|| {
                 ConfigError::new(
                     format!("{at}.burst"),
-                    format!("must be from 1 to {MAX_COUNT} and burst x (window / count) must stay under 584 years, got {burst}"),
+                    format!(
+                        "must be from 1 to {MAX_COUNT}, and burst x (window / count) at most {} years, the longest both stores compute exactly; got {burst}",
+                        MAX_CAPACITY_SECONDS / (365 * 86_400)
+                    ),
                 )
             })?;
         compiled.push(limit);
@@ -451,6 +456,7 @@ fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
 mod tests {
     use super::*;
     use crate::header_map::{serialize, HeaderMap};
+    use crate::key::KeyErrorKind;
 
     fn policy(json: &str) -> Policy {
         Policy::from_json(json.as_bytes()).unwrap()
@@ -536,7 +542,7 @@ mod tests {
         }
         assert!(matches!(
             identify(&anon, "/?api_key=%zz"),
-            Identity::Invalid(KeyError {
+            Identity::Invalid(KeyError::Source {
                 source: 0,
                 kind: KeyErrorKind::BadEncoding
             })

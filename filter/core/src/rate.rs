@@ -5,9 +5,17 @@ use std::fmt;
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
 
-/// The longest window a rate may span. It keeps every nanosecond product in
-/// range (`burst * interval` must fit a u64) and catches typos like `1/9999d`.
+/// The longest window a rate may span; it catches typos like `1/9999d`.
+/// [`MAX_CAPACITY_SECONDS`] bounds what a burst may add on top.
 pub const MAX_WINDOW_SECONDS: u64 = 366 * 86_400;
+
+/// The longest capacity (burst x emission interval) a limit may have: 50
+/// years of 365 days. A TAT runs up to `now + capacity`, and both stores
+/// must compute it exactly with a wall clock up to 2200: the local store in
+/// u64 nanoseconds (overflows after 2554), Redis in Lua doubles over
+/// microseconds (exact below 2^53 µs, 2255).
+pub const MAX_CAPACITY_SECONDS: u64 = 50 * 365 * 86_400;
+pub const MAX_CAPACITY_NANOS: u64 = MAX_CAPACITY_SECONDS * NANOS_PER_SECOND;
 
 /// The largest request count a rate may name.
 pub const MAX_COUNT: u64 = 1_000_000_000;

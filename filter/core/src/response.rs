@@ -154,10 +154,8 @@ pub fn missing_key(policy: &Policy) -> LocalReply {
 pub fn invalid_key(policy: &Policy, error: KeyError) -> LocalReply {
     let body = policy
         .invalid_bodies
-        .get(error.source)
-        .and_then(|bodies| bodies.get(error.kind.index()))
-        .cloned()
-        .unwrap_or_else(|| detail("Invalid API key."));
+        .get(error)
+        .map_or_else(|| detail("Invalid API key."), str::to_string);
     LocalReply {
         status: 400,
         headers: vec![(JSON.0, JSON.1.to_string())],
@@ -182,13 +180,65 @@ pub(crate) fn missing_key_body(sources: &[KeySource]) -> String {
     ))
 }
 
-pub(crate) fn invalid_key_body(source: &KeySource, kind: KeyErrorKind, max_len: usize) -> String {
+/// The 400 bodies of a policy, computed once: one per (source, reason) and
+/// one per pair of sources that can disagree.
+#[derive(Debug, Clone)]
+pub(crate) struct InvalidBodies {
+    per_source: Vec<[String; KeyErrorKind::ALL.len()]>,
+    /// Row-major `first * sources + second`.
+    conflicts: Vec<String>,
+}
+
+impl InvalidBodies {
+    pub(crate) fn new(sources: &[KeySource], max_len: usize) -> InvalidBodies {
+        let per_source = sources
+            .iter()
+            .map(|s| KeyErrorKind::ALL.map(|kind| invalid_key_body(s, kind, max_len)))
+            .collect();
+        let conflicts = sources
+            .iter()
+            .flat_map(|first| {
+                sources.iter().map(move |second| {
+                    detail(&format!(
+                        "Invalid API key: {} and {} hold different keys; send the key in one place only.",
+                        first.describe(),
+                        second.describe()
+                    ))
+                })
+            })
+            .collect();
+        InvalidBodies {
+            per_source,
+            conflicts,
+        }
+    }
+
+    fn get(&self, error: KeyError) -> Option<&str> {
+        match error {
+            KeyError::Source { source, kind } => self
+                .per_source
+                .get(source)
+                .and_then(|bodies| bodies.get(kind.index())),
+            KeyError::Conflict { first, second } => self.conflicts.get(
+                first
+                    .checked_mul(self.per_source.len())?
+                    .checked_add(second)?,
+            ),
+        }
+        .map(String::as_str)
+    }
+}
+
+fn invalid_key_body(source: &KeySource, kind: KeyErrorKind, max_len: usize) -> String {
     let place = source.describe();
     let why = match kind {
         KeyErrorKind::Repeated => format!("{place} is given more than once"),
         KeyErrorKind::BadEncoding => format!("{place} is not valid percent-encoding"),
         KeyErrorKind::NotUtf8 => format!("{place} is not valid UTF-8"),
         KeyErrorKind::TooLong => format!("{place} is longer than {max_len} bytes"),
+        KeyErrorKind::Semicolon => format!(
+            "{place} is next to a ';', which some servers read as a separator (separate parameters with '&', encode ';' as %3B)"
+        ),
     };
     detail(&format!("Invalid API key: {why}."))
 }
@@ -349,7 +399,7 @@ mod tests {
         );
         let reply = invalid_key(
             &p,
-            KeyError {
+            KeyError::Source {
                 source: 1,
                 kind: KeyErrorKind::TooLong,
             },
@@ -361,7 +411,7 @@ mod tests {
         );
         let reply = invalid_key(
             &p,
-            KeyError {
+            KeyError::Source {
                 source: 0,
                 kind: KeyErrorKind::Repeated,
             },
@@ -369,6 +419,52 @@ mod tests {
         assert_eq!(
             reply.body,
             r#"{"detail":"Invalid API key: the query parameter 'api_key' is given more than once."}"#
+        );
+    }
+
+    #[test]
+    fn conflict_and_semicolon_bodies_name_the_sources() {
+        let p = policy(
+            r#"{"limits": ["1/s"], "key_sources": [{"query": "k"}, {"header": "x-a"},
+                {"header": "authorization", "prefix": "Api-Key "}]}"#,
+        );
+        let reply = invalid_key(
+            &p,
+            KeyError::Conflict {
+                first: 1,
+                second: 2,
+            },
+        );
+        assert_eq!(reply.status, 400);
+        assert_eq!(
+            reply.body,
+            r#"{"detail":"Invalid API key: the header 'x-a' and the header 'authorization' (as 'Api-Key <key>') hold different keys; send the key in one place only."}"#
+        );
+        let reply = invalid_key(
+            &p,
+            KeyError::Source {
+                source: 0,
+                kind: KeyErrorKind::Semicolon,
+            },
+        );
+        assert!(
+            reply.body.starts_with(
+                r#"{"detail":"Invalid API key: the query parameter 'k' is next to a ';'"#
+            ),
+            "{}",
+            reply.body
+        );
+        // An index no source has still gets a 400 with the generic body.
+        let reply = invalid_key(
+            &p,
+            KeyError::Conflict {
+                first: 7,
+                second: 9,
+            },
+        );
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (400, r#"{"detail":"Invalid API key."}"#)
         );
     }
 

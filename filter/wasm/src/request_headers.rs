@@ -1,9 +1,11 @@
 //! The request's headers as the key finder reads them, fetched lazily.
 //!
 //! `:path` (a pseudo-header, never repeated) comes alone, in one small host
-//! call: it is all the tutorial's `?api_key=` needs. The whole header map,
-//! the only way to see a header given twice, is fetched once, and only when
-//! a header source is actually consulted.
+//! call: it is all the tutorial's `?api_key=` needs. Every header source is
+//! read on every request (two sources must not disagree), so a header is
+//! first looked up alone, in one small call that is all an absent header
+//! costs; the whole map, the only way to see a header given twice, is
+//! fetched once, and only when a consulted header is present.
 
 use std::cell::OnceCell;
 
@@ -37,6 +39,11 @@ impl<'a> RequestHeaders<'a> for &'a LazyHeaders {
     fn single(&self, name: &[u8]) -> Result<Option<&'a [u8]>, KeyErrorKind> {
         if name == b":path" {
             return Ok(self.path.as_deref());
+        }
+        // The host answers a lookup of a name given several times with its
+        // first value, so absence here is absence in the map.
+        if self.all.get().is_none() && matches!(host::request_header(name), Ok(None)) {
+            return Ok(None);
         }
         let all = self.all.get_or_init(|| {
             host::request_header_pairs().unwrap_or_else(|status| {
