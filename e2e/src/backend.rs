@@ -75,6 +75,11 @@ impl Redis {
         &self.password
     }
 
+    /// The password of the admin user.
+    pub fn admin_password(&self) -> &str {
+        &self.admin_password
+    }
+
     pub fn proc(&self) -> &Proc {
         &self.proc
     }
