@@ -54,7 +54,8 @@ grep -q "^user default on >$password " "$conf" || fail "$acl has no 'user defaul
 grep -q "^user admin on >$admin " "$conf" || fail "$acl has no 'user admin on >...' line"
 
 # In the background: once the socket answers, load the library and open the
-# port. After `exec`, $$ is redis-server itself: on failure, stop it.
+# port. After `exec`, $$ is redis-server itself: on failure, kill it (it
+# holds nothing yet), so it exits unsuccessfully and is restarted.
 (
     export REDISCLI_AUTH="$admin"
     cli() { redis-cli -s "$socket" --user admin "$@"; }
@@ -62,14 +63,14 @@ grep -q "^user admin on >$admin " "$conf" || fail "$acl has no 'user admin on >.
     until [ "$(cli ping 2>/dev/null)" = PONG ]; do
         kill -0 $$ 2>/dev/null || exit 1
         tries=$((tries + 1))
-        [ $tries -le 300 ] || { echo "redis-start: Redis never answered on $socket" >&2; kill $$; exit 1; }
+        [ $tries -le 300 ] || { echo "redis-start: Redis never answered on $socket" >&2; kill -KILL $$; exit 1; }
         sleep 0.1
     done
     if ! out=$(cli -x FUNCTION LOAD REPLACE < "$functions" 2>&1) || [ "$out" != apikey_ratelimit ]; then
-        echo "redis-start: cannot load $functions: $out" >&2; kill $$; exit 1
+        echo "redis-start: cannot load $functions: $out" >&2; kill -KILL $$; exit 1
     fi
     out=$(cli CONFIG SET port "$port" 2>&1)
-    [ "$out" = OK ] || { echo "redis-start: cannot open port $port: $out" >&2; kill $$; exit 1; }
+    [ "$out" = OK ] || { echo "redis-start: cannot open port $port: $out" >&2; kill -KILL $$; exit 1; }
 ) &
 
 exec redis-server "$conf" --port 0 --unixsocket "$socket" --unixsocketperm 700 \

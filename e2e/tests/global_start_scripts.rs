@@ -1,7 +1,8 @@
-//! The shipped start scripts refuse weak Redis passwords before starting
-//! anything: the placeholder shipped in `k8s/global/redis-password.env`,
-//! anything shorter than 16 characters, and an admin password equal to the
-//! webdis user's.
+//! The shipped start scripts refuse to run an unsafe Redis: they refuse weak
+//! passwords before starting anything (the placeholders shipped in
+//! `k8s/global/redis-password.env`, anything shorter than 16 characters, an
+//! admin password equal to the webdis user's), and Redis never opens its
+//! TCP port without the filter's function loaded.
 
 use std::time::Duration;
 
@@ -65,4 +66,21 @@ fn start_scripts_refuse_short_and_placeholder_passwords() {
         dir,
         "REDIS_ADMIN_PASSWORD",
     );
+}
+
+#[test]
+fn redis_never_opens_its_port_without_the_function() {
+    let dir = new_dir("redis").unwrap();
+    let broken = dir.path().join("broken.lua");
+    std::fs::write(&broken, "#!lua name=apikey_ratelimit\nthis is not lua\n").unwrap();
+    let port = free_port();
+    let mut cmd = redis_command(port, &random_secret(), &random_secret(), dir.path()).unwrap();
+    cmd.env("REDIS_FUNCTIONS", &broken);
+    let proc = Proc::spawn_in("redis", cmd, dir).unwrap();
+    let status = proc
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("Redis kept running:\n{}", proc.log()));
+    assert!(!status.success(), "{status:?}");
+    assert!(proc.log().contains("cannot load"), "{}", proc.log());
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
 }
