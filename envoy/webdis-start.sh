@@ -5,7 +5,9 @@
 # The same script runs in the tests, `make run`, docker compose and the
 # Kubernetes sidecar, so they all run the same configuration.
 #
-#   REDIS_PASSWORD  required; letters and digits only
+#   REDIS_PASSWORD  required; letters and digits, at least 16, not the
+#                   shipped placeholder (the same rule as redis-start.sh:
+#                   each image carries only its own script)
 #   REDIS_HOST      default 127.0.0.1
 #   REDIS_PORT      default 6379
 #   WEBDIS_PORT     default 7379 (webdis always binds 127.0.0.1: a sidecar)
@@ -21,6 +23,8 @@ webdis_port=${WEBDIS_PORT:-7379}
 password=${REDIS_PASSWORD:-}
 
 case $password in ''|*[!A-Za-z0-9]*) fail "REDIS_PASSWORD must be set, letters and digits only" ;; esac
+[ ${#password} -ge 16 ] || fail "REDIS_PASSWORD must be at least 16 characters (e.g. openssl rand -hex 16)"
+case $password in [Cc][Hh][Aa][Nn][Gg][Ee][Mm][Ee]*) fail "REDIS_PASSWORD is the shipped placeholder: set a secret of your own" ;; esac
 case $host in ''|*[!A-Za-z0-9.:_-]*) fail "REDIS_HOST is not a host name: $host" ;; esac
 case $redis_port$webdis_port in *[!0-9]*) fail "REDIS_PORT and WEBDIS_PORT must be numbers" ;; esac
 [ -r "$config" ] || fail "cannot read $config"

@@ -7,7 +7,8 @@
 #
 #   docker build -f envoy/webdis.Dockerfile -t apikey-ratelimit/webdis:0.1.9 .
 #
-# Environment: REDIS_PASSWORD (required, letters and digits), REDIS_HOST
+# Environment: REDIS_PASSWORD (required: letters and digits, 16 or more,
+# not the shipped placeholder), REDIS_HOST
 # (default 127.0.0.1), REDIS_PORT (6379), WEBDIS_PORT (7379).
 FROM debian:bookworm-slim
 
@@ -26,9 +27,9 @@ RUN chmod 0644 /etc/webdis/webdis.json && chmod 0755 /usr/local/bin/webdis-start
 # needs no home or passwd entry, only a writable /tmp for webdis-start.sh.
 USER 65532:65532
 EXPOSE 7379
-# Healthy when webdis answers and reaches Redis as the filter's user: a
-# script that does not exist gets Redis's NOSCRIPT (bash's /dev/tcp; the
-# image has no curl).
+# Healthy when webdis answers, reaches Redis as the filter's user and the
+# function answers: with no limits it only reads Redis's clock (bash's
+# /dev/tcp; the image has no curl).
 HEALTHCHECK --interval=5s --timeout=3s --start-period=5s --retries=3 \
-  CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/${WEBDIS_PORT:-7379} && printf 'GET /EVALSHA/0000000000000000000000000000000000000000/0 HTTP/1.0\\r\\n\\r\\n' >&3 && grep -q NOSCRIPT <&3"]
+  CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/${WEBDIS_PORT:-7379} && printf 'GET /FCALL/apikey_ratelimit_gcra/1/apikey_ratelimit%%3Ahealth/0 HTTP/1.0\\r\\n\\r\\n' >&3 && grep -q '\"FCALL\":\\[1,0,' <&3"]
 ENTRYPOINT ["/usr/local/bin/webdis-start"]

@@ -4,8 +4,9 @@
 //! `envoy/webdis.json`: the very scripts and files docker compose and the
 //! Kubernetes manifests use, with only ports and the password differing.
 //!
-//! Redis gets one extra `admin` user, for the tests' own inspection with
-//! `redis-cli`; the filter's traffic uses the shipped user.
+//! Redis's `admin` user (its password a fresh secret, never the webdis
+//! user's) loads the function at start and serves the tests' own
+//! inspection with `redis-cli`; the filter's traffic uses the shipped user.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -50,21 +51,9 @@ impl Redis {
     /// Starts Redis on `port` with the webdis user's `password` (a restart
     /// after a kill reuses both).
     pub fn try_start_on(port: u16, password: &str) -> Result<Redis, Error> {
-        let bin = paths::redis_server_bin()?;
         let admin_password = random_secret();
         let dir = new_dir("redis").map_err(|e| Error(e.to_string()))?;
-        let mut cmd = start_script("redis-start.sh", &bin);
-        cmd.env("REDIS_PASSWORD", password)
-            .env(
-                "REDIS_ACL",
-                paths::repo_root().join("envoy").join("redis-acl.conf"),
-            )
-            .env("REDIS_PORT", port.to_string())
-            .env("TMPDIR", dir.path())
-            .args(["--daemonize", "no", "--dir"])
-            .arg(dir.path())
-            .args(["--user", ADMIN_USER, "on", &format!(">{admin_password}")])
-            .args(["~*", "&*", "+@all"]);
+        let cmd = redis_command(port, password, &admin_password, dir.path())?;
         let proc = Proc::spawn_in("redis", cmd, dir)
             .map_err(|e| Error(format!("cannot run redis-start.sh: {e}")))?;
         let redis = Redis {
@@ -86,6 +75,11 @@ impl Redis {
         &self.password
     }
 
+    /// The password of the admin user.
+    pub fn admin_password(&self) -> &str {
+        &self.admin_password
+    }
+
     pub fn proc(&self) -> &Proc {
         &self.proc
     }
@@ -104,14 +98,8 @@ impl Redis {
         let bin = paths::redis_cli_bin().unwrap_or_else(|e| panic!("{e}"));
         let out = Command::new(bin)
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args([
-                "--user",
-                user,
-                "--pass",
-                password,
-                "--no-auth-warning",
-                "--raw",
-            ])
+            .args(["--user", user, "--raw"])
+            .env("REDISCLI_AUTH", password)
             .args(args)
             .output()
             .unwrap_or_else(|e| panic!("redis-cli: {e}"));
@@ -145,17 +133,8 @@ impl Webdis {
     }
 
     pub fn try_start_on(port: u16, redis_port: u16, password: &str) -> Result<Webdis, Error> {
-        let bin = paths::webdis_bin()?;
         let dir = new_dir("webdis").map_err(|e| Error(e.to_string()))?;
-        let mut cmd = start_script("webdis-start.sh", &bin);
-        cmd.env("REDIS_PASSWORD", password)
-            .env("REDIS_PORT", redis_port.to_string())
-            .env("WEBDIS_PORT", port.to_string())
-            .env(
-                "WEBDIS_CONFIG",
-                paths::repo_root().join("envoy").join("webdis.json"),
-            )
-            .env("TMPDIR", dir.path());
+        let cmd = webdis_command(port, redis_port, password, dir.path())?;
         let proc = Proc::spawn_in("webdis", cmd, dir)
             .map_err(|e| Error(format!("cannot run webdis-start.sh: {e}")))?;
         let webdis = Webdis { proc, port };
@@ -174,6 +153,54 @@ impl Webdis {
     pub fn proc(&self) -> &Proc {
         &self.proc
     }
+}
+
+/// `envoy/redis-start.sh` on `port` with the shipped ACL and function
+/// library, its files in `dir`; extra arguments go to redis-server.
+pub fn redis_command(
+    port: u16,
+    password: &str,
+    admin_password: &str,
+    dir: &Path,
+) -> Result<Command, Error> {
+    let mut cmd = start_script("redis-start.sh", &paths::redis_server_bin()?);
+    cmd.env("REDIS_PASSWORD", password)
+        .env("REDIS_ADMIN_PASSWORD", admin_password)
+        .env(
+            "REDIS_ACL",
+            paths::repo_root().join("envoy").join("redis-acl.conf"),
+        )
+        .env("REDIS_FUNCTIONS", redis_functions())
+        .env("REDIS_PORT", port.to_string())
+        .env("TMPDIR", dir)
+        .args(["--daemonize", "no", "--dir"])
+        .arg(dir);
+    Ok(cmd)
+}
+
+/// The filter's Redis function library, loaded by `redis-start.sh`.
+pub fn redis_functions() -> std::path::PathBuf {
+    paths::repo_root().join("filter/core/src/gcra.lua")
+}
+
+/// `envoy/webdis-start.sh` on `port` with the shipped `webdis.json`, for
+/// the Redis on `redis_port`, its files in `dir`.
+pub fn webdis_command(
+    port: u16,
+    redis_port: u16,
+    password: &str,
+    dir: &Path,
+) -> Result<Command, Error> {
+    let mut cmd = start_script("webdis-start.sh", &paths::webdis_bin()?);
+    cmd.env("REDIS_PASSWORD", password)
+        .env("REDIS_PORT", redis_port.to_string())
+        .env("WEBDIS_PORT", port.to_string())
+        .env(
+            "WEBDIS_CONFIG",
+            paths::repo_root().join("envoy").join("webdis.json"),
+        )
+        .env("TMPDIR", dir);
+    Ok(cmd)
 }
 
 /// `sh envoy/<script>`, with the directory of `server` (the binary the

@@ -14,19 +14,25 @@
 //! - every plugin configuration (Envoy YAML, compose, `pluginConfig`) goes
 //!   through the filter's own parser and names a cluster that exists;
 //! - the webdis and Redis files compose mounts and the ConfigMaps hold are
-//!   the very files the global-mode tests run.
+//!   the very files the global-mode tests run;
+//! - both run one pinned, supported Redis line, and their Redis probes (an
+//!   authenticated PING, password in REDISCLI_AUTH) pass on a live Redis and
+//!   fail on a wedged (BUSY) one, run for real.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 mod common;
 
+use e2e::backend::Redis;
 use e2e::envoy::{self, Envoy, EnvoyConfig};
 use e2e::http;
 use e2e::local::metric;
 use e2e::paths;
 use e2e::ports::free_port;
+use e2e::process::Proc;
 use e2e::topology::Backend;
 use e2e::upstream::Upstream;
 use ratelimit_core::Policy;
@@ -168,6 +174,11 @@ fn compose_mounts_the_files_the_tests_run() {
                 "redis".into(),
                 "/etc/redis/redis-start.sh",
                 "envoy/redis-start.sh",
+            ),
+            (
+                "redis".into(),
+                "/etc/redis/gcra.lua",
+                "filter/core/src/gcra.lua",
             ),
         ];
         for i in 1..=6 {
@@ -498,12 +509,13 @@ fn kubernetes_plugin_configs_parse_and_name_existing_clusters() {
 fn the_webdis_and_redis_files_in_kubernetes_are_the_tested_ones() {
     let docs = documents(&render("global"));
     let config_maps = of_kind(&docs, "ConfigMap");
-    for (file, config_map) in [
-        ("webdis.json", "webdis-config"),
-        ("redis-acl.conf", "redis-config"),
-        ("redis-start.sh", "redis-config"),
+    for (file, original, config_map) in [
+        ("webdis.json", "envoy/webdis.json", "webdis-config"),
+        ("redis-acl.conf", "envoy/redis-acl.conf", "redis-config"),
+        ("redis-start.sh", "envoy/redis-start.sh", "redis-config"),
+        ("gcra.lua", "filter/core/src/gcra.lua", "redis-config"),
     ] {
-        let tested = std::fs::read_to_string(repo().join("envoy").join(file)).unwrap();
+        let tested = std::fs::read_to_string(repo().join(original)).unwrap();
         let held = config_maps
             .iter()
             .find(|c| {
@@ -516,7 +528,7 @@ fn the_webdis_and_redis_files_in_kubernetes_are_the_tested_ones() {
             .unwrap_or_else(|| panic!("no {file} in ConfigMap {config_map}"));
         assert_eq!(
             held, tested,
-            "the {config_map} ConfigMap's {file} is not envoy/{file}"
+            "the {config_map} ConfigMap's {file} is not {original}"
         );
     }
     // The webdis sidecar mounts that ConfigMap where the image's start
@@ -554,4 +566,118 @@ fn the_webdis_and_redis_files_in_kubernetes_are_the_tested_ones() {
         .as_str()
         .unwrap()
         .starts_with("redis-auth"));
+}
+
+/// The Redis line compose and Kubernetes run: one that still gets security
+/// fixes (the tests run Debian's 7.0 with the same script, ACL and library).
+const REDIS_IMAGE: &str = "redis:8.6";
+
+/// A probe command that PINGs Redis as admin with the password in
+/// REDISCLI_AUTH, never on the command line.
+fn assert_authenticated_ping(what: &str, command: &str) {
+    assert!(
+        command.contains("REDISCLI_AUTH=\"$REDIS_ADMIN_PASSWORD\"")
+            && command.contains("redis-cli --user admin")
+            && command.contains("ping | grep -qx PONG"),
+        "{what}: {command}"
+    );
+    assert!(
+        !command.contains(" -a ") && !command.contains("--pass"),
+        "{what}: {command}"
+    );
+}
+
+/// Runs a probe's shell command against `redis` (its port put in); true
+/// when the probe passes.
+fn probe_passes(command: &str, redis: &Redis) -> bool {
+    let command = command
+        .replace(" -p 6379", "")
+        .replace("redis-cli ", &format!("redis-cli -p {} ", redis.port()));
+    let mut sh = Command::new("sh");
+    sh.args(["-c", &command])
+        .env("REDIS_ADMIN_PASSWORD", redis.admin_password());
+    run(&mut sh).status.success()
+}
+
+#[test]
+fn redis_runs_a_supported_line_and_a_wedged_one_fails_its_probes() {
+    let out = compose(
+        &["--profile", "global", "config"],
+        &[("REDIS_PASSWORD", "s3cret0")],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let resolved: Value = serde_norway::from_slice(&out.stdout).unwrap();
+    let redis = &resolved["services"]["redis"];
+    assert_eq!(redis["image"], REDIS_IMAGE);
+    let test = redis["healthcheck"]["test"].as_array().unwrap();
+    assert_eq!(test[0], "CMD-SHELL");
+    // docker-compose 1.29 prints the file's `$$` escape as it is.
+    let mut probes = vec![("compose", test[1].as_str().unwrap().replace("$$", "$"))];
+
+    let docs = documents(&render("global"));
+    let deployment = of_kind(&docs, "Deployment")
+        .into_iter()
+        .find(|d| d["metadata"]["name"] == "redis")
+        .unwrap();
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["image"], REDIS_IMAGE);
+    for probe in ["livenessProbe", "readinessProbe"] {
+        let command = container[probe]["exec"]["command"].as_array().unwrap();
+        assert_eq!(command[..2], [Value::from("sh"), Value::from("-c")]);
+        probes.push((probe, command[2].as_str().unwrap().to_string()));
+    }
+    let env = container["env"].as_array().unwrap();
+    let admin = env
+        .iter()
+        .find(|e| e["name"] == "REDIS_ADMIN_PASSWORD")
+        .unwrap();
+    assert_eq!(
+        admin["valueFrom"]["secretKeyRef"]["key"], "admin_password",
+        "{admin}"
+    );
+    let secret = of_kind(&docs, "Secret")
+        .into_iter()
+        .find(|s| {
+            s["metadata"]["name"]
+                .as_str()
+                .unwrap()
+                .starts_with("redis-auth")
+        })
+        .unwrap();
+    for key in ["password", "admin_password"] {
+        assert!(secret["data"][key].is_string(), "{secret}");
+    }
+
+    // The probes, run for real: they pass on a live Redis and fail on one
+    // wedged in an endless script (BUSY), which Kubernetes then restarts.
+    let redis = Redis::start();
+    for (what, command) in &probes {
+        assert_authenticated_ping(what, command);
+        assert!(
+            probe_passes(command, &redis),
+            "{what} fails on a live Redis"
+        );
+    }
+    assert_eq!(
+        redis
+            .cli(&["CONFIG", "SET", "busy-reply-threshold", "50"])
+            .trim(),
+        "OK"
+    );
+    let mut wedge = Command::new(paths::redis_cli_bin().unwrap());
+    wedge
+        .args(["-p", &redis.port().to_string(), "--user", "admin"])
+        .args(["EVAL", "while true do end", "0"])
+        .env("REDISCLI_AUTH", redis.admin_password());
+    let _wedged = Proc::spawn("wedge", wedge).unwrap();
+    let busy = e2e::poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        redis.cli(&["PING"]).starts_with("BUSY").then_some(())
+    });
+    assert!(busy.is_some(), "Redis never turned BUSY");
+    for (what, command) in &probes {
+        assert!(
+            !probe_passes(command, &redis),
+            "{what} passes on a wedged Redis"
+        );
+    }
 }

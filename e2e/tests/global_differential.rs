@@ -1,17 +1,23 @@
-//! The Lua script in a real Redis and the Rust algorithm decide alike.
+//! The Redis function in a real Redis and the Rust algorithm decide alike.
 //!
-//! Random limit sets and random request timings go to the real script
-//! through webdis (the filter's own URLs and reply parser); the Rust GCRA
-//! is run on the same sequence at the times Redis reports, and every
-//! decision, retry time and per-limit reset must be identical.
+//! Random request timings over random subsets of a pool of named limits
+//! (limits added and removed between calls, as in a rolling update) go to
+//! the real function through webdis (the filter's own URLs and reply
+//! parser); the Rust GCRA is run on the same sequence at the times Redis
+//! reports, with each limit's TAT kept by name. Every decision, retry time
+//! and per-limit reset must be identical, Redis must hold exactly the
+//! model's TATs (a field a call does not carry is left alone), and the
+//! key's expiry must never fall before its latest TAT.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
+use e2e::backend::Redis;
 use e2e::http;
 use e2e::topology::Backend;
 use ratelimit_core::gcra::{self, Limit};
 use ratelimit_core::rate::Rate;
-use ratelimit_core::webdis::{self, Command, Parsed, Reply};
+use ratelimit_core::webdis::{self, Parsed, Reply};
 
 /// A small deterministic generator (xorshift64*), seeded per scenario.
 struct Rng(u64);
@@ -29,15 +35,15 @@ impl Rng {
     }
 }
 
-fn random_limits(rng: &mut Rng) -> Vec<Limit> {
-    let n = 1 + rng.below(3) as usize;
-    (0..n)
+/// A pool of named limits; each call carries a random subset of them.
+fn random_pool(rng: &mut Rng) -> Vec<Limit> {
+    (0..4)
         .map(|i| {
             let count = 1 + rng.below(6);
             let window_seconds = [1, 1, 2, 3][rng.below(4) as usize];
             let burst = 1 + rng.below(count + 2);
             Limit::new(
-                format!("l{i}"),
+                format!("l{i}/{count}.{window_seconds}s"),
                 Rate {
                     count,
                     window_seconds,
@@ -49,28 +55,37 @@ fn random_limits(rng: &mut Rng) -> Vec<Limit> {
         .collect()
 }
 
-fn call(webdis: &str, command: Command, key: &str, limits: &[Limit]) -> Parsed {
-    let path = webdis::request_path(command, key, limits);
-    let r = http::get(webdis, &path).unwrap();
-    webdis::parse_reply(Some(u32::from(r.status)), &r.body, limits.len())
+/// A non-empty subset of the pool, as a bit mask.
+fn random_subset(rng: &mut Rng) -> u64 {
+    1 + rng.below(15)
 }
 
 fn decide_in_redis(webdis: &str, key: &str, limits: &[Limit]) -> Reply {
-    match call(webdis, Command::EvalSha, key, limits) {
+    let path = webdis::request_path(key, limits);
+    let r = http::get(webdis, &path).unwrap();
+    match webdis::parse_reply(Some(u32::from(r.status)), &r.body, limits.len()) {
         Parsed::Decided(reply) => reply,
-        Parsed::NoScript => match call(webdis, Command::Eval, key, limits) {
-            Parsed::Decided(reply) => reply,
-            other => panic!("EVAL: {other:?}"),
-        },
         Parsed::Failed(e) => panic!("{e:?}"),
     }
 }
 
+/// The key's fields in Redis, as (name, TAT in ns).
+fn stored(redis: &Redis, key: &str) -> BTreeMap<String, u64> {
+    let text = redis.cli(&["HGETALL", key]);
+    let lines: Vec<&str> = text.lines().collect();
+    lines
+        .chunks(2)
+        .map(|pair| (pair[0].to_string(), pair[1].parse::<u64>().unwrap() * 1_000))
+        .collect()
+}
+
 #[test]
-fn lua_in_redis_and_rust_decide_alike_on_random_sequences() {
+fn the_redis_function_and_rust_decide_alike_as_limits_come_and_go() {
     let backend = Backend::start();
     let webdis = backend.webdis.addr();
+    let redis = &backend.redis;
     let scenarios = 8;
+    let steps = 40;
     let compared: usize = std::thread::scope(|s| {
         let handles: Vec<_> = (0..scenarios)
             .map(|scenario| {
@@ -78,11 +93,21 @@ fn lua_in_redis_and_rust_decide_alike_on_random_sequences() {
                 s.spawn(move || {
                     let mut rng =
                         Rng(0x9E37_79B9_7F4A_7C15 ^ ((scenario as u64 + 1) * 0x1000_0001));
-                    let limits = random_limits(&mut rng);
+                    let pool = random_pool(&mut rng);
                     let key = format!("apikey_ratelimit:differential-{scenario}");
-                    let mut tats = vec![0u64; limits.len()];
+                    // The Rust side: each limit's TAT by name, as Redis keeps it.
+                    let mut model: BTreeMap<String, u64> = BTreeMap::new();
+                    let mut mask = random_subset(&mut rng);
                     let mut admitted = 0;
-                    for step in 0..40 {
+                    for step in 0..steps {
+                        // Now and then a limit is added or removed.
+                        if rng.below(4) == 0 {
+                            mask = random_subset(&mut rng);
+                        }
+                        let limits: Vec<Limit> = (0..pool.len())
+                            .filter(|i| mask & (1 << i) != 0)
+                            .map(|i| pool[i].clone())
+                            .collect();
                         // Bursts (no gap), near-interval gaps and long ones.
                         let gap = match rng.below(4) {
                             0 => 0,
@@ -92,7 +117,16 @@ fn lua_in_redis_and_rust_decide_alike_on_random_sequences() {
                         std::thread::sleep(Duration::from_millis(gap));
                         let reply = decide_in_redis(&webdis, &key, &limits);
                         let now = reply.now_us * 1_000;
+                        let mut tats: Vec<u64> = limits
+                            .iter()
+                            .map(|l| model.get(&l.name).copied().unwrap_or(0))
+                            .collect();
                         let rust = gcra::decide(&limits, &mut tats, now);
+                        if rust.allowed {
+                            for (limit, tat) in limits.iter().zip(&tats) {
+                                model.insert(limit.name.clone(), *tat);
+                            }
+                        }
                         let context = format!("scenario {scenario} step {step}, limits {limits:?}");
                         assert_eq!(reply.allowed, rust.allowed, "{context}");
                         assert_eq!(
@@ -106,23 +140,42 @@ fn lua_in_redis_and_rust_decide_alike_on_random_sequences() {
                             .map(|s| s.reset_nanos / 1_000)
                             .collect();
                         assert_eq!(reply.resets_us(), &resets[..], "{context}");
+                        // Fields of limits this call did not carry are kept
+                        // (Redis may forget the key once every TAT passed).
+                        let in_redis = stored(redis, &key);
+                        for (name, tat) in &in_redis {
+                            assert_eq!(model.get(name), Some(tat), "{context}: {in_redis:?}");
+                        }
+                        for (name, tat) in model.iter().filter(|(_, tat)| **tat > now) {
+                            assert_eq!(in_redis.get(name), Some(tat), "{context}: {in_redis:?}");
+                        }
+                        // Redis never forgets the key before its latest TAT.
+                        let latest = model.values().max().copied().unwrap_or(0);
+                        if latest > now {
+                            let expire_at_ms: u64 =
+                                redis.cli(&["PEXPIRETIME", &key]).trim().parse().unwrap();
+                            assert!(
+                                expire_at_ms * 1_000_000 >= latest,
+                                "{context}: expires at {expire_at_ms} ms, latest TAT {latest} ns"
+                            );
+                        }
                         admitted += usize::from(reply.allowed);
                     }
                     // Both outcomes were exercised.
                     assert!(
-                        admitted > 0 && admitted < 40,
+                        admitted > 0 && admitted < steps,
                         "scenario {scenario}: {admitted} admitted"
                     );
-                    40
+                    steps
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).sum()
     });
-    assert_eq!(compared, scenarios * 40);
+    assert_eq!(compared, scenarios * steps);
     // Redis forgets idle keys: every key left has an expiry.
-    for key in backend.redis.keys() {
-        let ttl: i64 = backend.redis.cli(&["PTTL", &key]).trim().parse().unwrap();
+    for key in redis.keys() {
+        let ttl: i64 = redis.cli(&["PTTL", &key]).trim().parse().unwrap();
         assert!(ttl > 0, "{key} has no expiry ({ttl})");
     }
 }

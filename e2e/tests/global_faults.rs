@@ -3,8 +3,10 @@
 //! answered within the timeout plus a margin, its status is what the mode
 //! says (`allow`: the upstream's 200; `deny`: a JSON 503), the metric of the
 //! cause counts it, and once the backend is back, limiting recovers within
-//! a few seconds (with Redis restarted, through the EVAL fallback: its
-//! script cache is empty).
+//! a few seconds. A restarted Redis has the filter's function before it
+//! takes any client (redis-start.sh loads it first), so no request ever
+//! meets a Redis without it; one whose library was flushed answers an error,
+//! counted in `backend_errors_redis` and handled by the failure mode.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -15,6 +17,7 @@ use e2e::http::{self, Response};
 use e2e::process::Signal;
 use e2e::topology::{global_test_config, Backend, Global};
 use e2e::upstream::Upstream;
+use ratelimit_core::webdis;
 
 const TIMEOUT_MS: u64 = 100;
 /// Envoy's own scheduling on a loaded 2-core machine, on top of the timeout.
@@ -138,12 +141,27 @@ fn faults_under(mode: Mode) {
     let status_errors = global.metric("backend_errors_status");
     check_failing(&addr, mode, "Redis killed");
     counter_grew(&global, "backend_errors_status", status_errors);
+    let redis_errors = global.metric("backend_errors_redis");
     global.backend.redis = Redis::try_start_on(redis_port, &password).unwrap();
     let took = wait_recovered(&addr, "Redis restarted");
     eprintln!(
         "[{}] Redis restarted: limiting again after {took:?}",
         mode.name()
     );
+    assert_eq!(
+        global.metric("backend_errors_redis"),
+        redis_errors,
+        "a request met the restarted Redis without its function"
+    );
+
+    // The library flushed (by an operator): a Redis error, under the mode.
+    let redis = &global.backend.redis;
+    assert_eq!(redis.cli(&["FUNCTION", "FLUSH"]).trim(), "OK");
+    check_failing(&addr, mode, "library flushed");
+    counter_grew(&global, "backend_errors_redis", redis_errors);
+    let loaded = redis.cli(&["FUNCTION", "LOAD", webdis::LIBRARY]);
+    assert_eq!(loaded.trim(), "apikey_ratelimit");
+    wait_recovered(&addr, "library reloaded");
 
     // webdis frozen: connections open, no answer: the call's timeout.
     global.backend.webdis.proc().signal(Signal::Stop).unwrap();
@@ -162,6 +180,7 @@ fn faults_under(mode: Mode) {
     for cause in [
         "(Status): webdis answered 503",
         "(Timeout): webdis did not answer",
+        "(Redis): Redis error: ERR Function not found",
     ] {
         assert!(log.contains(cause), "no log line for {cause}:\n{log}");
     }

@@ -4,12 +4,15 @@
 //! `.ext` on the last one as an output format, `+` as a space and a leading
 //! number as a database. Keys built to abuse any of that, or to smuggle
 //! Lua, go through the filter; afterwards Redis holds exactly one key per
-//! distinct API key, named by its SHA-256, and a canary written beforehand
-//! is untouched. Checked with `redis-cli`.
+//! distinct API key, named by its SHA-256 under the plugin's prefix, and a
+//! canary written beforehand is untouched. Checked with `redis-cli`.
 
 use e2e::http::{self, Conn};
 use e2e::topology::Global;
-use sha2::{Digest, Sha256};
+use ratelimit_core::webdis::redis_key;
+
+/// The default prefix of the shipped plugin, named `api`.
+const PREFIX: &str = "apikey_ratelimit:api:";
 
 fn encode(key: &str) -> String {
     key.bytes()
@@ -34,7 +37,7 @@ fn hostile_keys_touch_nothing_in_redis_but_their_own_hashed_keys() {
     // would most likely land.
     assert_eq!(
         redis
-            .cli(&["SET", "apikey_ratelimit:canary", "alive"])
+            .cli(&["SET", "apikey_ratelimit:api:canary", "alive"])
             .trim(),
         "OK"
     );
@@ -75,32 +78,23 @@ fn hostile_keys_touch_nothing_in_redis_but_their_own_hashed_keys() {
 
     let mut expected: Vec<String> = hostile
         .iter()
-        .map(|k| {
-            let digest: String = Sha256::digest(k.as_bytes())
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            format!("apikey_ratelimit:{digest}")
-        })
+        .map(|k| redis_key(PREFIX, None, k.as_bytes()))
         .collect();
-    expected.push("apikey_ratelimit:canary".into());
+    expected.push("apikey_ratelimit:api:canary".into());
     expected.sort();
     assert_eq!(redis.keys(), expected);
     assert_eq!(
-        redis.cli(&["GET", "apikey_ratelimit:canary"]).trim(),
+        redis.cli(&["GET", "apikey_ratelimit:api:canary"]).trim(),
         "alive"
     );
     // Each key counted its two requests (query + header) where it had both.
-    let digest: String = Sha256::digest(b"a/b")
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let state = redis.cli(&["GET", &format!("apikey_ratelimit:{digest}")]);
+    let state = redis.cli(&["HGETALL", &redis_key(PREFIX, None, b"a/b")]);
     assert_eq!(
-        state.split_whitespace().count(),
-        1,
-        "one TAT for one limit: {state:?}"
+        state.lines().collect::<Vec<_>>().first(),
+        Some(&"5/min"),
+        "one TAT for one limit, under its name: {state:?}"
     );
+    assert_eq!(state.lines().count(), 2, "{state:?}");
     // No plain key in the log either.
     let log = global.envoy.proc().log();
     assert!(!log.contains("FLUSHALL") && !log.contains(&big[..64]));

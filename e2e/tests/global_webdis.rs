@@ -1,14 +1,13 @@
-//! The shipped `envoy/webdis.json`, run for real against Redis with the
-//! shipped `envoy/redis-acl.conf`: webdis answers only on 127.0.0.1, refuses
-//! every command but the filter's script, and has WebSockets off; and even a
-//! script of someone's own (webdis's ACL matches by prefix, so allowing
-//! EVALSHA allows EVAL) can only run what the Redis ACL lets it.
+//! The shipped `envoy/webdis.json`, run for real against Redis started by
+//! the shipped `envoy/redis-start.sh` and `envoy/redis-acl.conf`: webdis
+//! answers only on 127.0.0.1 with WebSockets off, passes on nothing but
+//! `FCALL` (not even `FCALL_RO`, which Redis would refuse too), and the
+//! Redis user it connects as may run only the filter's function and
+//! the commands that function runs, on the filter's keys. No script of
+//! anyone's own can run: no `EVAL`, `EVALSHA`, `SCRIPT` or `FUNCTION`.
 
 use e2e::http::{self, Conn};
 use e2e::topology::Backend;
-use ratelimit_core::gcra::Limit;
-use ratelimit_core::rate::Rate;
-use ratelimit_core::webdis::{self, Command, Parsed};
 
 /// The port's listening sockets from /proc/net/tcp{,6}: local addresses.
 fn listening_addresses(port: u16) -> Vec<String> {
@@ -32,7 +31,7 @@ fn listening_addresses(port: u16) -> Vec<String> {
 }
 
 #[test]
-fn the_shipped_webdis_config_refuses_everything_but_the_filters_script() {
+fn webdis_refuses_every_command_but_fcall_and_no_script_can_run() {
     let backend = Backend::start();
     let addr = backend.webdis.addr();
     let redis = &backend.redis;
@@ -46,78 +45,93 @@ fn the_shipped_webdis_config_refuses_everything_but_the_filters_script() {
     // Only on loopback: 127.0.0.1 is 0100007F in /proc/net/tcp.
     assert_eq!(listening_addresses(backend.webdis.port()), vec!["0100007F"]);
 
-    for refused in [
-        "/FLUSHALL",
-        "/FLUSHDB",
-        "/CONFIG/GET/requirepass",
-        "/CONFIG/SET/dir/tmp",
-        "/KEYS/*",
-        "/SET/apikey_ratelimit:canary/dead",
-        "/GET/apikey_ratelimit:canary",
-        "/DEL/apikey_ratelimit:canary",
+    // Every command this Redis knows, and the script ones with arguments.
+    let mut refused: Vec<String> = redis
+        .cli(&["COMMAND", "LIST"])
+        .lines()
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && *c != "fcall")
+        .map(|c| format!("/{}", c.to_uppercase()))
+        .collect();
+    assert!(refused.len() > 200, "COMMAND LIST: {refused:?}");
+    for script in [
+        "/EVAL/return%201/0",
+        "/EVAL/while%20true%20do%20end/0",
+        "/eval/return%201/0",
+        "/EVAL_RO/return%201/0",
+        "/EVALSHA/e0e1f9fabfc9d4800c877a703b823ac0578ff8db/0",
+        "/SCRIPT/LOAD/return%201",
         "/SCRIPT/FLUSH",
-        "/DEBUG/SLEEP/1",
-        "/SHUTDOWN",
+        "/FUNCTION/LIST",
+        "/FUNCTION/FLUSH",
+        "/FUNCTION/DELETE/apikey_ratelimit",
+        "/FUNCTION/LOAD/%23%21lua%20name%3Dx%0Aredis.register_function%28%27x%27%2Cfunction%28%29%20return%201%20end%29",
+        "/SET/apikey_ratelimit:canary/dead",
         "/flushall",
+        "/CONFIG/SET/dir/tmp",
     ] {
-        let r = http::get(&addr, refused).unwrap();
-        assert_eq!(r.status, 403, "{refused}: {r:?}");
+        refused.push(script.to_string());
+    }
+    for path in &refused {
+        let r = http::get(&addr, path).unwrap();
+        assert_eq!(r.status, 403, "{path} was not refused by webdis: {r:?}");
     }
 
-    // The filter's own calls work: EVALSHA, and EVAL for the NOSCRIPT case.
-    let limits = [Limit::new(
-        "l".into(),
-        Rate {
-            count: 1,
-            window_seconds: 1,
-        },
-        1,
-    )
-    .unwrap()];
-    let key = "apikey_ratelimit:lockdown-test";
-    for command in [Command::Eval, Command::EvalSha] {
-        let r = http::get(&addr, &webdis::request_path(command, key, &limits)).unwrap();
-        assert_eq!(r.status, 200, "{command:?}: {r:?}");
-        let parsed = webdis::parse_reply(Some(200), &r.body, 1);
+    // What webdis lets through, Redis refuses: FCALL of anything but the
+    // filter's function (none other is loaded), on a key outside the
+    // filter's pattern.
+    for (path, refusal) in [
+        ("/FCALL/no_such_function/0", "ERR"),
+        ("/FCALL/apikey_ratelimit_gcra/1/other%3Akey/0", "NOPERM"),
+    ] {
+        let r = http::get(&addr, path).unwrap();
         assert!(
-            matches!(parsed, Parsed::Decided(_)),
-            "{command:?}: {parsed:?}"
+            r.body_str().contains(&format!("[false,\"{refusal}")),
+            "{path} was not refused by Redis: {r:?}"
         );
     }
 
-    // A script of one's own gets through webdis's prefix match, but Redis
-    // refuses whatever it tries beyond the filter's commands and keys.
-    for (script, key) in [
-        ("return redis.call('FLUSHALL')", "apikey_ratelimit:x"),
-        (
-            "return redis.call('CONFIG','GET','*')",
+    // The Redis user itself may run nothing else, on no other key.
+    let user = redis.cli(&["ACL", "GETUSER", "default"]);
+    let mut commands: Vec<&str> = user
+        .lines()
+        .skip_while(|l| *l != "commands")
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    commands.sort_unstable();
+    assert_eq!(
+        commands,
+        ["+fcall", "+hmget", "+hset", "+pexpireat", "+time", "-@all"],
+        "{user}"
+    );
+    assert!(user.contains("~apikey_ratelimit:*"), "{user}");
+    for command in [
+        &[
+            "FCALL_RO",
+            "apikey_ratelimit_gcra",
+            "1",
             "apikey_ratelimit:x",
-        ),
-        ("return redis.call('KEYS','*')", "apikey_ratelimit:x"),
-        ("return redis.call('SET',KEYS[1],'pwned')", "other:key"),
-        (
-            "return redis.call('DEL',KEYS[1])",
-            "apikey_ratelimit:canary",
-        ),
+            "0",
+        ][..],
+        &["EVAL", "return 1", "0"],
+        &[
+            "FUNCTION",
+            "LOAD",
+            "#!lua name=x\nredis.register_function('x', function() end)",
+        ],
+        &["SCRIPT", "LOAD", "return 1"],
+        &["PING"],
     ] {
-        let mut path = String::from("/EVAL/");
-        webdis::encode_into(&mut path, script.as_bytes());
-        path.push_str("/1/");
-        webdis::encode_into(&mut path, key.as_bytes());
-        let r = http::get(&addr, &path).unwrap();
-        let body = r.body_str();
-        // Refused when called (ERR ... can't run this command) or, for a
-        // key outside the pattern, before it runs (NOPERM).
-        assert!(
-            body.contains("[false,\"ERR") || body.contains("[false,\"NOPERM"),
-            "{script} on {key} was not refused by Redis: {r:?}"
-        );
+        let answer = redis.cli_as_webdis(command);
+        assert!(answer.starts_with("NOPERM"), "{command:?}: {answer}");
     }
+
     assert_eq!(
         redis.cli(&["GET", "apikey_ratelimit:canary"]).trim(),
         "alive"
     );
-    assert_eq!(redis.cli(&["EXISTS", "other:key"]).trim(), "0");
 
     // WebSockets are off: an upgrade request is not switched.
     let r = Conn::connect(&addr).unwrap().request(

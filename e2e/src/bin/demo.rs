@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use e2e::backend::{random_secret, start_script};
+use e2e::backend::{random_secret, redis_command, webdis_command};
 use e2e::envoy::EnvoyConfig;
 use e2e::paths;
 use e2e::topology::{front_config, replica_config, Mode, ReplicaPorts};
@@ -191,30 +191,16 @@ fn run(
 /// Redis and webdis through the shipped start scripts, as the tests, docker
 /// compose and Kubernetes start them.
 fn start_backend(dir: &Path, children: &mut Vec<(String, Child)>) -> Result<(), String> {
-    let redis_bin = paths::redis_server_bin().map_err(|e| e.0)?;
-    let webdis_bin = paths::webdis_bin().map_err(|e| e.0)?;
     let password = random_secret();
-    let envoy_dir = paths::repo_root().join("envoy");
     let redis_dir = dir.join("redis");
     std::fs::create_dir_all(&redis_dir).map_err(|e| format!("{}: {e}", redis_dir.display()))?;
-    let mut redis = start_script("redis-start.sh", &redis_bin);
-    redis
-        .env("REDIS_PASSWORD", &password)
-        .env("REDIS_ACL", envoy_dir.join("redis-acl.conf"))
-        .env("REDIS_PORT", REDIS_PORT.to_string())
-        .env("TMPDIR", &redis_dir)
-        .args(["--daemonize", "no", "--loglevel", "warning", "--dir"])
-        .arg(&redis_dir);
+    let mut redis =
+        redis_command(REDIS_PORT, &password, &random_secret(), &redis_dir).map_err(|e| e.0)?;
+    redis.args(["--loglevel", "warning"]);
     children.push(("redis".into(), spawn(&mut redis)?));
     wait_port("redis", REDIS_PORT, children)?;
 
-    let mut webdis = start_script("webdis-start.sh", &webdis_bin);
-    webdis
-        .env("REDIS_PASSWORD", &password)
-        .env("REDIS_PORT", REDIS_PORT.to_string())
-        .env("WEBDIS_PORT", WEBDIS_PORT.to_string())
-        .env("WEBDIS_CONFIG", envoy_dir.join("webdis.json"))
-        .env("TMPDIR", dir);
+    let mut webdis = webdis_command(WEBDIS_PORT, REDIS_PORT, &password, dir).map_err(|e| e.0)?;
     children.push(("webdis".into(), spawn(&mut webdis)?));
     wait_port("webdis", WEBDIS_PORT, children)
 }

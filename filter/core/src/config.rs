@@ -163,8 +163,9 @@ pub struct WebdisStoreConfig {
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u32,
     /// Prefix of every Redis key (the rest is a hash of the API key).
-    #[serde(default = "default_key_prefix")]
-    pub key_prefix: String,
+    /// Unset: `apikey_ratelimit:<plugin name>:` (`webdis::default_key_prefix`).
+    #[serde(default)]
+    pub key_prefix: Option<String>,
     /// Optional secret: Redis keys become HMAC-SHA256(secret, key), so
     /// someone reading Redis cannot test guessed API keys against it.
     #[serde(default)]
@@ -180,7 +181,7 @@ impl Default for WebdisStoreConfig {
             cluster: default_webdis_cluster(),
             authority: None,
             timeout_ms: default_timeout_ms(),
-            key_prefix: default_key_prefix(),
+            key_prefix: None,
             key_hash_secret: None,
             cache_slots: default_cache_slots(),
         }
@@ -193,10 +194,6 @@ fn default_webdis_cluster() -> String {
 
 fn default_timeout_ms() -> u32 {
     50
-}
-
-fn default_key_prefix() -> String {
-    "apikey_ratelimit:".into()
 }
 
 fn default_cache_slots() -> u32 {
@@ -439,7 +436,7 @@ mod tests {
             panic!()
         };
         assert_eq!((w.cluster.as_str(), w.timeout_ms), ("webdis", 50));
-        assert_eq!(w.key_prefix, "apikey_ratelimit:");
+        assert_eq!(w.key_prefix, None);
     }
 
     #[test]

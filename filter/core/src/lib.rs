@@ -12,7 +12,7 @@
 //! - [`state`]: a key's stored state and its byte layout.
 //! - [`slots`]: the local store's fixed slot table and its CAS loop, over a
 //!   [`slots::CasStore`] trait the glue implements on Envoy shared data.
-//! - [`webdis`]: the global store's calls (the Lua script, URLs, replies).
+//! - [`webdis`]: the global store's calls (the Redis function library, URLs, replies).
 //! - [`deny_cache`]: the global store's local memory of throttled keys.
 //! - [`response`]: 429/401/400/503 bodies and the quota headers.
 //! - [`pipeline`]: one request from headers to action and metrics.

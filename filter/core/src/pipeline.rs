@@ -47,7 +47,7 @@ pub enum Event {
     StoreError,
     FailureModeAllowed,
     FailureModeDenied,
-    /// A call to webdis (an `EVAL` after `NOSCRIPT` is a second one).
+    /// A call to webdis.
     BackendCall,
     /// A request denied from the local "denied until" table, with no call.
     BackendCacheHit,

@@ -389,9 +389,9 @@ fn check_store(store: &StoreConfig) -> Result<(), ConfigError> {
                     ),
                 ));
             }
-            if w.key_prefix.len() > MAX_KEY_PREFIX
-                || !w
-                    .key_prefix
+            let prefix = w.key_prefix.as_deref().unwrap_or_default();
+            if prefix.len() > MAX_KEY_PREFIX
+                || !prefix
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_.:{}".contains(&b))
             {

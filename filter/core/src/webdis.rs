@@ -1,9 +1,11 @@
-//! The global store's wire format: Redis through webdis, one Lua script call
-//! per decision.
+//! The global store's wire format: Redis through webdis, one call of the
+//! filter's Redis function per decision.
 //!
-//! A decision is `GET /EVALSHA/<sha1>/1/<key>/<n>/<T1>/<C1>/...`, falling
-//! back to `EVAL` with the script text when Redis answers `NOSCRIPT` (after
-//! a restart or a flush). webdis splits the path on `/` and then
+//! A decision is `GET /FCALL/apikey_ratelimit_gcra/1/<key>/<n>/<name1>/<T1>/<C1>/...`:
+//! each limit's state is the hash field named for the limit. The function
+//! library (`gcra.lua`) is loaded by `envoy/redis-start.sh` before Redis
+//! takes clients, so there is no fallback: a Redis that lacks it answers an
+//! error, a failure like any other. webdis splits the path on `/` and then
 //! percent-decodes each argument, treats a `.ext` on the last argument as
 //! an output format, `+` as a space and a leading run of digits as a
 //! database: so every argument byte outside `[A-Za-z0-9_~-]` is
@@ -21,17 +23,31 @@ use sha2::{Digest, Sha256};
 
 use crate::gcra::{Limit, MAX_LIMITS};
 
-/// The script, the same algorithm as [`crate::gcra`].
-pub const SCRIPT: &str = include_str!("gcra.lua");
+/// The function library, the same algorithm as [`crate::gcra`].
+pub const LIBRARY: &str = include_str!("gcra.lua");
 
-/// SHA-1 of [`SCRIPT`], as Redis names it (checked by a test).
-pub const SCRIPT_SHA1: &str = "483a472f5b328de733b540ecaccfbf26ff247106";
+/// The function the filter calls (registered by [`LIBRARY`], checked by a
+/// test).
+pub const FUNCTION: &str = "apikey_ratelimit_gcra";
 
-/// Which command a call uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Command {
-    EvalSha,
-    Eval,
+/// The default key prefix: `apikey_ratelimit:<plugin>:`, so two plugins
+/// never share state by accident (one `key_prefix` set in both shares it).
+/// `<plugin>` is the plugin's name without Istio's `~...` suffix, each byte
+/// outside `[A-Za-z0-9-_.]` written as `%XX` (unambiguous: `%` is not
+/// otherwise kept).
+pub fn default_key_prefix(plugin_name: &str) -> String {
+    let name = plugin_name.split('~').next().unwrap_or_default();
+    let mut out = String::with_capacity(18 + name.len() + 1);
+    out.push_str("apikey_ratelimit:");
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out.push(':');
+    out
 }
 
 /// The Redis key of an API key: the prefix and the hex SHA-256 of the key,
@@ -78,22 +94,16 @@ fn hmac_sha256(secret: &[u8], message: &[u8]) -> [u8; 32] {
 }
 
 /// The `:path` of a decision call for `redis_key` under `limits`.
-pub fn request_path(command: Command, redis_key: &str, limits: &[Limit]) -> String {
-    let mut path = String::with_capacity(96 + redis_key.len());
-    match command {
-        Command::EvalSha => {
-            path.push_str("/EVALSHA/");
-            path.push_str(SCRIPT_SHA1);
-        }
-        Command::Eval => {
-            path.push_str("/EVAL/");
-            encode_into(&mut path, SCRIPT.as_bytes());
-        }
-    }
+pub fn request_path(redis_key: &str, limits: &[Limit]) -> String {
+    let mut path = String::with_capacity(96 + redis_key.len() + 48 * limits.len());
+    path.push_str("/FCALL/");
+    path.push_str(FUNCTION);
     path.push_str("/1/");
     encode_into(&mut path, redis_key.as_bytes());
     let _ = write!(path, "/{}", limits.len());
     for limit in limits {
+        path.push('/');
+        encode_into(&mut path, limit.name.as_bytes());
         let interval = limit.interval_nanos / 1_000;
         let capacity = limit.capacity_nanos / 1_000;
         let _ = write!(path, "/{interval}/{capacity}");
@@ -119,7 +129,7 @@ pub fn encode_into(out: &mut String, bytes: &[u8]) {
     }
 }
 
-/// What the script answered.
+/// What the function answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reply {
     pub allowed: bool,
@@ -151,7 +161,7 @@ pub enum FailureClass {
     Status,
     /// A 200 whose body is a Redis error.
     Redis,
-    /// A reply that does not parse as the script's answer.
+    /// A reply that does not parse as the function's answer.
     Parse,
 }
 
@@ -183,8 +193,6 @@ impl BackendError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Parsed {
     Decided(Reply),
-    /// Redis does not have the script cached: call again with `EVAL`.
-    NoScript,
     Failed(BackendError),
 }
 
@@ -225,21 +233,16 @@ pub fn parse_reply(status: Option<u32>, body: &[u8], limits: usize) -> Parsed {
         Err(e) => return parse_error(format!("the body is not JSON: {e}")),
     };
     // webdis wraps the answer in an object keyed by the command name.
-    let Some(answer) = value
-        .as_object()
-        .and_then(|o| o.get("EVALSHA").or_else(|| o.get("EVAL")))
-    else {
-        return parse_error("the body has no EVALSHA or EVAL member");
+    let Some(answer) = value.as_object().and_then(|o| o.get("FCALL")) else {
+        return parse_error("the body has no FCALL member");
     };
     let Some(items) = answer.as_array() else {
-        return parse_error("the script's answer is not an array");
+        return parse_error("the function's answer is not an array");
     };
-    // A Redis error comes back as [false, "ERR ..."].
+    // A Redis error comes back as [false, "ERR ..."]; "ERR Function not
+    // found" (a Redis not started by redis-start.sh) is one of them.
     if let (Some(serde_json::Value::Bool(false)), Some(message)) = (items.first(), items.get(1)) {
         let message = message.as_str().unwrap_or("(no message)");
-        if message.starts_with("NOSCRIPT") {
-            return Parsed::NoScript;
-        }
         let transient = ["LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN"]
             .iter()
             .any(|p| message.starts_with(p));
@@ -251,11 +254,11 @@ pub fn parse_reply(status: Option<u32>, body: &[u8], limits: usize) -> Parsed {
     }
     let numbers: Option<Vec<u64>> = items.iter().map(serde_json::Value::as_u64).collect();
     let Some(numbers) = numbers else {
-        return parse_error("the script's answer holds something other than integers");
+        return parse_error("the function's answer holds something other than integers");
     };
     if numbers.len() != 3 + limits || limits > MAX_LIMITS {
         return parse_error(format!(
-            "the script answered {} integers for {limits} limit(s); is an older script cached under the same SHA?",
+            "the function answered {} integers for {limits} limit(s); is an older library loaded?",
             numbers.len()
         ));
     }
@@ -288,18 +291,30 @@ fn truncate(text: &str, max: usize) -> &str {
 mod tests {
     use super::*;
     use crate::gcra::test_limit as limit;
-    use sha1::Sha1;
 
     #[test]
-    fn script_sha1_matches_the_script() {
-        let digest: String = Sha1::digest(SCRIPT.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+    fn the_library_registers_the_function_the_filter_calls() {
+        // FUNCTION LOAD wants the shebang on the first line; the library's
+        // name is what redis-start.sh checks it loaded.
+        assert!(LIBRARY.starts_with("#!lua name=apikey_ratelimit\n"));
+        assert!(LIBRARY.contains(&format!("redis.register_function('{FUNCTION}', gcra)")));
+    }
+
+    #[test]
+    fn default_prefixes_name_the_plugin() {
+        assert_eq!(default_key_prefix("api"), "apikey_ratelimit:api:");
+        // Istio 1.30's names: the `~...` suffix is dropped.
         assert_eq!(
-            digest, SCRIPT_SHA1,
-            "update SCRIPT_SHA1 after editing gcra.lua"
+            default_key_prefix("team-b.other~istio-translated-wasmplugin"),
+            "apikey_ratelimit:team-b.other:"
         );
+        // Anything else is encoded, so distinct names stay distinct.
+        assert_eq!(
+            default_key_prefix("a b/c:d_e%"),
+            "apikey_ratelimit:a%20b%2Fc%3Ad_e%25:"
+        );
+        assert_ne!(default_key_prefix("a b"), default_key_prefix("ab"));
+        assert_eq!(default_key_prefix(""), "apikey_ratelimit::");
     }
 
     #[test]
@@ -326,21 +341,14 @@ mod tests {
     }
 
     #[test]
-    fn paths_encode_every_argument() {
-        let limits = [limit(1, 1, 1), limit(1000, 86_400, 100)];
-        let path = request_path(Command::EvalSha, "apikey_ratelimit:ab12", &limits);
+    fn paths_name_each_limit_and_encode_every_argument() {
+        let mut limits = [limit(1, 1, 1), limit(1000, 86_400, 100)];
+        limits[1].name = "per-day.v2/a:b".into();
+        let path = request_path("apikey_ratelimit:api:ab12", &limits);
         assert_eq!(
             path,
-            format!("/EVALSHA/{SCRIPT_SHA1}/1/apikey_ratelimit%3Aab12/2/1000000/1000000/86400000/8640000000")
-        );
-        let eval = request_path(Command::Eval, "k", &limits[..1]);
-        assert!(eval.starts_with("/EVAL/--%20apikey-ratelimit"));
-        assert!(eval.ends_with("/1/k/1/1000000/1000000"));
-        // Nothing in the encoded script can split or retarget the call.
-        let script_part = eval.trim_start_matches("/EVAL/");
-        let script_part = &script_part[..script_part.find("/1/k/").unwrap()];
-        assert!(
-            !script_part.contains('/') && !script_part.contains('.') && !script_part.contains('+')
+            "/FCALL/apikey_ratelimit_gcra/1/apikey_ratelimit%3Aapi%3Aab12/2\
+             /1%2F1s/1000000/1000000/per-day%2Ev2%2Fa%3Ab/86400000/8640000000"
         );
 
         let mut out = String::new();
@@ -350,14 +358,14 @@ mod tests {
 
     #[test]
     fn replies_are_decoded() {
-        let body = br#"{"EVALSHA":[1,0,1764000000000000,1000000,86400000]}"#;
+        let body = br#"{"FCALL":[1,0,1764000000000000,1000000,86400000]}"#;
         let Parsed::Decided(reply) = parse_reply(Some(200), body, 2) else {
             panic!()
         };
         assert!(reply.allowed);
         assert_eq!(reply.now_us, 1_764_000_000_000_000);
         assert_eq!(reply.resets_us(), &[1_000_000, 86_400_000]);
-        let body = br#"{"EVAL":[0,250000,5,1000000]}"#;
+        let body = br#"{"FCALL":[0,250000,5,1000000]}"#;
         let Parsed::Decided(reply) = parse_reply(Some(200), body, 1) else {
             panic!()
         };
@@ -378,17 +386,15 @@ mod tests {
         );
         assert_eq!(class(Some(503), b""), (FailureClass::Status, true));
         assert_eq!(class(Some(403), b""), (FailureClass::Status, false));
+        // A Redis without the library: an error, under the failure mode.
         assert_eq!(
-            class(
-                Some(200),
-                br#"{"EVALSHA":[false,"ERR Error running script"]}"#
-            ),
+            class(Some(200), br#"{"FCALL":[false,"ERR Function not found"]}"#),
             (FailureClass::Redis, false)
         );
         assert_eq!(
             class(
                 Some(200),
-                br#"{"EVALSHA":[false,"LOADING Redis is loading"]}"#
+                br#"{"FCALL":[false,"LOADING Redis is loading"]}"#
             ),
             (FailureClass::Redis, true)
         );
@@ -396,10 +402,11 @@ mod tests {
             &b"not json"[..],
             br#"[]"#,
             br#"{"GET":[1]}"#,
-            br#"{"EVALSHA":"x"}"#,
-            br#"{"EVALSHA":[1,0,5]}"#,
-            br#"{"EVALSHA":[1,0,5,-1]}"#,
-            br#"{"EVALSHA":[1,0,5,null]}"#,
+            br#"{"EVALSHA":[1,0,5,0]}"#,
+            br#"{"FCALL":"x"}"#,
+            br#"{"FCALL":[1,0,5]}"#,
+            br#"{"FCALL":[1,0,5,-1]}"#,
+            br#"{"FCALL":[1,0,5,null]}"#,
         ] {
             assert_eq!(
                 class(Some(200), bad),
@@ -407,13 +414,5 @@ mod tests {
                 "{bad:?}"
             );
         }
-        assert_eq!(
-            parse_reply(
-                Some(200),
-                br#"{"EVALSHA":[false,"NOSCRIPT No matching script. Please use EVAL."]}"#,
-                1
-            ),
-            Parsed::NoScript
-        );
     }
 }

@@ -15,7 +15,7 @@ use ratelimit_core::header_map;
 use ratelimit_core::pipeline::{self, Event, Events, Quota, Start, StoreFailure, Subject};
 use ratelimit_core::response::{self, LocalReply};
 use ratelimit_core::slots::{Outcome, Placement};
-use ratelimit_core::webdis::{self, BackendError, Command, FailureClass, Parsed};
+use ratelimit_core::webdis::{self, BackendError, Parsed};
 
 use crate::host::{self, LOG_ERROR, LOG_WARN};
 use crate::request_headers::LazyHeaders;
@@ -37,12 +37,11 @@ pub struct Request {
 /// What a paused request needs when webdis answers.
 struct Pending {
     token: u32,
-    command: Command,
     set: usize,
     events: Events,
     hash: KeyHash,
     redis_key: String,
-    /// When the first call was sent (host clock, ns).
+    /// When the call was sent (host clock, ns).
     sent_at: u64,
 }
 
@@ -101,7 +100,6 @@ impl Request {
         let redis_key = webdis.redis_key(&subject);
         let pending = Pending {
             token: 0,
-            command: Command::EvalSha,
             set,
             events,
             hash,
@@ -111,7 +109,7 @@ impl Request {
         self.send(filter, webdis, pending, u64::from(webdis.timeout_ms))
     }
 
-    /// Sends (or re-sends) the call of `pending`; pauses the request.
+    /// Sends the call of `pending`; pauses the request.
     fn send(
         &mut self,
         filter: &Filter,
@@ -120,7 +118,7 @@ impl Request {
         timeout_ms: u64,
     ) -> Action {
         let limits = filter.policy.limits(pending.set);
-        match webdis.dispatch(pending.command, &pending.redis_key, limits, timeout_ms) {
+        match webdis.dispatch(&pending.redis_key, limits, timeout_ms) {
             Ok(token) => {
                 filter
                     .metrics
@@ -214,34 +212,6 @@ impl Context for Request {
         let body = host::http_call_response_body(body_size).unwrap_or_default();
         let result = match webdis::parse_reply(status, &body, limits) {
             Parsed::Decided(reply) => Ok(reply),
-            Parsed::NoScript if pending.command == Command::EvalSha => {
-                // Redis lost its script cache (a restart, a flush): send the
-                // script itself, within what is left of the timeout.
-                let elapsed_ms = host::now_nanos()
-                    .map(|now| now.saturating_sub(pending.sent_at) / 1_000_000)
-                    .unwrap_or(u64::MAX);
-                let left = u64::from(webdis.timeout_ms).saturating_sub(elapsed_ms);
-                if left > 0 {
-                    let retry = Pending {
-                        command: Command::Eval,
-                        ..pending
-                    };
-                    if self.send(&filter, webdis, retry, left) == Action::Continue {
-                        resume();
-                    }
-                    return;
-                }
-                Err(BackendError {
-                    class: FailureClass::Timeout,
-                    transient: true,
-                    detail: "no time left to send the script after NOSCRIPT".into(),
-                })
-            }
-            Parsed::NoScript => Err(BackendError {
-                class: FailureClass::Redis,
-                transient: false,
-                detail: "Redis answered NOSCRIPT to EVAL".into(),
-            }),
             Parsed::Failed(error) => Err(error),
         };
         if self.conclude(&filter, webdis, pending, result) == Action::Continue {

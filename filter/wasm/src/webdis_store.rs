@@ -1,4 +1,4 @@
-//! The global store: one Lua script call to Redis through webdis per
+//! The global store: one Redis function call through webdis per
 //! decision (`ratelimit_core::webdis` builds and reads the calls), and the
 //! "denied until" cache in shared data (`ratelimit_core::deny_cache`).
 
@@ -10,7 +10,7 @@ use ratelimit_core::gcra::{Decision, Limit};
 use ratelimit_core::hash::KeyHash;
 use ratelimit_core::pipeline::Subject;
 use ratelimit_core::state::MAX_VALUE;
-use ratelimit_core::webdis::{self, Command};
+use ratelimit_core::webdis;
 
 use crate::host::{self, Status};
 use crate::shared_store::{table_prefix, with_slot_key};
@@ -34,7 +34,11 @@ impl WebdisStore {
                 .clone()
                 .unwrap_or_else(|| config.cluster.clone()),
             timeout_ms: config.timeout_ms,
-            key_prefix: config.key_prefix.clone(),
+            // Computed once here, not per request.
+            key_prefix: config
+                .key_prefix
+                .clone()
+                .unwrap_or_else(|| webdis::default_key_prefix(plugin_name)),
             secret: config
                 .key_hash_secret
                 .as_ref()
@@ -88,12 +92,11 @@ impl WebdisStore {
     /// Sends one decision call; the answer comes to `on_http_call_response`.
     pub fn dispatch(
         &self,
-        command: Command,
         redis_key: &str,
         limits: &[Limit],
         timeout_ms: u64,
     ) -> Result<u32, Status> {
-        let path = webdis::request_path(command, redis_key, limits);
+        let path = webdis::request_path(redis_key, limits);
         // The SDK's own dispatch registers the call so that its answer is
         // routed back to this request; it returns an error for the statuses
         // Envoy's httpCall produces (BadArgument, InternalFailure).
