@@ -6,6 +6,10 @@
 //! to Envoy in one call per counter at most every [`FLUSH_EVERY_NANOS`], on
 //! the next request, and on the root context's tick for the tail of a
 //! burst. `/stats` lags by at most [`TICK_MILLIS`].
+//!
+//! One gauge, `wasm_memory_bytes`, is the linear memory of every VM of the
+//! plugin added up (each VM adds its own growth): Wasm memory never
+//! shrinks, so a leak in the VM shows as a gauge that keeps rising.
 
 use std::cell::Cell;
 
@@ -22,6 +26,13 @@ pub struct Metrics {
     ids: [u32; Event::ALL.len()],
     pending: [Cell<u64>; Event::ALL.len()],
     last_flush: Cell<u64>,
+    memory_id: u32,
+}
+
+thread_local! {
+    /// This VM's memory as last added to the gauge: one per VM, however
+    /// many plugin configurations (each with its `Metrics`) it runs.
+    static MEMORY_REPORTED: Cell<u64> = const { Cell::new(0) };
 }
 
 impl Metrics {
@@ -31,10 +42,12 @@ impl Metrics {
         for (id, event) in ids.iter_mut().zip(Event::ALL) {
             *id = host::define_counter(&format!("{prefix}{}", event.metric_name()))?;
         }
+        let memory_id = host::define_gauge(&format!("{prefix}wasm_memory_bytes"))?;
         Ok(Metrics {
             ids,
             pending: Default::default(),
             last_flush: Cell::new(0),
+            memory_id,
         })
     }
 
@@ -60,7 +73,30 @@ impl Metrics {
                 host::increment_metric(*id, i64::try_from(count).unwrap_or(i64::MAX));
             }
         }
+        self.report_memory();
         self.last_flush.set(now);
+    }
+
+    fn report_memory(&self) {
+        let bytes = memory_bytes();
+        let growth = bytes.saturating_sub(MEMORY_REPORTED.get());
+        if growth > 0 {
+            host::increment_metric(self.memory_id, i64::try_from(growth).unwrap_or(i64::MAX));
+            MEMORY_REPORTED.set(bytes);
+        }
+    }
+}
+
+/// The VM's linear memory, in bytes (0 off Wasm, in native tests).
+fn memory_bytes() -> u64 {
+    #[cfg(target_arch = "wasm32")]
+    {
+        const PAGE: u64 = 65_536;
+        (core::arch::wasm32::memory_size(0) as u64).saturating_mul(PAGE)
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        0
     }
 }
 

@@ -1,0 +1,166 @@
+//! Clients that vanish while their request waits on webdis (issue 8, item
+//! 3): with webdis frozen, 50,000 requests are sent and their connections
+//! closed while the filter holds them paused on a call. Each call still ends
+//! (Envoy's timeout), after its request is gone. Afterwards the VM's memory
+//! is what it was, nothing panicked, those answers were counted as orphaned,
+//! and with webdis thawed the next request is served and limited normally.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use e2e::envoy::Envoy;
+use e2e::http;
+use e2e::local::{metric_name, Local};
+use e2e::process::Signal;
+use e2e::topology::{global_test_config, Backend, Global};
+use e2e::upstream::Upstream;
+
+const ABANDONED: usize = 50_000;
+/// Sent first, the same way, so the VM reaches its steady size before the
+/// measurement starts (allocator pools, maps grown to the in-flight peak).
+const WARM_UP: usize = 5_000;
+const CLIENT_THREADS: usize = 8;
+/// Long enough that every abandoned call is still in flight when its client
+/// closes, short enough that few are in flight at once.
+const TIMEOUT_MS: u64 = 200;
+/// How long a client waits after sending before it closes: far below the
+/// call's timeout.
+const LINGER: Duration = Duration::from_millis(5);
+/// Envoy works through the abandoned connections at its own pace.
+const DRAIN: Duration = Duration::from_secs(60);
+
+fn plugin_config() -> String {
+    format!(
+        r#"{{"limits": ["1/min"], "failure_mode": "allow",
+            "store": {{"webdis": {{"cluster": "webdis", "timeout_ms": {TIMEOUT_MS}}}}}}}"#
+    )
+}
+
+static NEXT_KEY: AtomicUsize = AtomicUsize::new(0);
+
+/// Sends `count` requests, each with a fresh key on its own connection, and
+/// closes every connection without reading the answer.
+fn abandon(addr: &str, count: usize) {
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..CLIENT_THREADS {
+            s.spawn(|| {
+                while next.fetch_add(1, Ordering::Relaxed) < count {
+                    let key = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
+                    let request = format!("GET /?api_key=gone-{key} HTTP/1.1\r\nHost: api\r\n\r\n");
+                    // A refused connection only makes this run shorter; the
+                    // call count below says how many were really paused.
+                    // A close that Envoy reads with the request often ends it
+                    // before the filter sees it: wait a little (nothing comes
+                    // back before the call's timeout), then go away.
+                    if let Ok(mut conn) = http::Conn::connect(addr) {
+                        let _ = conn.write_raw(request.as_bytes());
+                        let _ = conn.set_timeout(LINGER);
+                        let _ = conn.read_response(false);
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// A fresh key gets its one request, then a 429 only Redis could decide.
+fn limits_normally(global: &Global, what: &str) {
+    let key = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
+    let target = format!("/?api_key=fresh-{key}");
+    let first = http::get(&global.addr(), &target).unwrap();
+    let second = http::get(&global.addr(), &target).unwrap();
+    assert_eq!(
+        (first.status, second.status),
+        (200, 429),
+        "{what}: {first:?} then {second:?}"
+    );
+}
+
+/// Waits until every call sent so far has been answered or timed out:
+/// `backend_calls` has reached `calls` and the orphaned answers stop rising.
+fn settle(global: &Global, calls: u64) -> u64 {
+    global
+        .envoy
+        .wait_counter(&metric_name("backend_calls"), calls, DRAIN)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(TIMEOUT_MS * 3));
+    global.metric("backend_answers_orphaned")
+}
+
+/// Global mode on one worker. The webdis cluster's connect timeout is made
+/// longer than the call's: with webdis frozen its accept queue fills, and a
+/// connection attempt that times out fails every call pending on the pool at
+/// once, some of them before their client has gone. Now every call ends by
+/// its own timeout, after its client closed.
+fn start() -> Global {
+    let upstream = Upstream::start();
+    let backend = Backend::start();
+    let mut config = global_test_config(&upstream, backend.webdis.port(), Some(&plugin_config()));
+    let clusters = config.json_mut()["static_resources"]["clusters"]
+        .as_array_mut()
+        .unwrap();
+    for cluster in clusters.iter_mut().filter(|c| c["name"] == "webdis") {
+        cluster["connect_timeout"] = "5s".into();
+    }
+    let envoy = Envoy::start(&config, 1).unwrap_or_else(|e| panic!("{e:?}"));
+    Global {
+        local: Local { upstream, envoy },
+        backend,
+    }
+}
+
+#[test]
+fn abandoned_requests_leave_the_vm_memory_flat_and_limiting_intact() {
+    let global = start();
+    let addr = global.addr();
+    limits_normally(&global, "at start");
+    let webdis = global.backend.webdis.proc();
+
+    webdis.signal(Signal::Stop).unwrap();
+    abandon(&addr, WARM_UP);
+    settle(&global, WARM_UP as u64);
+    let warm_calls = global.metric("backend_calls");
+    let before = global.metric("wasm_memory_bytes");
+    let rss_before = global.envoy.rss_bytes();
+
+    let started = std::time::Instant::now();
+    abandon(&addr, ABANDONED);
+    let orphaned = settle(&global, warm_calls + ABANDONED as u64);
+    eprintln!("{ABANDONED} abandoned and settled in {:?}", started.elapsed());
+    let calls = global.metric("backend_calls");
+    let after = global.metric("wasm_memory_bytes");
+    let rss_after = global.envoy.rss_bytes();
+    webdis.signal(Signal::Cont).unwrap();
+    eprintln!(
+        "Wasm memory {before} -> {after} bytes, Envoy RSS {rss_before:?} -> {rss_after:?}, \
+         {} calls, {orphaned} orphaned answers",
+        calls - warm_calls
+    );
+
+    assert!(
+        calls >= warm_calls + ABANDONED as u64,
+        "only {} of {ABANDONED} requests reached a webdis call",
+        calls - warm_calls
+    );
+    assert!(before > 0, "the wasm_memory_bytes gauge is not reported");
+    assert_eq!(
+        after, before,
+        "the VM grew by {} bytes over {ABANDONED} abandoned requests",
+        after.saturating_sub(before)
+    );
+    assert!(
+        orphaned >= ABANDONED as u64,
+        "only {orphaned} answers counted as orphaned for {ABANDONED} abandoned requests"
+    );
+    let log = global.envoy.proc().log();
+    // A Rust panic prints "panicked at"; a trapped VM, "failed: Uncaught".
+    for sign in ["panicked", "failed: Uncaught"] {
+        assert!(
+            !log.contains(sign),
+            "Envoy's log says {sign:?}:\n{}",
+            global.envoy.proc().log_tail(40)
+        );
+    }
+    limits_normally(&global, "after webdis thawed");
+}
