@@ -7,6 +7,10 @@
 //! the next request, and on the root context's tick for the tail of a
 //! burst. `/stats` lags by at most [`TICK_MILLIS`].
 //!
+//! Besides the core's events, `backend_answers_orphaned` counts webdis
+//! answers that came after their request had gone (its client closed),
+//! discarded.
+//!
 //! One gauge, `wasm_memory_bytes`, is the linear memory of every VM of the
 //! plugin added up (each VM adds its own growth): Wasm memory never
 //! shrinks, so a leak in the VM shows as a gauge that keeps rising.
@@ -27,6 +31,8 @@ pub struct Metrics {
     pending: [Cell<u64>; Event::ALL.len()],
     last_flush: Cell<u64>,
     memory_id: u32,
+    orphaned_id: u32,
+    orphaned: Cell<u64>,
 }
 
 thread_local! {
@@ -43,11 +49,14 @@ impl Metrics {
             *id = host::define_counter(&format!("{prefix}{}", event.metric_name()))?;
         }
         let memory_id = host::define_gauge(&format!("{prefix}wasm_memory_bytes"))?;
+        let orphaned_id = host::define_counter(&format!("{prefix}backend_answers_orphaned"))?;
         Ok(Metrics {
             ids,
             pending: Default::default(),
             last_flush: Cell::new(0),
             memory_id,
+            orphaned_id,
+            orphaned: Cell::new(0),
         })
     }
 
@@ -65,9 +74,16 @@ impl Metrics {
         }
     }
 
+    /// Counts an answer whose request was gone (flushed with the rest).
+    pub fn orphaned_answer(&self) {
+        self.orphaned.set(self.orphaned.get().saturating_add(1));
+    }
+
     /// Hands every gathered count to Envoy.
     pub fn flush(&self, now: u64) {
-        for (id, pending) in self.ids.iter().zip(&self.pending) {
+        let extra = [(&self.orphaned_id, &self.orphaned)];
+        let events = self.ids.iter().zip(&self.pending);
+        for (id, pending) in events.chain(extra) {
             let count = pending.replace(0);
             if count > 0 {
                 host::increment_metric(*id, i64::try_from(count).unwrap_or(i64::MAX));
