@@ -137,7 +137,10 @@ fn abandoned_requests_leave_the_vm_memory_flat_and_limiting_intact() {
         let sent = global.metric("backend_calls");
         orphaned = settle(&global, sent) - warm_orphaned;
     }
-    eprintln!("{orphaned} abandoned and settled in {:?}", started.elapsed());
+    eprintln!(
+        "{orphaned} abandoned and settled in {:?}",
+        started.elapsed()
+    );
     let calls = global.metric("backend_calls") - warm_calls;
     let after = global.metric("wasm_memory_bytes");
     let rss_after = global.envoy.rss_bytes();
