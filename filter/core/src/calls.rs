@@ -50,6 +50,8 @@ pub struct CallTable<T> {
     calls: HashMap<CallId, Entry<T>>,
     tokens: HashMap<u32, CallId>,
     outstanding: usize,
+    /// The host asked to delete the root while calls were outstanding.
+    closing: bool,
 }
 
 impl<T> Default for CallTable<T> {
@@ -59,6 +61,7 @@ impl<T> Default for CallTable<T> {
             calls: HashMap::new(),
             tokens: HashMap::new(),
             outstanding: 0,
+            closing: false,
         }
     }
 }
@@ -160,6 +163,23 @@ impl<T> CallTable<T> {
     /// Calls sent and not answered yet, their request here or not.
     pub fn outstanding(&self) -> usize {
         self.outstanding
+    }
+
+    /// The host wants to delete the root: `true` if nothing is outstanding,
+    /// else the root must wait (the host would cancel the calls, and the SDK
+    /// would keep their tokens forever) until [`CallTable::may_finish`].
+    pub fn may_close(&mut self) -> bool {
+        self.closing = self.outstanding > 0;
+        !self.closing
+    }
+
+    /// After an answer: `true` once, when a waiting root may now finish.
+    pub fn may_finish(&mut self) -> bool {
+        let finish = self.closing && self.outstanding == 0;
+        if finish {
+            self.closing = false;
+        }
+        finish
     }
 }
 
@@ -277,6 +297,30 @@ mod tests {
         table.release(id);
         assert_eq!(table.answered(8), Answer::Orphaned);
         assert_eq!((table.len(), table.outstanding()), (0, 0));
+    }
+
+    #[test]
+    fn a_root_asked_to_close_waits_for_every_outstanding_answer() {
+        let mut table = CallTable::default();
+        assert!(table.may_close(), "nothing outstanding: close at once");
+        assert!(!table.may_finish());
+        let live = send(&mut table, 7, 4);
+        let gone = send(&mut table, 9, 8);
+        table.release(gone);
+        assert!(!table.may_close());
+        assert!(!table.may_finish());
+        assert_eq!(table.answered(4), live_answer(live));
+        assert!(
+            !table.may_finish(),
+            "the released request's call is still out"
+        );
+        assert_eq!(table.answered(8), Answer::Orphaned);
+        assert!(table.may_finish());
+        assert!(!table.may_finish(), "only once");
+    }
+
+    fn live_answer(id: CallId) -> Answer<&'static str> {
+        live(id, 7, "call")
     }
 
     #[test]

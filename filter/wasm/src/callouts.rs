@@ -38,8 +38,6 @@ pub struct Callouts {
     table: RefCell<CallTable<Pending>>,
     queue: Cell<Option<u32>>,
     root_id: Cell<u32>,
-    /// The host asked to delete the root while calls were outstanding.
-    closing: Cell<bool>,
 }
 
 impl Callouts {
@@ -160,8 +158,7 @@ impl Callouts {
                 body_size,
             ),
         }
-        if self.closing.get() && self.table.borrow().outstanding() == 0 {
-            self.closing.set(false);
+        if self.table.borrow_mut().may_finish() {
             if let Err(status) = host::done() {
                 host::log(
                     LOG_ERROR,
@@ -259,9 +256,7 @@ impl Callouts {
     /// The root's `on_done`: `true` if it may be deleted now, else it waits
     /// for the outstanding answers and then calls `proxy_done`.
     pub fn may_close(&self) -> bool {
-        let idle = self.table.borrow().outstanding() == 0;
-        self.closing.set(!idle);
-        idle
+        self.table.borrow_mut().may_close()
     }
 }
 
