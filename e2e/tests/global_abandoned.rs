@@ -6,16 +6,19 @@
 //! and once thawed webdis has caught up, requests are served and limited
 //! normally.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use e2e::envoy::Envoy;
+use e2e::envoy::{Envoy, EnvoyConfig};
 use e2e::http;
 use e2e::local::{metric_name, Local};
 use e2e::poll_until;
-use e2e::process::Signal;
+use e2e::ports::free_port;
+use e2e::process::{new_dir, Signal};
 use e2e::topology::{global_test_config, Backend, Global};
 use e2e::upstream::Upstream;
+use serde_json::{json, Value};
 
 const ABANDONED: usize = 50_000;
 /// Sent first, the same way, so the VM reaches its steady size before the
@@ -32,10 +35,10 @@ const LINGER: Duration = Duration::from_millis(5);
 const DRAIN: Duration = Duration::from_secs(60);
 const RECOVERY: Duration = Duration::from_secs(20);
 
-fn plugin_config() -> String {
+fn plugin_config(timeout_ms: u64) -> String {
     format!(
         r#"{{"limits": ["1/min"], "failure_mode": "allow",
-            "store": {{"webdis": {{"cluster": "webdis", "timeout_ms": {TIMEOUT_MS}}}}}}}"#
+            "store": {{"webdis": {{"cluster": "webdis", "timeout_ms": {timeout_ms}}}}}}}"#
     )
 }
 
@@ -113,18 +116,24 @@ fn settle(global: &Global, calls: u64) -> u64 {
 fn start() -> Global {
     let upstream = Upstream::start();
     let backend = Backend::start();
-    let mut config = global_test_config(&upstream, backend.webdis.port(), Some(&plugin_config()));
+    let config = test_config(&upstream, &backend, TIMEOUT_MS);
+    let envoy = Envoy::start(&config, 1).unwrap_or_else(|e| panic!("{e:?}"));
+    Global {
+        local: Local { upstream, envoy },
+        backend,
+    }
+}
+
+fn test_config(upstream: &Upstream, backend: &Backend, timeout_ms: u64) -> EnvoyConfig {
+    let plugin = plugin_config(timeout_ms);
+    let mut config = global_test_config(upstream, backend.webdis.port(), Some(&plugin));
     let clusters = config.json_mut()["static_resources"]["clusters"]
         .as_array_mut()
         .unwrap();
     for cluster in clusters.iter_mut().filter(|c| c["name"] == "webdis") {
         cluster["connect_timeout"] = "5s".into();
     }
-    let envoy = Envoy::start(&config, 1).unwrap_or_else(|e| panic!("{e:?}"));
-    Global {
-        local: Local { upstream, envoy },
-        backend,
-    }
+    config
 }
 
 #[test]
@@ -193,4 +202,133 @@ fn abandoned_requests_leave_the_vm_memory_flat_and_limiting_intact() {
     }
     wait_limited_normally(&global, "after webdis thawed");
     limited_normally(&global).unwrap();
+}
+
+/// The old root's calls: few, and long enough to be in flight while Envoy
+/// swaps the listener.
+const REPLACED_CALLS: usize = 200;
+const REPLACED_TIMEOUT_MS: u64 = 3_000;
+const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+
+/// `listener` as an LDS file, its filter running `plugin`.
+fn lds_file(listener: &Value, plugin: &str) -> String {
+    let mut listener = listener.clone();
+    let chains = listener["filter_chains"].as_array_mut().unwrap();
+    for filter in chains
+        .iter_mut()
+        .flat_map(|c| c["filters"].as_array_mut().unwrap())
+    {
+        let http_filters = filter["typed_config"]["http_filters"]
+            .as_array_mut()
+            .unwrap();
+        for f in http_filters
+            .iter_mut()
+            .filter(|f| f["name"] == "apikey_ratelimit")
+        {
+            f["typed_config"]["config"]["configuration"]["value"] = plugin.into();
+        }
+    }
+    listener["@type"] = LISTENER_TYPE.into();
+    json!({ "resources": [listener] }).to_string()
+}
+
+/// Envoy watches the file's directory for a rename.
+fn write_lds(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A new plugin configuration gives Envoy a new root context and makes it
+/// delete the old one, here while the old one's calls are in flight (webdis
+/// frozen). Deleted at once, it would cancel them, and the SDK would keep
+/// their tokens forever (a later duplicate id panics the VM); the old root
+/// waits instead, and every call is answered.
+#[test]
+fn a_replaced_root_waits_for_its_calls_to_be_answered() {
+    let upstream = Upstream::start();
+    let backend = Backend::start();
+    let mut config = test_config(&upstream, &backend, REPLACED_TIMEOUT_MS);
+    // The filter moves to a listener served from a file (LDS); the static
+    // one keeps the harness happy, without the filter.
+    let mut listener = config.json()["static_resources"]["listeners"][0].clone();
+    let port = free_port();
+    listener["name"] = "dynamic".into();
+    listener["address"]["socket_address"]["port_value"] = port.into();
+    config.remove_http_filter("apikey_ratelimit").unwrap();
+    let dir = new_dir("lds").unwrap();
+    let lds = dir.path().join("lds.json");
+    write_lds(
+        &lds,
+        &lds_file(&listener, &plugin_config(REPLACED_TIMEOUT_MS)),
+    );
+    config.json_mut()["dynamic_resources"] = json!({
+        "lds_config": {"path_config_source": {"path": lds}, "resource_api_version": "V3"}
+    });
+    // Dynamic resources need a node; the old listener drains in a second.
+    let args = [
+        "--service-node",
+        "test",
+        "--service-cluster",
+        "test",
+        "--drain-time-s",
+        "1",
+        "--drain-strategy",
+        "immediate",
+    ];
+    let envoy = Envoy::start_with_args(&config, 1, &args).unwrap_or_else(|e| panic!("{e:?}"));
+    let global = Global {
+        local: Local { upstream, envoy },
+        backend,
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let served = poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        let r = http::get(&addr, "/?api_key=first").ok()?;
+        (r.status == 200).then_some(())
+    });
+    assert!(served.is_some(), "the LDS listener never served");
+
+    global.backend.webdis.proc().signal(Signal::Stop).unwrap();
+    abandon(&addr, REPLACED_CALLS);
+    global
+        .envoy
+        .wait_counter(
+            &metric_name("backend_calls"),
+            1 + REPLACED_CALLS as u64,
+            DRAIN,
+        )
+        .unwrap();
+    let plugin = plugin_config(REPLACED_TIMEOUT_MS + 1);
+    write_lds(&lds, &lds_file(&listener, &plugin));
+
+    // The old listener is gone (drained) well before its calls' timeout.
+    let replaced = poll_until(
+        Duration::from_millis(REPLACED_TIMEOUT_MS / 2),
+        Duration::from_millis(50),
+        || {
+            let stat = |name: &str| global.envoy.counter(name).unwrap_or(0);
+            (stat("listener_manager.listener_modified") >= 1
+                && stat("listener_manager.total_listeners_draining") == 0)
+                .then_some(())
+        },
+    );
+    assert!(
+        replaced.is_some(),
+        "the listener was not replaced while the calls were in flight"
+    );
+    let orphaned = global.envoy.wait_counter(
+        &metric_name("backend_answers_orphaned"),
+        REPLACED_CALLS as u64,
+        Duration::from_millis(REPLACED_TIMEOUT_MS) + DRAIN,
+    );
+    global.backend.webdis.proc().signal(Signal::Cont).unwrap();
+    assert!(
+        orphaned.is_ok(),
+        "the old root's calls were cancelled, not answered: {orphaned:?}"
+    );
+    let log = global.envoy.proc().log();
+    assert!(log.contains("root context closing: waiting for"));
+    for sign in ["panicked", "failed: Uncaught"] {
+        assert!(!log.contains(sign), "Envoy's log says {sign:?}");
+    }
 }

@@ -25,7 +25,7 @@ use ratelimit_core::calls::{Answer, CallId, CallTable};
 use ratelimit_core::webdis::{self, BackendError, Command, FailureClass, Parsed};
 use ratelimit_core::Event;
 
-use crate::host::{self, Status, LOG_ERROR};
+use crate::host::{self, Status, LOG_ERROR, LOG_INFO};
 use crate::http::{self, Pending};
 use crate::root::Filter;
 use crate::webdis_store::WebdisStore;
@@ -143,7 +143,7 @@ impl Callouts {
     ) {
         let answer = self.table.borrow_mut().answered(token);
         match answer {
-            Answer::Orphaned => filter.metrics.orphaned_answer(),
+            Answer::Orphaned => filter.metrics.orphaned_answer(host::now_nanos().ok()),
             Answer::Live {
                 id,
                 context_id,
@@ -159,6 +159,8 @@ impl Callouts {
             ),
         }
         if self.table.borrow_mut().may_finish() {
+            // The host stops this root's ticks: hand over the last counts.
+            filter.metrics.flush(host::now_nanos().unwrap_or(0));
             if let Err(status) = host::done() {
                 host::log(
                     LOG_ERROR,
@@ -231,7 +233,7 @@ impl Callouts {
     ) {
         if host::set_effective_context(context_id).is_err() {
             // Deleted by the host though we had not heard of it yet.
-            filter.metrics.orphaned_answer();
+            filter.metrics.orphaned_answer(host::now_nanos().ok());
             return;
         }
         let quota = pending.quota.clone();
@@ -256,7 +258,18 @@ impl Callouts {
     /// The root's `on_done`: `true` if it may be deleted now, else it waits
     /// for the outstanding answers and then calls `proxy_done`.
     pub fn may_close(&self) -> bool {
-        self.table.borrow_mut().may_close()
+        let mut table = self.table.borrow_mut();
+        if table.may_close() {
+            return true;
+        }
+        host::log(
+            LOG_INFO,
+            &format!(
+                "root context closing: waiting for {} outstanding webdis call(s)",
+                table.outstanding()
+            ),
+        );
+        false
     }
 }
 

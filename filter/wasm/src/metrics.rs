@@ -75,8 +75,9 @@ impl Metrics {
     }
 
     /// Counts an answer whose request was gone (flushed with the rest).
-    pub fn orphaned_answer(&self) {
+    pub fn orphaned_answer(&self, now: Option<u64>) {
         self.orphaned.set(self.orphaned.get().saturating_add(1));
+        self.record(Events::default(), now);
     }
 
     /// Hands every gathered count to Envoy.
