@@ -4,7 +4,8 @@
 //! (Envoy's timeout), after its request is gone. Afterwards the VM's memory
 //! is what it was, nothing panicked, those answers were counted as orphaned,
 //! and once thawed webdis has caught up, requests are served and limited
-//! normally.
+//! normally. A second test replaces the plugin configuration (LDS) while
+//! calls are in flight: the old root context still gets every answer.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
