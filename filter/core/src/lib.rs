@@ -14,6 +14,7 @@
 //!   [`slots::CasStore`] trait the glue implements on Envoy shared data.
 //! - [`webdis`]: the global store's calls (the Redis function library, URLs, replies).
 //! - [`deny_cache`]: the global store's local memory of throttled keys.
+//! - [`calls`]: which request each webdis call the root sends is for.
 //! - [`response`]: 429/401/400/503 bodies and the quota headers.
 //! - [`pipeline`]: one request from headers to action and metrics.
 //!
@@ -62,6 +63,7 @@
     )
 )]
 
+pub mod calls;
 pub mod config;
 pub mod deny_cache;
 pub mod gcra;

@@ -17,6 +17,8 @@ pub struct Status(pub u32);
 
 pub const NOT_FOUND: Status = Status(1);
 pub const CAS_MISMATCH: Status = Status(8);
+/// A shared queue with nothing in it.
+pub const EMPTY: Status = Status(7);
 
 pub const LOG_INFO: u32 = 2;
 pub const LOG_WARN: u32 = 3;
@@ -29,6 +31,7 @@ const MAP_HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
 const BUFFER_HTTP_CALL_RESPONSE_BODY: u32 = 4;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
 const METRIC_COUNTER: u32 = 0;
+const METRIC_GAUGE: u32 = 1;
 const STREAM_HTTP_REQUEST: u32 = 0;
 
 #[link(wasm_import_module = "env")]
@@ -99,6 +102,19 @@ extern "C" {
     ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
+    fn proxy_register_shared_queue(
+        name_data: *const u8,
+        name_size: usize,
+        return_id: *mut u32,
+    ) -> u32;
+    fn proxy_enqueue_shared_queue(queue_id: u32, value_data: *const u8, value_size: usize) -> u32;
+    fn proxy_dequeue_shared_queue(
+        queue_id: u32,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_done() -> u32;
 }
 
 // WASI, which Envoy's Wasm host implements: the clocks and randomness.
@@ -287,8 +303,17 @@ pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
 }
 
 pub fn define_counter(name: &str) -> Result<u32, Status> {
+    define_metric(METRIC_COUNTER, name)
+}
+
+/// A gauge; Envoy sums what every VM adds to it.
+pub fn define_gauge(name: &str) -> Result<u32, Status> {
+    define_metric(METRIC_GAUGE, name)
+}
+
+fn define_metric(metric_type: u32, name: &str) -> Result<u32, Status> {
     let mut id = 0;
-    check(unsafe { proxy_define_metric(METRIC_COUNTER, name.as_ptr(), name.len(), &mut id) })?;
+    check(unsafe { proxy_define_metric(metric_type, name.as_ptr(), name.len(), &mut id) })?;
     Ok(id)
 }
 
@@ -300,4 +325,39 @@ pub fn set_tick_period(millis: u32) -> Result<(), Status> {
 pub fn increment_metric(id: u32, by: i64) {
     // A metric that cannot be bumped must not fail the request.
     let _ = unsafe { proxy_increment_metric(id, by) };
+}
+
+/// Makes `context_id` the one later calls act on (a request, from the
+/// root). `BadArgument` if the host has deleted it.
+pub fn set_effective_context(context_id: u32) -> Result<(), Status> {
+    check(unsafe { proxy_set_effective_context(context_id) })
+}
+
+/// Registers a shared queue under `name` for the current (root) context:
+/// what is enqueued wakes it with `on_queue_ready`.
+pub fn register_shared_queue(name: &str) -> Result<u32, Status> {
+    let mut id = 0;
+    check(unsafe { proxy_register_shared_queue(name.as_ptr(), name.len(), &mut id) })?;
+    Ok(id)
+}
+
+pub fn enqueue_shared_queue(queue_id: u32, value: &[u8]) -> Result<(), Status> {
+    check(unsafe { proxy_enqueue_shared_queue(queue_id, value.as_ptr(), value.len()) })
+}
+
+/// The next item of a shared queue; `Ok(None)` when it is empty.
+pub fn dequeue_shared_queue(queue_id: u32) -> Result<Option<Vec<u8>>, Status> {
+    let mut data = null_mut();
+    let mut size = 0;
+    let status = unsafe { proxy_dequeue_shared_queue(queue_id, &mut data, &mut size) };
+    if Status(status) == EMPTY {
+        return Ok(None);
+    }
+    check(status)?;
+    Ok(Some(unsafe { owned(data, size) }))
+}
+
+/// Tells the host a root context that delayed its `on_done` is finished.
+pub fn done() -> Result<(), Status> {
+    check(unsafe { proxy_done() })
 }

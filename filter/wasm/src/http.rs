@@ -2,12 +2,15 @@
 //!
 //! Local store: decided at once, in `on_http_request_headers`. Global
 //! store: denied at once from the local cache when it already knows, else
-//! paused while webdis answers, then finished in `on_http_call_response`.
+//! paused while the root context calls webdis for it (`callouts.rs`), which
+//! then finishes it through [`conclude`] and [`carry_out`].
 
+use std::cell::Cell;
 use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
+use ratelimit_core::calls::CallId;
 use ratelimit_core::deny_cache;
 use ratelimit_core::gcra::Decision;
 use ratelimit_core::hash::KeyHash;
@@ -15,7 +18,7 @@ use ratelimit_core::header_map;
 use ratelimit_core::pipeline::{self, Event, Events, Quota, Start, StoreFailure, Subject};
 use ratelimit_core::response::{self, LocalReply};
 use ratelimit_core::slots::{Outcome, Placement};
-use ratelimit_core::webdis::{self, BackendError, Parsed};
+use ratelimit_core::webdis::{self, BackendError};
 
 use crate::host::{self, LOG_ERROR, LOG_WARN};
 use crate::request_headers::LazyHeaders;
@@ -25,32 +28,35 @@ use crate::webdis_store::WebdisStore;
 
 pub struct Request {
     filter: Option<Rc<Filter>>,
+    context_id: u32,
     /// Set when the request was let through: its response gets these
-    /// quota headers. Local replies carry theirs already.
-    quota: Option<Quota>,
-    /// A webdis call in flight for this request.
-    pending: Option<Pending>,
+    /// quota headers. Local replies carry theirs already. Shared with the
+    /// request's webdis call, which the root context finishes.
+    quota: Rc<Cell<Option<Quota>>>,
+    /// The webdis call made for this request, released when it ends.
+    call: Option<CallId>,
     /// The host clock when this request was decided, once read.
     now: Option<u64>,
 }
 
 /// What a paused request needs when webdis answers.
-struct Pending {
-    token: u32,
-    set: usize,
-    events: Events,
-    hash: KeyHash,
-    redis_key: String,
-    /// When the call was sent (host clock, ns).
-    sent_at: u64,
+pub struct Pending {
+    pub set: usize,
+    pub events: Events,
+    pub hash: KeyHash,
+    pub redis_key: String,
+    /// When the call was sent (the filter's monotonic clock, ns).
+    pub sent_at: u64,
+    pub quota: Rc<Cell<Option<Quota>>>,
 }
 
 impl Request {
-    pub fn new(filter: Option<Rc<Filter>>) -> Request {
+    pub fn new(filter: Option<Rc<Filter>>, context_id: u32) -> Request {
         Request {
             filter,
-            quota: None,
-            pending: None,
+            context_id,
+            quota: Rc::default(),
+            call: None,
             now: None,
         }
     }
@@ -62,19 +68,8 @@ impl Request {
         Ok(now)
     }
 
-    /// Carries out the pipeline's verdict.
     fn apply(&mut self, filter: &Filter, action: pipeline::Action, events: Events) -> Action {
-        filter.metrics.record(events, self.now);
-        if filter.policy.shadow_mode {
-            filter.log_shadow(events);
-        }
-        match action {
-            pipeline::Action::Continue(quota) => {
-                self.quota = quota;
-                Action::Continue
-            }
-            pipeline::Action::Respond(reply) => respond(&reply),
-        }
+        carry_out(filter, &self.quota, self.now, action, events)
     }
 
     fn decide_global(
@@ -99,81 +94,98 @@ impl Request {
         }
         let redis_key = webdis.redis_key(&subject);
         let pending = Pending {
-            token: 0,
             set,
             events,
             hash,
             redis_key,
             sent_at: now,
+            quota: self.quota.clone(),
         };
-        self.send(filter, webdis, pending, u64::from(webdis.timeout_ms))
-    }
-
-    /// Sends the call of `pending`; pauses the request.
-    fn send(
-        &mut self,
-        filter: &Filter,
-        webdis: &WebdisStore,
-        mut pending: Pending,
-        timeout_ms: u64,
-    ) -> Action {
-        let limits = filter.policy.limits(pending.set);
-        match webdis.dispatch(&pending.redis_key, limits, timeout_ms) {
-            Ok(token) => {
-                filter
-                    .metrics
-                    .record(Events::of(&[Event::BackendCall]), None);
-                pending.token = token;
-                self.pending = Some(pending);
+        // The root context sends the call and finishes this request.
+        match webdis.callouts.request(self.context_id, pending) {
+            Ok(id) => {
+                self.call = Some(id);
                 Action::Pause
             }
-            Err(status) => {
+            Err((pending, status)) => {
                 let error = BackendError::dispatch(format!(
-                    "Envoy refused the call to cluster '{}' (host status {}): is the cluster defined?",
-                    webdis.cluster(),
+                    "cannot hand the call to the root context (host status {})",
                     status.0
                 ));
-                self.conclude(filter, webdis, pending, Err(error))
+                let (action, events) = conclude(filter, webdis, pending, Err(error));
+                self.apply(filter, action, events)
             }
         }
     }
+}
 
-    /// Ends a global decision: records, caches, and answers or resumes.
-    fn conclude(
-        &mut self,
-        filter: &Filter,
-        webdis: &WebdisStore,
-        pending: Pending,
-        result: Result<webdis::Reply, BackendError>,
-    ) -> Action {
-        let policy = &filter.policy;
-        let limits = policy.limits(pending.set);
-        let outcome = match result {
-            Ok(reply) => {
-                let decision = Decision::from_resets(
-                    limits,
-                    reply.allowed,
-                    reply.retry_after_us.saturating_mul(1_000),
-                    reply.resets_us().iter().map(|r| r.saturating_mul(1_000)),
-                );
-                if deny_cache::worth_remembering(&decision) {
-                    let answer = deny_cache::Answer {
-                        sent_at: pending.sent_at,
-                        received_at: host::now_nanos().unwrap_or(pending.sent_at),
-                        resets_us: reply.resets_us(),
-                    };
-                    webdis.remember(pending.hash, limits, answer);
-                }
-                Ok(decided(decision))
+impl Drop for Request {
+    /// No state of a call outlives its request: its answer, if one comes,
+    /// is counted as orphaned and dropped.
+    fn drop(&mut self) {
+        if let (Some(filter), Some(id)) = (&self.filter, self.call.take()) {
+            if let Store::Webdis(webdis) = &filter.store {
+                webdis.callouts.release(id);
             }
-            Err(error) => {
-                filter.log_backend_error(&error);
-                Err(StoreFailure::Backend(error.class))
-            }
-        };
-        let (action, events) = pipeline::finish(policy, pending.set, pending.events, outcome);
-        self.apply(filter, action, events)
+        }
     }
+}
+
+/// Carries out the pipeline's verdict on the current (effective) request.
+pub fn carry_out(
+    filter: &Filter,
+    quota: &Cell<Option<Quota>>,
+    now: Option<u64>,
+    action: pipeline::Action,
+    events: Events,
+) -> Action {
+    filter.metrics.record(events, now);
+    if filter.policy.shadow_mode {
+        filter.log_shadow(events);
+    }
+    match action {
+        pipeline::Action::Continue(granted) => {
+            quota.set(granted);
+            Action::Continue
+        }
+        pipeline::Action::Respond(reply) => respond(&reply),
+    }
+}
+
+/// Ends a global decision: what Redis said (or why it could not), cached
+/// and turned into the pipeline's verdict.
+pub fn conclude(
+    filter: &Filter,
+    webdis: &WebdisStore,
+    pending: Pending,
+    result: Result<webdis::Reply, BackendError>,
+) -> (pipeline::Action, Events) {
+    let policy = &filter.policy;
+    let limits = policy.limits(pending.set);
+    let outcome = match result {
+        Ok(reply) => {
+            let decision = Decision::from_resets(
+                limits,
+                reply.allowed,
+                reply.retry_after_us.saturating_mul(1_000),
+                reply.resets_us().iter().map(|r| r.saturating_mul(1_000)),
+            );
+            if deny_cache::worth_remembering(&decision) {
+                let answer = deny_cache::Answer {
+                    sent_at: pending.sent_at,
+                    received_at: host::now_nanos().unwrap_or(pending.sent_at),
+                    resets_us: reply.resets_us(),
+                };
+                webdis.remember(pending.hash, limits, answer);
+            }
+            Ok(decided(decision))
+        }
+        Err(error) => {
+            filter.log_backend_error(&error);
+            Err(StoreFailure::Backend(error.class))
+        }
+    };
+    pipeline::finish(policy, pending.set, pending.events, outcome)
 }
 
 fn decided(decision: Decision) -> Outcome {
@@ -184,43 +196,10 @@ fn decided(decision: Decision) -> Outcome {
     }
 }
 
-impl Context for Request {
-    fn on_http_call_response(
-        &mut self,
-        token_id: u32,
-        num_headers: usize,
-        body_size: usize,
-        _num_trailers: usize,
-    ) {
-        let (Some(filter), Some(pending)) = (self.filter.clone(), self.pending.take()) else {
-            return;
-        };
-        if pending.token != token_id {
-            self.pending = Some(pending);
-            return;
-        }
-        let Store::Webdis(webdis) = &filter.store else {
-            return;
-        };
-        let limits = filter.policy.limits(pending.set).len();
-        // No headers at all: the call was reset or never connected.
-        let status = if num_headers == 0 {
-            None
-        } else {
-            host::http_call_response_status()
-        };
-        let body = host::http_call_response_body(body_size).unwrap_or_default();
-        let result = match webdis::parse_reply(status, &body, limits) {
-            Parsed::Decided(reply) => Ok(reply),
-            Parsed::Failed(error) => Err(error),
-        };
-        if self.conclude(&filter, webdis, pending, result) == Action::Continue {
-            resume();
-        }
-    }
-}
+impl Context for Request {}
 
-fn resume() {
+/// Lets the current (effective) paused request go on.
+pub fn resume() {
     if let Err(status) = host::resume_request() {
         host::log(
             LOG_ERROR,
@@ -286,7 +265,7 @@ impl HttpContext for Request {
     }
 }
 
-fn respond(reply: &LocalReply) -> Action {
+pub fn respond(reply: &LocalReply) -> Action {
     let pairs: Vec<(&[u8], &[u8])> = reply
         .headers
         .iter()

@@ -12,6 +12,8 @@
 //! - `request_headers.rs`: `:path` at once, the full header map only if needed.
 //! - `shared_store.rs`: the slot table on Envoy shared data.
 //! - `webdis_store.rs`: the global store: calls to webdis, the deny cache.
+//! - `callouts.rs`: the webdis calls, sent and answered by the root context
+//!   for its requests (`ratelimit_core::calls` keeps the books).
 //! - `metrics.rs`: one counter per core event.
 
 #![cfg_attr(
@@ -24,6 +26,7 @@
     )
 )]
 
+mod callouts;
 mod host;
 mod http;
 mod log_limit;
@@ -37,5 +40,7 @@ mod webdis_store;
 use proxy_wasm::traits::RootContext;
 
 proxy_wasm::main! {{
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::<root::Root>::default() });
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(root::Root::new(context_id))
+    });
 }}

@@ -6,6 +6,14 @@
 //! to Envoy in one call per counter at most every [`FLUSH_EVERY_NANOS`], on
 //! the next request, and on the root context's tick for the tail of a
 //! burst. `/stats` lags by at most [`TICK_MILLIS`].
+//!
+//! Besides the core's events, `backend_answers_orphaned` counts webdis
+//! answers that came after their request had gone (its client closed),
+//! discarded.
+//!
+//! One gauge, `wasm_memory_bytes`, is the linear memory of every VM of the
+//! plugin added up (each VM adds its own growth): Wasm memory never
+//! shrinks, so a leak in the VM shows as a gauge that keeps rising.
 
 use std::cell::Cell;
 
@@ -22,6 +30,15 @@ pub struct Metrics {
     ids: [u32; Event::ALL.len()],
     pending: [Cell<u64>; Event::ALL.len()],
     last_flush: Cell<u64>,
+    memory_id: u32,
+    orphaned_id: u32,
+    orphaned: Cell<u64>,
+}
+
+thread_local! {
+    /// This VM's memory as last added to the gauge: one per VM, however
+    /// many plugin configurations (each with its `Metrics`) it runs.
+    static MEMORY_REPORTED: Cell<u64> = const { Cell::new(0) };
 }
 
 impl Metrics {
@@ -31,10 +48,15 @@ impl Metrics {
         for (id, event) in ids.iter_mut().zip(Event::ALL) {
             *id = host::define_counter(&format!("{prefix}{}", event.metric_name()))?;
         }
+        let memory_id = host::define_gauge(&format!("{prefix}wasm_memory_bytes"))?;
+        let orphaned_id = host::define_counter(&format!("{prefix}backend_answers_orphaned"))?;
         Ok(Metrics {
             ids,
             pending: Default::default(),
             last_flush: Cell::new(0),
+            memory_id,
+            orphaned_id,
+            orphaned: Cell::new(0),
         })
     }
 
@@ -52,15 +74,46 @@ impl Metrics {
         }
     }
 
+    /// Counts an answer whose request was gone (flushed with the rest).
+    pub fn orphaned_answer(&self, now: Option<u64>) {
+        self.orphaned.set(self.orphaned.get().saturating_add(1));
+        self.record(Events::default(), now);
+    }
+
     /// Hands every gathered count to Envoy.
     pub fn flush(&self, now: u64) {
-        for (id, pending) in self.ids.iter().zip(&self.pending) {
+        let extra = [(&self.orphaned_id, &self.orphaned)];
+        let events = self.ids.iter().zip(&self.pending);
+        for (id, pending) in events.chain(extra) {
             let count = pending.replace(0);
             if count > 0 {
                 host::increment_metric(*id, i64::try_from(count).unwrap_or(i64::MAX));
             }
         }
+        self.report_memory();
         self.last_flush.set(now);
+    }
+
+    fn report_memory(&self) {
+        let bytes = memory_bytes();
+        let growth = bytes.saturating_sub(MEMORY_REPORTED.get());
+        if growth > 0 {
+            host::increment_metric(self.memory_id, i64::try_from(growth).unwrap_or(i64::MAX));
+            MEMORY_REPORTED.set(bytes);
+        }
+    }
+}
+
+/// The VM's linear memory, in bytes (0 off Wasm, in native tests).
+fn memory_bytes() -> u64 {
+    #[cfg(target_arch = "wasm32")]
+    {
+        const PAGE: u64 = 65_536;
+        (core::arch::wasm32::memory_size(0) as u64).saturating_mul(PAGE)
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        0
     }
 }
 

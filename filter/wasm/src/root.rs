@@ -94,16 +94,53 @@ impl Filter {
     }
 }
 
-#[derive(Default)]
 pub struct Root {
+    context_id: u32,
     filter: Option<Rc<Filter>>,
 }
 
-impl Context for Root {}
+impl Root {
+    pub fn new(context_id: u32) -> Root {
+        Root {
+            context_id,
+            filter: None,
+        }
+    }
+
+    fn webdis(&self) -> Option<(&Filter, &WebdisStore)> {
+        let filter = self.filter.as_deref()?;
+        match &filter.store {
+            Store::Webdis(webdis) => Some((filter, webdis)),
+            Store::Local { .. } => None,
+        }
+    }
+}
+
+/// The webdis calls are the root's (`callouts.rs`).
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        if let Some((filter, webdis)) = self.webdis() {
+            webdis
+                .callouts
+                .on_answer(filter, webdis, token_id, num_headers, body_size);
+        }
+    }
+
+    fn on_done(&mut self) -> bool {
+        self.webdis()
+            .is_none_or(|(_, webdis)| webdis.callouts.may_close())
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        match configure() {
+        match configure(self.context_id) {
             Ok(filter) => {
                 self.filter = Some(Rc::new(filter));
                 if let Err(status) = host::set_tick_period(TICK_MILLIS) {
@@ -142,8 +179,14 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Request::new(self.filter.clone())))
+    fn on_queue_ready(&mut self, _queue_id: u32) {
+        if let Some((filter, webdis)) = self.webdis() {
+            webdis.callouts.on_queue_ready(filter, webdis);
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Request::new(self.filter.clone(), context_id)))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -153,7 +196,7 @@ impl RootContext for Root {
 
 /// Envoy already prefixes the log line with the VM and root ids; the
 /// messages name the plugin, since several may share one VM.
-fn configure() -> Result<Filter, String> {
+fn configure(root_id: u32) -> Result<Filter, String> {
     let plugin_name = host::property(&["plugin_name"])
         .ok()
         .flatten()
@@ -174,7 +217,11 @@ fn configure() -> Result<Filter, String> {
         .map_err(|s| fail(format!("cannot define metrics (host status {})", s.0)))?;
     let (store, described) = match (policy.slot_table(), policy.webdis()) {
         (_, Some(webdis)) => (
-            Store::Webdis(WebdisStore::new(webdis, &plugin_name)),
+            {
+                let store = WebdisStore::new(webdis, &plugin_name);
+                store.callouts.open(root_id, &plugin_name).map_err(fail)?;
+                Store::Webdis(store)
+            },
             format!(
                 "webdis store on cluster '{}', timeout {} ms, failure mode {:?}",
                 webdis.cluster, webdis.timeout_ms, policy.failure_mode

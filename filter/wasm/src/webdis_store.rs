@@ -1,6 +1,8 @@
 //! The global store: one Redis function call through webdis per
 //! decision (`ratelimit_core::webdis` builds and reads the calls), and the
-//! "denied until" cache in shared data (`ratelimit_core::deny_cache`).
+//! "denied until" cache in shared data (`ratelimit_core::deny_cache`). The
+//! calls themselves are sent and answered by the root context
+//! (`callouts.rs`).
 
 use std::time::Duration;
 
@@ -12,6 +14,7 @@ use ratelimit_core::pipeline::Subject;
 use ratelimit_core::state::MAX_VALUE;
 use ratelimit_core::webdis;
 
+use crate::callouts::Callouts;
 use crate::host::{self, Status};
 use crate::shared_store::{table_prefix, with_slot_key};
 
@@ -23,6 +26,7 @@ pub struct WebdisStore {
     secret: Option<Vec<u8>>,
     cache_slots: u32,
     cache_prefix: Vec<u8>,
+    pub callouts: Callouts,
 }
 
 impl WebdisStore {
@@ -45,6 +49,7 @@ impl WebdisStore {
                 .map(|s| s.as_bytes().to_vec()),
             cache_slots: config.cache_slots,
             cache_prefix: table_prefix(plugin_name, "deny"),
+            callouts: Callouts::default(),
         }
     }
 
@@ -89,7 +94,8 @@ impl WebdisStore {
         });
     }
 
-    /// Sends one decision call; the answer comes to `on_http_call_response`.
+    /// Sends one decision call; the answer comes to `on_http_call_response`
+    /// of the context active now (the root, see `callouts.rs`).
     pub fn dispatch(
         &self,
         redis_key: &str,
@@ -98,8 +104,8 @@ impl WebdisStore {
     ) -> Result<u32, Status> {
         let path = webdis::request_path(redis_key, limits);
         // The SDK's own dispatch registers the call so that its answer is
-        // routed back to this request; it returns an error for the statuses
-        // Envoy's httpCall produces (BadArgument, InternalFailure).
+        // routed back to the active context; it returns an error for the
+        // statuses Envoy's httpCall produces (BadArgument, InternalFailure).
         proxy_wasm::hostcalls::dispatch_http_call(
             &self.cluster,
             vec![
