@@ -52,15 +52,9 @@
 //! kept under its name ([`state`]), so adding or removing a limit leaves the
 //! others' debt in place.
 
-#![cfg_attr(
-    test,
-    allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::indexing_slicing
-    )
-)]
+// A panic in the filter aborts the VM: outside tests, no way to panic.
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+#![deny(clippy::panic, clippy::indexing_slicing)]
 
 pub mod config;
 pub mod deny_cache;
