@@ -8,7 +8,9 @@
 //! - [`header_map`]: reads the header map the host serializes.
 //! - [`key`]: finds the API key in the query string or a header.
 //! - [`hash`]: the keyed hash of API keys (fingerprints, slot choice).
-//! - [`gcra`]: the algorithm.
+//! - [`time`]: time units and their conversions.
+//! - [`per_limit`]: one value per limit of a key, without allocating.
+//! - [`gcra`]: the algorithm, its limits and its decisions.
 //! - [`state`]: a key's stored state and its byte layout.
 //! - [`slots`]: the local store's fixed slot table and its CAS loop, over a
 //!   [`slots::CasStore`] trait the glue implements on Envoy shared data.
@@ -62,12 +64,16 @@ pub mod gcra;
 pub mod hash;
 pub mod header_map;
 pub mod key;
+pub mod per_limit;
 pub mod pipeline;
 pub mod policy;
 pub mod rate;
 pub mod response;
 pub mod slots;
 pub mod state;
+#[cfg(test)]
+pub(crate) mod testing;
+pub mod time;
 pub mod webdis;
 
 pub use config::{Config, ConfigError};
