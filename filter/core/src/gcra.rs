@@ -298,6 +298,14 @@ mod tests {
             .prop_map(|(count, window, burst)| limit(count, window, burst))
     }
 
+    /// Request times `gaps` apart, from 1000 s on.
+    fn schedule(gaps: Vec<u64>) -> impl Iterator<Item = u64> {
+        gaps.into_iter().scan(1_000 * S, |now, gap| {
+            *now += gap;
+            Some(*now)
+        })
+    }
+
     proptest! {
         /// In any span of length `L`, a limit admits at most `b + L/T`
         /// requests (`b` at once, then one per interval).
@@ -308,10 +316,8 @@ mod tests {
         ) {
             let limits = [lim.clone()];
             let mut tats = [0];
-            let mut now = 1_000 * S;
             let mut admitted = Vec::new();
-            for gap in gaps {
-                now += gap;
+            for now in schedule(gaps) {
                 if decide(&limits, &mut tats, now).allowed {
                     admitted.push(now);
                 }
@@ -333,9 +339,7 @@ mod tests {
             gaps in prop::collection::vec(0u64..300_000_000, 1..100),
         ) {
             let mut tats = vec![0; lims.len()];
-            let mut now = 1_000 * S;
-            for gap in gaps {
-                now += gap;
+            for now in schedule(gaps) {
                 let d = decide(&lims, &mut tats, now);
                 if !d.allowed {
                     let wait = d.retry_after_nanos;
@@ -355,9 +359,7 @@ mod tests {
             gaps in prop::collection::vec(0u64..300_000_000, 1..100),
         ) {
             let mut tats = vec![0; lims.len()];
-            let mut now = 1_000 * S;
-            for gap in gaps {
-                now += gap;
+            for now in schedule(gaps) {
                 let before = tats.clone();
                 let d = decide(&lims, &mut tats, now);
                 for (b, a) in before.iter().zip(&tats) {
