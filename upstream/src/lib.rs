@@ -18,6 +18,10 @@
 //! * `src/main.rs`: the `upstream` binary: argument/env parsing, runtime,
 //!   binding, signal handling.
 
+// Nothing a client sends may make the upstream panic (tests may).
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+#![deny(clippy::panic, clippy::indexing_slicing)]
+
 mod service;
 
 use std::future::Future;

@@ -1,6 +1,10 @@
 //! `upstream`: serves the tutorial's `"ok"` endpoint until SIGINT/SIGTERM;
 //! with `--healthcheck`, asks a running one for its health instead.
 
+// Nothing a client sends may make the upstream panic (tests may).
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+#![deny(clippy::panic, clippy::indexing_slicing)]
+
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::process::ExitCode;

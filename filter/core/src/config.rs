@@ -323,9 +323,6 @@ fn limit_from<E: de::Error>(
 }
 
 #[cfg(test)]
-mod load_refusals;
-
-#[cfg(test)]
 mod tests {
     use super::*;
 

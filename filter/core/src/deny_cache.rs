@@ -25,9 +25,11 @@
 //! established. Any entry is a true lower bound for its key, so a lost write
 //! only costs a cache miss. Times are the filter's monotonic clock.
 
-use crate::gcra::{self, Decision, Limit, MAX_LIMITS};
+use crate::gcra::{self, Decision, Limit};
 use crate::hash::KeyHash;
+use crate::per_limit::{PerLimit, MAX_LIMITS};
 use crate::state::{KeyState, MAX_VALUE};
+use crate::time::micros_to_nanos;
 
 /// The cache slot of a key.
 pub fn slot(key: KeyHash, slots: u32) -> u32 {
@@ -41,9 +43,12 @@ pub fn lookup(limits: &[Limit], entry: &[u8], key: KeyHash, now: u64) -> Option<
     if state.fingerprint != key.fingerprint {
         return None;
     }
+    // An entry holds at most MAX_LIMITS TATs; it cannot vouch for more.
+    if limits.len() > MAX_LIMITS {
+        return None;
+    }
     let mut tats = state.tats_for(limits);
-    let tats = tats.get_mut(..limits.len())?;
-    let mut decision = gcra::decide(limits, tats, now);
+    let mut decision = gcra::decide(limits, tats.as_mut_slice(), now);
     if decision.allowed {
         return None;
     }
@@ -76,22 +81,23 @@ pub fn entry<'a>(
     limits: &[Limit],
     answer: Answer<'_>,
 ) -> &'a [u8] {
-    let mut tats = [0; MAX_LIMITS];
-    for (tat, reset) in tats.iter_mut().zip(answer.resets_us) {
-        *tat = answer.sent_at.saturating_add(reset.saturating_mul(1_000));
-    }
-    let count = limits.len().min(answer.resets_us.len()).min(MAX_LIMITS);
+    let mut tats: PerLimit<u64> = answer
+        .resets_us
+        .iter()
+        .map(|reset| answer.sent_at.saturating_add(micros_to_nanos(*reset)))
+        .collect();
+    let count = limits.len().min(tats.len());
     let mut slack = answer.received_at.saturating_sub(answer.sent_at);
     let mut base = KeyState::fresh(key.fingerprint);
     if let Some(old) = KeyState::decode(current).filter(|s| s.fingerprint == key.fingerprint) {
-        for (tat, old_tat) in tats.iter_mut().zip(old.tats_for(limits)) {
-            *tat = (*tat).max(old_tat);
+        for (tat, old_tat) in tats.as_mut_slice().iter_mut().zip(&old.tats_for(limits)) {
+            *tat = (*tat).max(*old_tat);
         }
         slack = slack.max(old.guard);
         base = old;
     }
     let limits = limits.get(..count).unwrap_or(&[]);
-    let mut next = base.with_tats(limits, tats.get(..count).unwrap_or(&[]), answer.sent_at);
+    let mut next = base.with_tats(limits, tats.as_slice(), answer.sent_at);
     next.guard = slack;
     next.encode(buf)
 }
@@ -99,11 +105,12 @@ pub fn entry<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const S: u64 = 1_000_000_000;
+    use crate::testing::{key_hash, limit, named_limit, S};
+    use crate::time::ceil_seconds;
+    use std::time::Duration;
 
     fn limits() -> Vec<Limit> {
-        vec![crate::gcra::test_limit(2, 10, 2)]
+        vec![limit(2, 10, 2)]
     }
 
     fn answer(sent_at: u64, resets_us: &[u64]) -> Answer<'_> {
@@ -122,7 +129,7 @@ mod tests {
     #[test]
     fn a_throttled_key_is_denied_locally_until_its_retry_time() {
         let limits = limits();
-        let key = KeyHash::of(b"k");
+        let key = key_hash(b"k");
         let sent_at = 100 * S;
         // Redis: denied, the bucket is full again in 10 s (2 x 5 s).
         let e = write(&[], key, &limits, answer(sent_at, &[10_000_000]));
@@ -141,7 +148,7 @@ mod tests {
         // the reply does) is admitted by Redis, wherever in the round trip
         // Redis decided.
         let limits = limits();
-        let key = KeyHash::of(b"k");
+        let key = key_hash(b"k");
         let (sent_at, rtt) = (100 * S, 300_000_000);
         let reset_us = 9_200_000; // the true TAT is 9.2 s after Redis decided
         let e = write(
@@ -156,15 +163,15 @@ mod tests {
         );
         let asked_at = sent_at + rtt + S;
         let d = lookup(&limits, &e, key, asked_at).unwrap();
-        let wait = crate::response::ceil_seconds(d.retry_after_nanos) * S;
+        let wait = ceil_seconds(d.retry_after_nanos) * S;
         for decided_at in [sent_at, sent_at + rtt / 2, sent_at + rtt] {
-            let true_tat = decided_at + reset_us * 1_000;
-            let tolerance = limits[0].capacity_nanos - limits[0].interval_nanos;
+            let true_tat = decided_at + micros_to_nanos(reset_us);
+            let tolerance = limits[0].tolerance_nanos();
             assert!(
                 true_tat - tolerance <= asked_at + wait,
-                "decided at +{} ms: admitted only {} ms after Retry-After",
-                (decided_at - sent_at) / 1_000_000,
-                (true_tat - tolerance - asked_at - wait) / 1_000_000
+                "decided at +{:?}: admitted only {:?} after Retry-After",
+                Duration::from_nanos(decided_at - sent_at),
+                Duration::from_nanos(true_tat - tolerance - asked_at - wait)
             );
         }
     }
@@ -172,13 +179,11 @@ mod tests {
     #[test]
     fn other_keys_miss_and_other_limits_decide_alone() {
         let limits = limits();
-        let key = KeyHash::of(b"k");
+        let key = key_hash(b"k");
         let e = write(&[], key, &limits, answer(0, &[10_000_000]));
-        assert!(lookup(&limits, &e, KeyHash::of(b"other"), 1).is_none());
+        assert!(lookup(&limits, &e, key_hash(b"other"), 1).is_none());
         // A configuration that adds a limit still sees the first one's debt.
-        let mut daily = crate::gcra::test_limit(1000, 86_400, 1000);
-        daily.name = "daily".into();
-        daily.id = crate::gcra::limit_id("daily");
+        let daily = named_limit("daily", 1000, 86_400, 1000);
         let two = [limits.clone(), vec![daily.clone()]].concat();
         assert!(lookup(&two, &e, key, 1).is_some());
         assert!(lookup(&[daily], &e, key, 1).is_none());
@@ -189,7 +194,7 @@ mod tests {
     #[test]
     fn an_entry_after_an_admission_denies_only_when_nothing_is_left() {
         let limits = limits();
-        let key = KeyHash::of(b"k");
+        let key = key_hash(b"k");
         // One of two used: 5 s of debt, still room for one more.
         let e = write(&[], key, &limits, answer(0, &[5_000_000]));
         assert!(lookup(&limits, &e, key, 1).is_none());
@@ -212,7 +217,7 @@ mod tests {
     #[test]
     fn a_late_answer_never_loosens_a_newer_one() {
         let limits = limits();
-        let key = KeyHash::of(b"k");
+        let key = key_hash(b"k");
         // Sent at 2 s: the bucket is full again only at 12 s (denying).
         let newer = write(&[], key, &limits, answer(2 * S, &[10_000_000]));
         // An answer sent at 1 s, arriving later, saying "full at 6 s".
@@ -220,7 +225,7 @@ mod tests {
         assert_eq!(merged, newer);
         assert!(lookup(&limits, &merged, key, 3 * S).is_some());
         // Another key's entry in the slot is simply replaced.
-        let other = write(&newer, KeyHash::of(b"x"), &limits, answer(S, &[5_000_000]));
+        let other = write(&newer, key_hash(b"x"), &limits, answer(S, &[5_000_000]));
         assert!(lookup(&limits, &other, key, 3 * S).is_none());
     }
 }

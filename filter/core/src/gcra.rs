@@ -8,11 +8,8 @@
 //! together: the request is admitted only if every limit admits it, and only
 //! then do all their TATs move. Time is always passed in.
 
+use crate::per_limit::PerLimit;
 use crate::rate::Rate;
-
-/// How many limits one key may carry at once (`["10/s", "1000/day"]` is two).
-/// A fixed bound keeps decisions allocation-free.
-pub const MAX_LIMITS: usize = 8;
 
 /// One compiled limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +47,12 @@ impl Limit {
         })
     }
 
+    /// `(b - 1) * T`: how far the TAT may run ahead of `now` for a request
+    /// to be admitted.
+    pub fn tolerance_nanos(&self) -> u64 {
+        self.capacity_nanos.saturating_sub(self.interval_nanos)
+    }
+
     /// Requests that fit right now with this TAT.
     fn remaining(&self, tat: u64, now: u64) -> u64 {
         let debt = tat.saturating_sub(now);
@@ -58,6 +61,16 @@ impl Limit {
             .checked_div(self.interval_nanos)
             .unwrap_or(0)
     }
+}
+
+/// A set of limits that apply together to one key, with what the
+/// `RateLimit-Policy` header says about it computed once (by the policy,
+/// with [`crate::response::policy_header`]).
+#[derive(Debug, Clone)]
+pub struct LimitSet {
+    pub limits: Vec<Limit>,
+    /// The `RateLimit-Policy` header value.
+    pub policy_header: String,
 }
 
 /// The identity of the limit named `name` in stored states. Stable across
@@ -82,8 +95,7 @@ pub struct Decision {
     pub allowed: bool,
     /// Zero when allowed; else the exact wait until every limit admits.
     pub retry_after_nanos: u64,
-    states: [LimitState; MAX_LIMITS],
-    len: usize,
+    states: PerLimit<LimitState>,
 }
 
 impl Decision {
@@ -92,8 +104,7 @@ impl Decision {
         Decision {
             allowed: true,
             retry_after_nanos: 0,
-            states: [LimitState::default(); MAX_LIMITS],
-            len: 0,
+            states: PerLimit::new(),
         }
     }
 
@@ -115,41 +126,36 @@ impl Decision {
         retry_after_nanos: u64,
         resets_nanos: impl IntoIterator<Item = u64>,
     ) -> Decision {
-        let mut decision = Decision {
+        Decision {
             allowed,
             retry_after_nanos: if allowed { 0 } else { retry_after_nanos },
-            ..Decision::unlimited()
-        };
-        for ((limit, reset), state) in limits
-            .iter()
-            .zip(resets_nanos)
-            .zip(decision.states.iter_mut())
-        {
-            *state = LimitState {
-                remaining: limit.remaining(reset, 0),
-                reset_nanos: reset,
-            };
-            decision.len += 1;
+            states: limits
+                .iter()
+                .zip(resets_nanos)
+                .map(|(limit, reset)| LimitState {
+                    remaining: limit.remaining(reset, 0),
+                    reset_nanos: reset,
+                })
+                .collect(),
         }
-        decision
     }
 
     /// One state per limit, in the order the limits were given.
     pub fn states(&self) -> &[LimitState] {
-        self.states.get(..self.len).unwrap_or(&[])
+        self.states.as_slice()
     }
 }
 
 /// Decides one request at `now` against `limits`, updating `tats` in place
 /// when it is admitted. `tats` holds one TAT per limit (0 for a fresh key);
-/// extra limits beyond [`MAX_LIMITS`] or missing TATs are never indexed.
+/// extra limits beyond [`crate::per_limit::MAX_LIMITS`] or missing TATs are
+/// never indexed.
 pub fn decide(limits: &[Limit], tats: &mut [u64], now: u64) -> Decision {
     let mut decision = Decision::unlimited();
-    decision.len = limits.len().min(tats.len()).min(MAX_LIMITS);
 
     for (limit, tat) in limits.iter().zip(tats.iter()) {
         let start = (*tat).max(now);
-        let tolerance = limit.capacity_nanos.saturating_sub(limit.interval_nanos);
+        let tolerance = limit.tolerance_nanos();
         let debt = start.saturating_sub(now);
         if debt > tolerance {
             decision.allowed = false;
@@ -163,16 +169,14 @@ pub fn decide(limits: &[Limit], tats: &mut [u64], now: u64) -> Decision {
             *tat = (*tat).max(now).saturating_add(limit.interval_nanos);
         }
     }
-    for ((limit, tat), state) in limits
+    decision.states = limits
         .iter()
         .zip(tats.iter())
-        .zip(decision.states.iter_mut())
-    {
-        *state = LimitState {
+        .map(|(limit, tat)| LimitState {
             remaining: limit.remaining(*tat, now),
             reset_nanos: tat.saturating_sub(now),
-        };
-    }
+        })
+        .collect();
     decision
 }
 
@@ -181,27 +185,11 @@ pub fn is_idle(tats: impl IntoIterator<Item = u64>, now: u64) -> bool {
     tats.into_iter().all(|tat| tat <= now)
 }
 
-/// A limit for tests: `count` per `window_seconds`, burst `burst`.
-#[cfg(test)]
-pub(crate) fn test_limit(count: u64, window_seconds: u64, burst: u64) -> Limit {
-    Limit::new(
-        format!("{count}/{window_seconds}s"),
-        Rate {
-            count,
-            window_seconds,
-        },
-        burst,
-    )
-    .unwrap()
-}
-
 #[cfg(test)]
 mod tests {
-    use super::test_limit as limit;
     use super::*;
+    use crate::testing::{limit, S};
     use proptest::prelude::*;
-
-    const S: u64 = 1_000_000_000;
 
     #[test]
     fn one_per_second_admits_once_per_second_like_drf() {
@@ -310,6 +298,14 @@ mod tests {
             .prop_map(|(count, window, burst)| limit(count, window, burst))
     }
 
+    /// Request times `gaps` apart, from 1000 s on.
+    fn schedule(gaps: Vec<u64>) -> impl Iterator<Item = u64> {
+        gaps.into_iter().scan(1_000 * S, |now, gap| {
+            *now += gap;
+            Some(*now)
+        })
+    }
+
     proptest! {
         /// In any span of length `L`, a limit admits at most `b + L/T`
         /// requests (`b` at once, then one per interval).
@@ -320,10 +316,8 @@ mod tests {
         ) {
             let limits = [lim.clone()];
             let mut tats = [0];
-            let mut now = 1_000 * S;
             let mut admitted = Vec::new();
-            for gap in gaps {
-                now += gap;
+            for now in schedule(gaps) {
                 if decide(&limits, &mut tats, now).allowed {
                     admitted.push(now);
                 }
@@ -345,9 +339,7 @@ mod tests {
             gaps in prop::collection::vec(0u64..300_000_000, 1..100),
         ) {
             let mut tats = vec![0; lims.len()];
-            let mut now = 1_000 * S;
-            for gap in gaps {
-                now += gap;
+            for now in schedule(gaps) {
                 let d = decide(&lims, &mut tats, now);
                 if !d.allowed {
                     let wait = d.retry_after_nanos;
@@ -367,9 +359,7 @@ mod tests {
             gaps in prop::collection::vec(0u64..300_000_000, 1..100),
         ) {
             let mut tats = vec![0; lims.len()];
-            let mut now = 1_000 * S;
-            for gap in gaps {
-                now += gap;
+            for now in schedule(gaps) {
                 let before = tats.clone();
                 let d = decide(&lims, &mut tats, now);
                 for (b, a) in before.iter().zip(&tats) {

@@ -89,31 +89,24 @@ pub fn name_hash(name: &[u8]) -> u64 {
 }
 
 #[cfg(test)]
-impl KeyHash {
-    /// The unseeded hash of `key`, for tests.
-    pub fn of(key: &[u8]) -> KeyHash {
-        KeyHasher::unseeded().hash(key)
-    }
-}
-
-#[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::key_hash;
 
     #[test]
     fn distinct_keys_get_distinct_identities() {
-        let a = KeyHash::of(b"1234");
-        let b = KeyHash::of(b"1235");
+        let a = key_hash(b"1234");
+        let b = key_hash(b"1235");
         assert_ne!(a.fingerprint, b.fingerprint);
         assert_ne!(a.spread, b.spread);
-        assert_eq!(a, KeyHash::of(b"1234"));
-        assert_ne!(KeyHasher::unseeded().anonymous(), KeyHash::of(b" "));
+        assert_eq!(a, key_hash(b"1234"));
+        assert_ne!(KeyHasher::unseeded().anonymous(), key_hash(b" "));
     }
 
     #[test]
     fn the_seed_changes_every_key_s_identity() {
         let seeded = KeyHasher::new(*b"0123456789abcdef");
-        assert_ne!(seeded.hash(b"1234"), KeyHash::of(b"1234"));
+        assert_ne!(seeded.hash(b"1234"), key_hash(b"1234"));
         assert_eq!(seeded.hash(b"1234"), seeded.hash(b"1234"));
         let other = KeyHasher::new(*b"0123456789abcdeg");
         assert_ne!(seeded.hash(b"1234"), other.hash(b"1234"));

@@ -321,7 +321,7 @@ fn hex_value(b: u8) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::header_map::serialize;
+    use crate::testing::Headers;
     use proptest::prelude::*;
 
     fn sources() -> Vec<KeySource> {
@@ -345,10 +345,8 @@ mod tests {
         pairs: &[(&str, &[u8])],
         max: usize,
     ) -> Result<Option<Vec<u8>>, KeyError> {
-        let pairs: Vec<(&[u8], &[u8])> = pairs.iter().map(|(n, v)| (n.as_bytes(), *v)).collect();
-        let bytes = serialize(&pairs);
-        let map = HeaderMap::parse(&bytes).unwrap();
-        extract(sources, &map, max).map(|k| k.map(|k| k.into_owned()))
+        let headers = Headers::of(pairs);
+        extract(sources, &headers.map(), max).map(|k| k.map(|k| k.into_owned()))
     }
 
     fn path(p: &str) -> (&'static str, &[u8]) {
@@ -620,10 +618,8 @@ mod tests {
             h in prop::collection::vec(any::<u8>(), 0..40),
             max in 0usize..20,
         ) {
-            let pairs: Vec<(&[u8], &[u8])> = vec![(b":path", &p), (b"x-api-key", &h)];
-            let bytes = serialize(&pairs);
-            let map = HeaderMap::parse(&bytes).unwrap();
-            if let Ok(Some(key)) = extract(&sources(), &map, max) {
+            let headers = Headers::of(&[(":path", &p), ("x-api-key", &h)]);
+            if let Ok(Some(key)) = extract(&sources(), &headers.map(), max) {
                 prop_assert!(!key.is_empty() && key.len() <= max);
                 prop_assert!(std::str::from_utf8(&key).is_ok());
             }

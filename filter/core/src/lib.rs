@@ -8,7 +8,9 @@
 //! - [`header_map`]: reads the header map the host serializes.
 //! - [`key`]: finds the API key in the query string or a header.
 //! - [`hash`]: the keyed hash of API keys (fingerprints, slot choice).
-//! - [`gcra`]: the algorithm.
+//! - [`time`]: time units and their conversions.
+//! - [`per_limit`]: one value per limit of a key, without allocating.
+//! - [`gcra`]: the algorithm, its limits and its decisions.
 //! - [`state`]: a key's stored state and its byte layout.
 //! - [`slots`]: the local store's fixed slot table and its CAS loop, over a
 //!   [`slots::CasStore`] trait the glue implements on Envoy shared data.
@@ -53,15 +55,9 @@
 //! kept under its name ([`state`]), so adding or removing a limit leaves the
 //! others' debt in place.
 
-#![cfg_attr(
-    test,
-    allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::indexing_slicing
-    )
-)]
+// A panic in the filter aborts the VM: outside tests, no way to panic.
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+#![deny(clippy::panic, clippy::indexing_slicing)]
 
 pub mod calls;
 pub mod config;
@@ -70,12 +66,16 @@ pub mod gcra;
 pub mod hash;
 pub mod header_map;
 pub mod key;
+pub mod per_limit;
 pub mod pipeline;
 pub mod policy;
 pub mod rate;
 pub mod response;
 pub mod slots;
 pub mod state;
+#[cfg(test)]
+pub(crate) mod testing;
+pub mod time;
 pub mod webdis;
 
 pub use config::{Config, ConfigError};

@@ -31,9 +31,9 @@ pub struct Quota {
     pub decision: Decision,
 }
 
-/// Things worth counting. Each maps to one metric.
+/// Things worth counting. Each maps to one metric. A new event is listed
+/// in `Event::PLAIN` too, which gives it its index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 pub enum Event {
     Allowed,
     Throttled,
@@ -51,12 +51,8 @@ pub enum Event {
     BackendCall,
     /// A request denied from the local "denied until" table, with no call.
     BackendCacheHit,
-    BackendErrorDispatch,
-    BackendErrorTransport,
-    BackendErrorTimeout,
-    BackendErrorStatus,
-    BackendErrorRedis,
-    BackendErrorParse,
+    /// A failed call to webdis, by class.
+    BackendError(FailureClass),
     /// Every candidate slot held a throttled key: the newcomer was denied.
     SlotTableFull,
     /// Shadow mode let through a request that would have been a 401.
@@ -69,7 +65,8 @@ pub enum Event {
 }
 
 impl Event {
-    pub const ALL: [Event; 23] = [
+    /// Every event that is not a backend error (a new event goes here too).
+    const PLAIN: [Event; 17] = [
         Event::Allowed,
         Event::Throttled,
         Event::ShadowThrottled,
@@ -83,21 +80,43 @@ impl Event {
         Event::FailureModeDenied,
         Event::BackendCall,
         Event::BackendCacheHit,
-        Event::BackendErrorDispatch,
-        Event::BackendErrorTransport,
-        Event::BackendErrorTimeout,
-        Event::BackendErrorStatus,
-        Event::BackendErrorRedis,
-        Event::BackendErrorParse,
         Event::SlotTableFull,
         Event::ShadowMissingKey,
         Event::ShadowInvalidKey,
         Event::ShadowFailureDenied,
     ];
 
-    /// The metric's name, after the filter's prefix.
-    pub fn metric_name(self) -> &'static str {
+    /// Every event, each at its [`Event::index`]: the plain ones, then one
+    /// backend error per [`FailureClass`].
+    // Built at compile time: an index out of range fails the build.
+    #[allow(clippy::indexing_slicing)]
+    pub const ALL: [Event; Event::PLAIN.len() + FailureClass::ALL.len()] = {
+        let mut all = [Event::Allowed; Event::PLAIN.len() + FailureClass::ALL.len()];
+        let mut i = 0;
+        while i < all.len() {
+            all[i] = match i.checked_sub(Event::PLAIN.len()) {
+                None => Event::PLAIN[i],
+                Some(class) => Event::BackendError(FailureClass::ALL[class]),
+            };
+            i += 1;
+        }
+        all
+    };
+
+    /// The event's position in [`Event::ALL`], for per-event tables.
+    pub fn index(self) -> usize {
         match self {
+            Event::BackendError(class) => Event::PLAIN.len() + class.index(),
+            plain => Event::PLAIN
+                .iter()
+                .position(|e| *e == plain)
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The metric's name, after the filter's prefix.
+    pub fn metric_name(self) -> Cow<'static, str> {
+        Cow::Borrowed(match self {
             Event::Allowed => "allowed",
             Event::Throttled => "throttled",
             Event::ShadowThrottled => "shadow_throttled",
@@ -111,35 +130,22 @@ impl Event {
             Event::FailureModeDenied => "failure_mode_denied",
             Event::BackendCall => "backend_calls",
             Event::BackendCacheHit => "backend_cache_hits",
-            Event::BackendErrorDispatch => "backend_errors_dispatch",
-            Event::BackendErrorTransport => "backend_errors_transport",
-            Event::BackendErrorTimeout => "backend_errors_timeout",
-            Event::BackendErrorStatus => "backend_errors_status",
-            Event::BackendErrorRedis => "backend_errors_redis",
-            Event::BackendErrorParse => "backend_errors_parse",
+            Event::BackendError(class) => {
+                return Cow::Owned(format!("backend_errors_{}", class.name()))
+            }
             Event::SlotTableFull => "slot_table_full",
             Event::ShadowMissingKey => "shadow_missing_key",
             Event::ShadowInvalidKey => "shadow_invalid_key",
             Event::ShadowFailureDenied => "shadow_failure_denied",
-        }
-    }
-
-    /// The event counting a failed backend call of this class.
-    pub fn backend_error(class: FailureClass) -> Event {
-        match class {
-            FailureClass::Dispatch => Event::BackendErrorDispatch,
-            FailureClass::Transport => Event::BackendErrorTransport,
-            FailureClass::Timeout => Event::BackendErrorTimeout,
-            FailureClass::Status => Event::BackendErrorStatus,
-            FailureClass::Redis => Event::BackendErrorRedis,
-            FailureClass::Parse => Event::BackendErrorParse,
-        }
+        })
     }
 }
 
-/// A small set of events, without allocating.
+/// A small set of events, without allocating: one bit per [`Event::index`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Events(u32);
+
+const _: () = assert!(Event::ALL.len() <= u32::BITS as usize);
 
 impl Events {
     pub fn of(events: &[Event]) -> Events {
@@ -151,15 +157,20 @@ impl Events {
     }
 
     pub fn insert(&mut self, event: Event) {
-        self.0 |= 1 << event as u8;
+        self.0 |= 1 << event.index();
     }
 
     pub fn contains(&self, event: Event) -> bool {
-        self.0 & (1 << event as u8) != 0
+        self.0 & (1 << event.index()) != 0
     }
 
+    /// The events held, in the order of [`Event::ALL`].
     pub fn iter(self) -> impl Iterator<Item = Event> {
-        Event::ALL.into_iter().filter(move |e| self.contains(*e))
+        Event::ALL
+            .into_iter()
+            .enumerate()
+            .filter(move |(i, _)| self.0 & (1 << i) != 0)
+            .map(|(_, event)| event)
     }
 }
 
@@ -206,7 +217,7 @@ pub fn start<'a>(policy: &Policy, headers: &impl RequestHeaders<'a>) -> Start<'a
         }
         Identity::MissingRejected => {
             return Start::Done(
-                Action::Respond(response::missing_key(policy)),
+                Action::Respond(response::missing_key(&policy.replies)),
                 Events::of(&[Event::MissingKey]),
             )
         }
@@ -218,7 +229,7 @@ pub fn start<'a>(policy: &Policy, headers: &impl RequestHeaders<'a>) -> Start<'a
         }
         Identity::Invalid(error) => {
             return Start::Done(
-                Action::Respond(response::invalid_key(policy, error)),
+                Action::Respond(response::invalid_key(&policy.replies, error)),
                 Events::of(&[Event::InvalidKey]),
             )
         }
@@ -284,7 +295,7 @@ pub fn finish(
         Err(failure) => {
             events.insert(Event::StoreError);
             if let StoreFailure::Backend(class) = failure {
-                events.insert(Event::backend_error(class));
+                events.insert(Event::BackendError(class));
             }
             return match policy.failure_mode {
                 crate::config::FailureMode::Allow => {
@@ -312,7 +323,7 @@ pub fn finish(
     } else {
         events.insert(Event::Throttled);
         (
-            Action::Respond(response::throttled(policy, limits, &decision)),
+            Action::Respond(response::throttled(&policy.headers, limits, &decision)),
             events,
         )
     }
@@ -327,27 +338,19 @@ pub fn write_response_headers(
     emit: impl FnMut(&'static str, &str),
 ) {
     if let Some(set) = policy.set(quota.set) {
-        response::write_quota_headers(policy, set, &quota.decision, buf, emit);
+        response::write_quota_headers(&policy.headers, set, &quota.decision, buf, emit);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::header_map::{serialize, HeaderMap};
-    use crate::slots::tests::MemStore;
-
-    const S: u64 = 1_000_000_000;
-
-    fn policy(json: &str) -> Policy {
-        Policy::from_json(json.as_bytes()).unwrap()
-    }
+    use crate::testing::{policy, Headers, MemStore, S};
 
     /// The whole local path, as the glue runs it.
     fn run(p: &Policy, store: &mut MemStore, path: &str, now: u64) -> (Action, Events) {
-        let bytes = serialize(&[(b":path", path.as_bytes())]);
-        let headers = HeaderMap::parse(&bytes).unwrap();
-        match start(p, &headers) {
+        let headers = Headers::path(path);
+        match start(p, &headers.map()) {
             Start::Done(action, events) => (action, events),
             Start::Decide {
                 hash, set, events, ..
@@ -560,7 +563,7 @@ mod tests {
             Events::of(&[
                 Event::StoreError,
                 Event::FailureModeDenied,
-                Event::BackendErrorTimeout
+                Event::BackendError(FailureClass::Timeout)
             ])
         );
         assert_eq!(status(&action), 503);
@@ -576,5 +579,41 @@ mod tests {
         let names: std::collections::HashSet<_> =
             Event::ALL.iter().map(|e| e.metric_name()).collect();
         assert_eq!(names.len(), Event::ALL.len());
+    }
+
+    #[test]
+    fn every_event_has_its_own_index_and_keeps_its_metric_name() {
+        for (i, event) in Event::ALL.iter().enumerate() {
+            assert_eq!(event.index(), i, "{event:?}");
+        }
+        let mut names: Vec<_> = Event::ALL.iter().map(|e| e.metric_name()).collect();
+        names.sort();
+        // The names operators and the e2e tests read in /stats.
+        let expected = [
+            "allowed",
+            "backend_cache_hits",
+            "backend_calls",
+            "backend_errors_dispatch",
+            "backend_errors_parse",
+            "backend_errors_redis",
+            "backend_errors_status",
+            "backend_errors_timeout",
+            "backend_errors_transport",
+            "cas_conflicts",
+            "cas_retries_exhausted",
+            "failure_mode_allowed",
+            "failure_mode_denied",
+            "invalid_key",
+            "missing_key",
+            "shadow_failure_denied",
+            "shadow_invalid_key",
+            "shadow_missing_key",
+            "shadow_throttled",
+            "slot_evictions",
+            "slot_table_full",
+            "store_errors",
+            "throttled",
+        ];
+        assert_eq!(names, expected);
     }
 }

@@ -12,27 +12,20 @@ use crate::config::{
     Config, ConfigError, FailureMode, KeySourceConfig, LimitConfig, LocalStoreConfig, MissingKey,
     ResponseHeadersConfig, StoreConfig, WebdisStoreConfig,
 };
-use crate::gcra::{Limit, MAX_LIMITS};
+use crate::gcra::{Limit, LimitSet};
 use crate::hash::{KeyHash, KeyHasher};
 use crate::key::{self, KeyError, KeySource, RequestHeaders};
+use crate::per_limit::MAX_LIMITS;
 use crate::rate::{MAX_CAPACITY_NANOS, MAX_CAPACITY_SECONDS, MAX_COUNT};
-use crate::response;
+use crate::response::{self, Replies};
 use crate::slots::{SlotTable, PROBES};
+use crate::time::SECONDS_PER_YEAR;
 
 /// Bounds on user-supplied sizes.
 pub const MAX_KEY_LENGTH: usize = 4096;
 pub const MAX_SLOTS: u32 = 1 << 22;
 pub const MAX_CAS_RETRIES: u32 = 1000;
 const MAX_NAME_LENGTH: usize = 64;
-
-/// A set of limits that apply together to one key, with what the response
-/// headers say about it computed once.
-#[derive(Debug, Clone)]
-pub struct LimitSet {
-    pub limits: Vec<Limit>,
-    /// The `RateLimit-Policy` header value.
-    pub policy_header: String,
-}
 
 /// Which limit set applies to a request, or why none does.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,9 +64,8 @@ pub struct Policy {
     /// The keyed hash of keys in the stores; the filter seeds it with the
     /// process's secret after compiling (see `hash`).
     hasher: Cell<KeyHasher>,
-    /// Bodies computed once: 401, and the 400s.
-    pub(crate) missing_body: String,
-    pub(crate) invalid_bodies: response::InvalidBodies,
+    /// The 401 and 400 bodies, which name the key sources.
+    pub replies: Replies,
 }
 
 const DEFAULT_SET: usize = 0;
@@ -85,15 +77,12 @@ impl Policy {
     }
 
     pub fn compile(config: Config) -> Result<Policy, ConfigError> {
-        if !(1..=MAX_KEY_LENGTH).contains(&config.max_key_length) {
-            return Err(ConfigError::new(
-                "max_key_length",
-                format!(
-                    "must be from 1 to {MAX_KEY_LENGTH}, got {}",
-                    config.max_key_length
-                ),
-            ));
-        }
+        in_range(
+            "max_key_length",
+            config.max_key_length,
+            1..=MAX_KEY_LENGTH,
+            "",
+        )?;
         let sources = compile_sources(&config.key_sources)?;
         check_store(&config.store)?;
 
@@ -155,8 +144,7 @@ impl Policy {
             }
         }
 
-        let missing_body = response::missing_key_body(&sources);
-        let invalid_bodies = response::InvalidBodies::new(&sources, config.max_key_length);
+        let replies = Replies::new(&sources, config.max_key_length);
         Ok(Policy {
             sources,
             max_key_length: config.max_key_length,
@@ -170,8 +158,7 @@ impl Policy {
             plain_overrides,
             sha256_overrides,
             hasher: Cell::new(KeyHasher::unseeded()),
-            missing_body,
-            invalid_bodies,
+            replies,
         })
     }
 
@@ -345,7 +332,7 @@ fn compile_set(
                     format!("{at}.burst"),
                     format!(
                         "must be from 1 to {MAX_COUNT}, and burst x (window / count) at most {} years, the longest both stores compute exactly; got {burst}",
-                        MAX_CAPACITY_SECONDS / (365 * 86_400)
+                        MAX_CAPACITY_SECONDS / SECONDS_PER_YEAR
                     ),
                 )
             })?;
@@ -380,15 +367,12 @@ fn check_store(store: &StoreConfig) -> Result<(), ConfigError> {
                     ));
                 }
             }
-            if !(1..=MAX_TIMEOUT_MS).contains(&w.timeout_ms) {
-                return Err(ConfigError::new(
-                    "store.webdis.timeout_ms",
-                    format!(
-                        "must be from 1 to {MAX_TIMEOUT_MS} (Envoy reads 0 as no timeout at all), got {}",
-                        w.timeout_ms
-                    ),
-                ));
-            }
+            in_range(
+                "store.webdis.timeout_ms",
+                w.timeout_ms,
+                1..=MAX_TIMEOUT_MS,
+                " (Envoy reads 0 as no timeout at all)",
+            )?;
             let prefix = w.key_prefix.as_deref().unwrap_or_default();
             if prefix.len() > MAX_KEY_PREFIX
                 || !prefix
@@ -419,24 +403,42 @@ fn check_store(store: &StoreConfig) -> Result<(), ConfigError> {
             }
         }
         StoreConfig::Local(local) => {
-            if !(PROBES as u32..=MAX_SLOTS).contains(&local.slots) {
-                return Err(ConfigError::new(
-                    "store.local.slots",
-                    format!("must be from {PROBES} to {MAX_SLOTS}, got {}", local.slots),
-                ));
-            }
-            if !(1..=MAX_CAS_RETRIES).contains(&local.max_cas_retries) {
-                return Err(ConfigError::new(
-                    "store.local.max_cas_retries",
-                    format!(
-                        "must be from 1 to {MAX_CAS_RETRIES}, got {}",
-                        local.max_cas_retries
-                    ),
-                ));
-            }
+            in_range(
+                "store.local.slots",
+                local.slots,
+                PROBES as u32..=MAX_SLOTS,
+                "",
+            )?;
+            in_range(
+                "store.local.max_cas_retries",
+                local.max_cas_retries,
+                1..=MAX_CAS_RETRIES,
+                "",
+            )?;
         }
     }
     Ok(())
+}
+
+/// An error naming `field` unless `value` is in `range`: "must be from A to
+/// B<note>, got V".
+fn in_range<T: PartialOrd + std::fmt::Display>(
+    field: &str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+    note: &str,
+) -> Result<(), ConfigError> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(ConfigError::new(
+        field,
+        format!(
+            "must be from {} to {}{note}, got {value}",
+            range.start(),
+            range.end()
+        ),
+    ))
 }
 
 fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
@@ -453,22 +455,20 @@ fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
 }
 
 #[cfg(test)]
+mod load_refusals;
+
+#[cfg(test)]
 mod tests {
     use super::*;
-    use crate::header_map::{serialize, HeaderMap};
     use crate::key::KeyErrorKind;
-
-    fn policy(json: &str) -> Policy {
-        Policy::from_json(json.as_bytes()).unwrap()
-    }
+    use crate::testing::{policy, Headers};
 
     fn error(json: &str) -> ConfigError {
         Policy::from_json(json.as_bytes()).unwrap_err()
     }
 
     fn identify(p: &Policy, path: &str) -> Identity<'static> {
-        let bytes = serialize(&[(b":path", path.as_bytes())]);
-        match p.identify(&HeaderMap::parse(&bytes).unwrap()) {
+        match p.identify(&Headers::path(path).map()) {
             Identity::Key { key, hash, set } => Identity::Key {
                 key: Cow::Owned(key.into_owned()),
                 hash,
@@ -637,6 +637,27 @@ mod tests {
             assert_eq!(e.field, field, "{json}: {e}");
             assert!(e.to_string().contains(field), "{e}");
         }
+    }
+
+    #[test]
+    fn out_of_range_numbers_are_refused_with_the_bounds_and_the_value() {
+        let message = |json: &str| error(json).message;
+        assert_eq!(
+            message(r#"{"limits": ["1/s"], "max_key_length": 0}"#),
+            "must be from 1 to 4096, got 0"
+        );
+        assert_eq!(
+            message(r#"{"limits": ["1/s"], "store": {"webdis": {"timeout_ms": 0}}}"#),
+            "must be from 1 to 60000 (Envoy reads 0 as no timeout at all), got 0"
+        );
+        assert_eq!(
+            message(r#"{"limits": ["1/s"], "store": {"local": {"slots": 3}}}"#),
+            "must be from 4 to 4194304, got 3"
+        );
+        assert_eq!(
+            message(r#"{"limits": ["1/s"], "store": {"local": {"max_cas_retries": 1001}}}"#),
+            "must be from 1 to 1000, got 1001"
+        );
     }
 
     #[test]

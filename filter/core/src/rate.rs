@@ -3,25 +3,28 @@
 
 use std::fmt;
 
-const NANOS_PER_SECOND: u64 = 1_000_000_000;
+use crate::time::{
+    micros_to_nanos, seconds_to_micros, seconds_to_nanos, MICROS_PER_SECOND, SECONDS_PER_DAY,
+    SECONDS_PER_HOUR, SECONDS_PER_MINUTE, SECONDS_PER_YEAR,
+};
 
 /// The longest window a rate may span; it catches typos like `1/9999d`.
 /// [`MAX_CAPACITY_SECONDS`] bounds what a burst may add on top.
-pub const MAX_WINDOW_SECONDS: u64 = 366 * 86_400;
+pub const MAX_WINDOW_SECONDS: u64 = 366 * SECONDS_PER_DAY;
 
 /// The longest capacity (burst x emission interval) a limit may have: 50
 /// years of 365 days. A TAT runs up to `now + capacity`, and both stores
 /// must compute it exactly with a wall clock up to 2200: the local store in
 /// u64 nanoseconds (overflows after 2554), Redis in Lua doubles over
 /// microseconds (exact below 2^53 µs, 2255).
-pub const MAX_CAPACITY_SECONDS: u64 = 50 * 365 * 86_400;
-pub const MAX_CAPACITY_NANOS: u64 = MAX_CAPACITY_SECONDS * NANOS_PER_SECOND;
+pub const MAX_CAPACITY_SECONDS: u64 = 50 * SECONDS_PER_YEAR;
+pub const MAX_CAPACITY_NANOS: u64 = seconds_to_nanos(MAX_CAPACITY_SECONDS);
 
 /// The largest request count a rate may name.
 pub const MAX_COUNT: u64 = 1_000_000_000;
 
 /// The fastest rate: one request per microsecond, the algorithm's resolution.
-pub const MAX_PER_SECOND: u64 = 1_000_000;
+pub const MAX_PER_SECOND: u64 = MICROS_PER_SECOND;
 
 /// A parsed rate: `count` requests per `window_seconds`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +61,7 @@ impl fmt::Display for RateError {
             RateError::WindowTooLong(s) => write!(
                 f,
                 "invalid rate \"{s}\": the window is longer than {} days",
-                MAX_WINDOW_SECONDS / 86_400
+                MAX_WINDOW_SECONDS / SECONDS_PER_DAY
             ),
             RateError::TooFast(s) => write!(
                 f,
@@ -98,9 +101,9 @@ impl Rate {
         }
         let unit_seconds = match unit.as_bytes().first() {
             Some(b's') => 1,
-            Some(b'm') => 60,
-            Some(b'h') => 3_600,
-            Some(b'd') => 86_400,
+            Some(b'm') => SECONDS_PER_MINUTE,
+            Some(b'h') => SECONDS_PER_HOUR,
+            Some(b'd') => SECONDS_PER_DAY,
             _ => return Err(RateError::BadPeriod(text.to_string())),
         };
         let window_seconds = multiplier
@@ -118,7 +121,7 @@ impl Rate {
 
     /// The window in nanoseconds (at most 366 days, so it fits easily).
     pub fn window_nanos(&self) -> u64 {
-        self.window_seconds.saturating_mul(NANOS_PER_SECOND)
+        seconds_to_nanos(self.window_seconds)
     }
 
     /// GCRA's emission interval `T = window / count`, rounded up to a whole
@@ -126,8 +129,8 @@ impl Rate {
     /// Redis (whose Lua numbers are doubles, exact to 2^53) works in the very
     /// same microseconds, so local and global mode decide identically.
     pub fn interval_nanos(&self) -> u64 {
-        let micros = self.window_seconds.saturating_mul(1_000_000);
-        micros.div_ceil(self.count.max(1)).saturating_mul(1_000)
+        let window = seconds_to_micros(self.window_seconds);
+        micros_to_nanos(window.div_ceil(self.count.max(1)))
     }
 }
 

@@ -15,11 +15,11 @@
 
 use std::fmt::Write;
 
-use crate::gcra::{Decision, Limit};
+use crate::config::ResponseHeadersConfig;
+use crate::gcra::{Decision, Limit, LimitSet};
 use crate::key::{KeyError, KeyErrorKind, KeySource};
-use crate::policy::{LimitSet, Policy};
+use crate::time::ceil_seconds;
 
-const NANOS_PER_SECOND: u64 = 1_000_000_000;
 const JSON: (&str, &str) = ("content-type", "application/json");
 
 /// A response the filter sends itself instead of forwarding the request.
@@ -28,11 +28,6 @@ pub struct LocalReply {
     pub status: u32,
     pub headers: Vec<(&'static str, String)>,
     pub body: String,
-}
-
-/// Whole seconds, rounded up: a client waiting this long is never early.
-pub fn ceil_seconds(nanos: u64) -> u64 {
-    nanos.div_ceil(NANOS_PER_SECOND)
 }
 
 /// `RateLimit-Policy` for a set of limits, computed once per set.
@@ -54,7 +49,7 @@ pub fn policy_header(limits: &[Limit]) -> String {
 /// written when the decision carries no per-limit state (no limits, or the
 /// store could not decide).
 pub fn write_quota_headers(
-    policy: &Policy,
+    headers: &ResponseHeadersConfig,
     set: &LimitSet,
     decision: &Decision,
     buf: &mut String,
@@ -64,7 +59,7 @@ pub fn write_quota_headers(
     if states.is_empty() {
         return;
     }
-    if policy.headers.ratelimit {
+    if headers.ratelimit {
         emit("ratelimit-policy", &set.policy_header);
         buf.clear();
         for (i, (limit, state)) in set.limits.iter().zip(states).enumerate() {
@@ -79,7 +74,7 @@ pub fn write_quota_headers(
         }
         emit("ratelimit", buf);
     }
-    if policy.headers.x_ratelimit {
+    if headers.x_ratelimit {
         let tightest = set
             .limits
             .iter()
@@ -101,37 +96,41 @@ pub fn write_quota_headers(
     }
 }
 
-/// The quota headers of a decision, collected (for local replies).
 /// What a header reports as remaining: never more than the limit's count,
 /// the quota the policy header announces.
 fn shown_remaining(limit: &Limit, remaining: u64) -> u64 {
     remaining.min(limit.rate.count)
 }
 
+/// The quota headers of a decision, collected (for local replies).
 pub fn quota_headers(
-    policy: &Policy,
+    headers: &ResponseHeadersConfig,
     set: &LimitSet,
     decision: &Decision,
     out: &mut Vec<(&'static str, String)>,
 ) {
     let mut buf = String::new();
-    write_quota_headers(policy, set, decision, &mut buf, |name, value| {
+    write_quota_headers(headers, set, decision, &mut buf, |name, value| {
         out.push((name, value.to_string()));
     });
 }
 
 /// 429 Too Many Requests, in DRF's words.
-pub fn throttled(policy: &Policy, set: &LimitSet, decision: &Decision) -> LocalReply {
+pub fn throttled(
+    headers: &ResponseHeadersConfig,
+    set: &LimitSet,
+    decision: &Decision,
+) -> LocalReply {
     let wait = ceil_seconds(decision.retry_after_nanos).max(1);
     let unit = if wait == 1 { "second" } else { "seconds" };
-    let mut headers = vec![
+    let mut out = vec![
         (JSON.0, JSON.1.to_string()),
         ("retry-after", wait.to_string()),
     ];
-    quota_headers(policy, set, decision, &mut headers);
+    quota_headers(headers, set, decision, &mut out);
     LocalReply {
         status: 429,
-        headers,
+        headers: out,
         body: format!(
             "{{\"detail\":\"Request was throttled. Expected available in {wait} {unit}.\"}}"
         ),
@@ -139,22 +138,21 @@ pub fn throttled(policy: &Policy, set: &LimitSet, decision: &Decision) -> LocalR
 }
 
 /// 401 for a request without a key (`missing_key: reject`).
-pub fn missing_key(policy: &Policy) -> LocalReply {
+pub fn missing_key(replies: &Replies) -> LocalReply {
     LocalReply {
         status: 401,
         headers: vec![
             (JSON.0, JSON.1.to_string()),
             ("www-authenticate", "ApiKey".to_string()),
         ],
-        body: policy.missing_body.clone(),
+        body: replies.missing_key.clone(),
     }
 }
 
 /// 400 for a key that cannot be used.
-pub fn invalid_key(policy: &Policy, error: KeyError) -> LocalReply {
-    let body = policy
-        .invalid_bodies
-        .get(error)
+pub fn invalid_key(replies: &Replies, error: KeyError) -> LocalReply {
+    let body = replies
+        .invalid_key(error)
         .map_or_else(|| detail("Invalid API key."), str::to_string);
     LocalReply {
         status: 400,
@@ -172,25 +170,24 @@ pub fn unavailable() -> LocalReply {
     }
 }
 
-pub(crate) fn missing_key_body(sources: &[KeySource]) -> String {
-    let places: Vec<String> = sources.iter().map(KeySource::describe).collect();
-    detail(&format!(
-        "Authentication credentials were not provided. Send an API key in {}.",
-        places.join(" or ")
-    ))
-}
-
-/// The 400 bodies of a policy, computed once: one per (source, reason) and
+/// The bodies of the 401 and the 400s, which name the configured key
+/// sources: computed once per configuration, one per (source, reason) and
 /// one per pair of sources that can disagree.
 #[derive(Debug, Clone)]
-pub(crate) struct InvalidBodies {
+pub struct Replies {
+    missing_key: String,
     per_source: Vec<[String; KeyErrorKind::ALL.len()]>,
     /// Row-major `first * sources + second`.
     conflicts: Vec<String>,
 }
 
-impl InvalidBodies {
-    pub(crate) fn new(sources: &[KeySource], max_len: usize) -> InvalidBodies {
+impl Replies {
+    pub fn new(sources: &[KeySource], max_len: usize) -> Replies {
+        let places: Vec<String> = sources.iter().map(KeySource::describe).collect();
+        let missing_key = detail(&format!(
+            "Authentication credentials were not provided. Send an API key in {}.",
+            places.join(" or ")
+        ));
         let per_source = sources
             .iter()
             .map(|s| KeyErrorKind::ALL.map(|kind| invalid_key_body(s, kind, max_len)))
@@ -207,13 +204,14 @@ impl InvalidBodies {
                 })
             })
             .collect();
-        InvalidBodies {
+        Replies {
+            missing_key,
             per_source,
             conflicts,
         }
     }
 
-    fn get(&self, error: KeyError) -> Option<&str> {
+    fn invalid_key(&self, error: KeyError) -> Option<&str> {
         match error {
             KeyError::Source { source, kind } => self
                 .per_source
@@ -252,10 +250,7 @@ fn detail(message: &str) -> String {
 mod tests {
     use super::*;
     use crate::gcra;
-
-    fn policy(json: &str) -> Policy {
-        Policy::from_json(json.as_bytes()).unwrap()
-    }
+    use crate::testing::policy;
 
     fn header<'a>(reply: &'a [(&'static str, String)], name: &str) -> Option<&'a str> {
         reply
@@ -271,7 +266,7 @@ mod tests {
         let mut tats = [0];
         gcra::decide(&set.limits, &mut tats, 10_000_000_000);
         let d = gcra::decide(&set.limits, &mut tats, 10_100_000_000);
-        let reply = throttled(&p, set, &d);
+        let reply = throttled(&p.headers, set, &d);
         assert_eq!(reply.status, 429);
         assert_eq!(
             reply.body,
@@ -302,7 +297,7 @@ mod tests {
         gcra::decide(&set.limits, &mut tats, now);
         gcra::decide(&set.limits, &mut tats, now);
         let d = gcra::decide(&set.limits, &mut tats, now);
-        let reply = throttled(&p, set, &d);
+        let reply = throttled(&p.headers, set, &d);
         assert_eq!(
             reply.body,
             r#"{"detail":"Request was throttled. Expected available in 30 seconds."}"#
@@ -353,7 +348,7 @@ mod tests {
             for step in 0..(burst + 2) {
                 let d = gcra::decide(&set.limits, &mut tats, 1_000 + step);
                 let mut out = Vec::new();
-                quota_headers(&p, set, &d, &mut out);
+                quota_headers(&p.headers, set, &d, &mut out);
                 let policy_members = sf_members(header(&out, "ratelimit-policy").unwrap());
                 let members = sf_members(header(&out, "ratelimit").unwrap());
                 assert_eq!(policy_members.len(), members.len());
@@ -377,28 +372,28 @@ mod tests {
         let set = &p.sets[0];
         let d = gcra::decide(&set.limits, &mut [0], 1);
         let mut out = Vec::new();
-        quota_headers(&p, set, &d, &mut out);
+        quota_headers(&p.headers, set, &d, &mut out);
         assert!(out.is_empty());
         let p = policy(r#"{"limits": ["5/s"]}"#);
         let mut out = Vec::new();
-        quota_headers(&p, &p.sets[0], &d, &mut out);
+        quota_headers(&p.headers, &p.sets[0], &d, &mut out);
         assert_eq!(header(&out, "ratelimit"), Some("\"5/s\";r=4;t=1"));
         let mut out = Vec::new();
-        quota_headers(&p, &p.sets[0], &Decision::denied_for(5), &mut out);
+        quota_headers(&p.headers, &p.sets[0], &Decision::denied_for(5), &mut out);
         assert!(out.is_empty());
     }
 
     #[test]
     fn missing_and_invalid_key_bodies_name_the_source() {
         let p = policy(r#"{"limits": ["1/s"]}"#);
-        let reply = missing_key(&p);
+        let reply = missing_key(&p.replies);
         assert_eq!(reply.status, 401);
         assert_eq!(
             reply.body,
             r#"{"detail":"Authentication credentials were not provided. Send an API key in the query parameter 'api_key' or the header 'x-api-key'."}"#
         );
         let reply = invalid_key(
-            &p,
+            &p.replies,
             KeyError::Source {
                 source: 1,
                 kind: KeyErrorKind::TooLong,
@@ -410,7 +405,7 @@ mod tests {
             r#"{"detail":"Invalid API key: the header 'x-api-key' is longer than 256 bytes."}"#
         );
         let reply = invalid_key(
-            &p,
+            &p.replies,
             KeyError::Source {
                 source: 0,
                 kind: KeyErrorKind::Repeated,
@@ -429,7 +424,7 @@ mod tests {
                 {"header": "authorization", "prefix": "Api-Key "}]}"#,
         );
         let reply = invalid_key(
-            &p,
+            &p.replies,
             KeyError::Conflict {
                 first: 1,
                 second: 2,
@@ -441,7 +436,7 @@ mod tests {
             r#"{"detail":"Invalid API key: the header 'x-a' and the header 'authorization' (as 'Api-Key <key>') hold different keys; send the key in one place only."}"#
         );
         let reply = invalid_key(
-            &p,
+            &p.replies,
             KeyError::Source {
                 source: 0,
                 kind: KeyErrorKind::Semicolon,
@@ -456,7 +451,7 @@ mod tests {
         );
         // An index no source has still gets a 400 with the generic body.
         let reply = invalid_key(
-            &p,
+            &p.replies,
             KeyError::Conflict {
                 first: 7,
                 second: 9,
@@ -471,7 +466,7 @@ mod tests {
     #[test]
     fn configured_names_are_escaped_in_json() {
         let p = policy(r#"{"limits": ["1/s"], "key_sources": [{"query": "k\"ey"}]}"#);
-        let body = missing_key(&p).body;
+        let body = missing_key(&p.replies).body;
         let parsed: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert!(parsed["detail"].as_str().unwrap().contains("'k\"ey'"));
     }

@@ -30,8 +30,9 @@
 //! worker just wrote this key, so it is hot, and denying keeps the promise
 //! of never admitting more than the limit.
 
-use crate::gcra::{self, Decision, Limit, MAX_LIMITS};
+use crate::gcra::{self, Decision, Limit};
 use crate::hash::KeyHash;
+use crate::per_limit::MAX_LIMITS;
 use crate::state::{KeyState, MAX_VALUE};
 
 /// Candidate slots per key.
@@ -136,8 +137,7 @@ impl SlotTable {
                 Err(retry_after_nanos) => return Ok(Outcome::Full { retry_after_nanos }),
             };
             let mut tats = found.state.tats_for(limits);
-            let tats = tats.get_mut(..limits.len()).unwrap_or(&mut []);
-            let decision = gcra::decide(limits, tats, now);
+            let decision = gcra::decide(limits, tats.as_mut_slice(), now);
             if !decision.allowed {
                 // A denial changes no state: nothing to write.
                 return Ok(Outcome::Decided {
@@ -146,7 +146,7 @@ impl SlotTable {
                     conflicts,
                 });
             }
-            let mut next = found.state.with_tats(limits, tats, now);
+            let mut next = found.state.with_tats(limits, tats.as_slice(), now);
             next.guard = next.throttled_until(limits);
             let mut buf = [0u8; MAX_VALUE];
             match store.write(found.slot, next.encode(&mut buf), found.cas)? {
@@ -161,8 +161,7 @@ impl SlotTable {
                     let retry_after_nanos = match self.find(store, key, &candidates, now)? {
                         Ok(found) => {
                             let mut tats = found.state.tats_for(limits);
-                            let tats = tats.get_mut(..limits.len()).unwrap_or(&mut []);
-                            gcra::decide(limits, tats, now).retry_after_nanos
+                            gcra::decide(limits, tats.as_mut_slice(), now).retry_after_nanos
                         }
                         Err(wait) => wait,
                     };
@@ -235,72 +234,13 @@ struct Found {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use std::collections::HashMap;
-    use std::sync::{Arc, Barrier, Mutex};
-
-    const S: u64 = 1_000_000_000;
-
-    /// An in-memory CAS store; `conflicts` makes the next N writes fail as
-    /// if another worker had written first.
-    #[derive(Default)]
-    pub struct MemStore {
-        pub slots: SlotMap,
-        pub conflicts: u32,
-        pub reads: u32,
-        pub writes: u32,
-    }
-
-    impl CasStore for MemStore {
-        type Value = Vec<u8>;
-        type Error = ();
-        fn read(&mut self, slot: u32) -> Result<(Vec<u8>, u32), ()> {
-            self.reads += 1;
-            Ok(self.slots.get(&slot).cloned().unwrap_or((Vec::new(), 1)))
-        }
-        fn write(&mut self, slot: u32, value: &[u8], cas: u32) -> Result<Written, ()> {
-            let entry = self.slots.entry(slot).or_insert((Vec::new(), 1));
-            if self.conflicts > 0 {
-                self.conflicts -= 1;
-                entry.1 += 1;
-                return Ok(Written::Conflict);
-            }
-            if entry.1 != cas {
-                return Ok(Written::Conflict);
-            }
-            self.writes += 1;
-            *entry = (value.to_vec(), cas + 1);
-            Ok(Written::Ok)
-        }
-    }
-
-    /// The same store shared by threads, as Envoy's workers share data.
-    type SlotMap = HashMap<u32, (Vec<u8>, u32)>;
-
-    #[derive(Clone, Default)]
-    struct SharedStore(Arc<Mutex<SlotMap>>);
-
-    impl CasStore for SharedStore {
-        type Value = Vec<u8>;
-        type Error = ();
-        fn read(&mut self, slot: u32) -> Result<(Vec<u8>, u32), ()> {
-            let map = self.0.lock().unwrap();
-            Ok(map.get(&slot).cloned().unwrap_or((Vec::new(), 1)))
-        }
-        fn write(&mut self, slot: u32, value: &[u8], cas: u32) -> Result<Written, ()> {
-            let mut map = self.0.lock().unwrap();
-            let entry = map.entry(slot).or_insert((Vec::new(), 1));
-            if entry.1 != cas {
-                return Ok(Written::Conflict);
-            }
-            *entry = (value.to_vec(), cas + 1);
-            Ok(Written::Ok)
-        }
-    }
+    use crate::testing::{key_hash, limit, MemStore, SharedStore, S};
+    use std::sync::{Arc, Barrier};
 
     fn limits(count: u64, window_seconds: u64, burst: u64) -> Vec<Limit> {
-        vec![crate::gcra::test_limit(count, window_seconds, burst)]
+        vec![limit(count, window_seconds, burst)]
     }
 
     /// A key whose candidates in a 4-slot table are all four slots (double
@@ -309,7 +249,7 @@ pub(crate) mod tests {
     fn four_slot_key(name: &str) -> KeyHash {
         let table = SlotTable::new(4, 1);
         (0..)
-            .map(|i| KeyHash::of(format!("{name}{i}").as_bytes()))
+            .map(|i| key_hash(format!("{name}{i}").as_bytes()))
             .find(|k| {
                 let mut c = table.candidates(*k).to_vec();
                 c.sort();
@@ -334,7 +274,7 @@ pub(crate) mod tests {
     fn a_key_keeps_its_slot_and_is_limited() {
         let table = SlotTable::new(1024, 8);
         let mut store = MemStore::default();
-        let key = KeyHash::of(b"1234");
+        let key = key_hash(b"1234");
         let lim = limits(1, 1, 1);
         let first = table.decide(&mut store, key, &lim, 10 * S).unwrap();
         assert!(allowed(first));
@@ -353,14 +293,14 @@ pub(crate) mod tests {
         let mut store = MemStore::default();
         let lim = limits(1, 60, 1);
         for i in 0..40 {
-            let key = KeyHash::of(format!("key-{i}").as_bytes());
+            let key = key_hash(format!("key-{i}").as_bytes());
             assert!(
                 allowed(table.decide(&mut store, key, &lim, S).unwrap()),
                 "{i}"
             );
         }
         for i in 0..40 {
-            let key = KeyHash::of(format!("key-{i}").as_bytes());
+            let key = key_hash(format!("key-{i}").as_bytes());
             assert!(
                 !allowed(table.decide(&mut store, key, &lim, S).unwrap()),
                 "{i}"
@@ -372,7 +312,7 @@ pub(crate) mod tests {
     fn a_denial_reads_but_never_writes() {
         let table = SlotTable::new(1024, 8);
         let mut store = MemStore::default();
-        let key = KeyHash::of(b"k");
+        let key = key_hash(b"k");
         let lim = limits(1, 60, 1);
         table.decide(&mut store, key, &lim, S).unwrap();
         let writes = store.writes;
@@ -385,7 +325,7 @@ pub(crate) mod tests {
     #[test]
     fn conflicts_are_retried_then_the_request_is_denied() {
         let table = SlotTable::new(1024, 3);
-        let key = KeyHash::of(b"k");
+        let key = key_hash(b"k");
         let lim = limits(10, 1, 10);
 
         let mut store = MemStore {
@@ -497,7 +437,7 @@ pub(crate) mod tests {
         let table = SlotTable::new(slots, 8);
         let mut store = MemStore::default();
         let lim = limits(1, 60, 1);
-        let attacker_hash = KeyHash::of;
+        let attacker_hash = key_hash;
         let mut admitted = 0;
         let mut now = 10 * S;
         let mut minted = 0u64;
@@ -534,7 +474,7 @@ pub(crate) mod tests {
     fn targeted_eviction_cannot_reset_a_throttled_key_even_with_a_known_hash() {
         // The attacker even knows the hash (the filter is unseeded here):
         // K is throttled, so it is never the one evicted.
-        assert_eq!(targeted_eviction_attack(KeyHash::of), 1);
+        assert_eq!(targeted_eviction_attack(key_hash), 1);
     }
 
     #[test]
@@ -544,13 +484,13 @@ pub(crate) mod tests {
         // And the ground keys do not even land on K's candidates.
         let table = SlotTable::new(65_536, 8);
         let k_slots = table.candidates(seeded.hash(b"K"));
-        let k_known = table.candidates(KeyHash::of(b"K"));
+        let k_known = table.candidates(key_hash(b"K"));
         let mut hits = 0;
         let mut ground = 0;
         for i in 0..2_000_000u32 {
             let key = format!("z{i}");
             if table
-                .candidates(KeyHash::of(key.as_bytes()))
+                .candidates(key_hash(key.as_bytes()))
                 .contains(&k_known[0])
             {
                 ground += 1;
@@ -571,14 +511,14 @@ pub(crate) mod tests {
         let mut store = MemStore::default();
         let lim = limits(1, 60, 1);
         let hot: Vec<KeyHash> = (0..200)
-            .map(|i| KeyHash::of(format!("hot-{i}").as_bytes()))
+            .map(|i| key_hash(format!("hot-{i}").as_bytes()))
             .collect();
         for key in &hot {
             assert!(allowed(table.decide(&mut store, *key, &lim, S).unwrap()));
         }
         let mut full = 0;
         for i in 0..50_000u64 {
-            let junk = KeyHash::of(format!("flood-{i}").as_bytes());
+            let junk = key_hash(format!("flood-{i}").as_bytes());
             let now = S + i * (50 * S / 50_000);
             full += usize::from(matches!(
                 table.decide(&mut store, junk, &lim, now).unwrap(),
@@ -597,7 +537,7 @@ pub(crate) mod tests {
     fn adding_a_limit_keeps_the_existing_limit_s_debt() {
         let table = SlotTable::new(16, 8);
         let mut store = MemStore::default();
-        let key = KeyHash::of(b"k");
+        let key = key_hash(b"k");
         let one = limits(1, 60, 1);
         assert!(allowed(table.decide(&mut store, key, &one, S).unwrap()));
         // A rolling update adds a daily cap: the per-minute debt stays.
@@ -621,7 +561,7 @@ pub(crate) mod tests {
         for slot in 0..4 {
             store.slots.insert(slot, (vec![1, 2, 3], 7));
         }
-        let key = KeyHash::of(b"k");
+        let key = key_hash(b"k");
         assert!(allowed(
             table.decide(&mut store, key, &limits(1, 1, 1), S).unwrap()
         ));
@@ -633,7 +573,7 @@ pub(crate) mod tests {
             let table = SlotTable::new(slots, 1);
             let mut distinct_sets = 0;
             for i in 0..500 {
-                let c = table.candidates(KeyHash::of(format!("{i}").as_bytes()));
+                let c = table.candidates(key_hash(format!("{i}").as_bytes()));
                 assert!(c.iter().all(|s| *s < slots));
                 let mut sorted = c.to_vec();
                 sorted.sort();
@@ -656,7 +596,7 @@ pub(crate) mod tests {
         let table = SlotTable::new(1024, 1_000);
         let store = SharedStore::default();
         let lim = limits(1, 60, 50);
-        let key = KeyHash::of(b"hot");
+        let key = key_hash(b"hot");
         let barrier = Arc::new(Barrier::new(6));
         let handles: Vec<_> = (0..6)
             .map(|_| {

@@ -14,7 +14,8 @@
 //! the slot table stores until when the key is throttled (such a state is
 //! never evicted), the deny cache the reply's slack (see `deny_cache`).
 
-use crate::gcra::{Limit, MAX_LIMITS};
+use crate::gcra::{self, Limit};
+use crate::per_limit::{PerLimit, MAX_LIMITS};
 
 const WORD: usize = 8;
 const HEADER: usize = 2 * WORD;
@@ -30,8 +31,8 @@ pub struct KeyState {
     pub fingerprint: u64,
     /// Table-specific (see the module docs).
     pub guard: u64,
-    entries: [(u64, u64); MAX_LIMITS],
-    len: usize,
+    /// `(limit id, TAT)` pairs.
+    entries: PerLimit<(u64, u64)>,
 }
 
 impl KeyState {
@@ -40,8 +41,7 @@ impl KeyState {
         KeyState {
             fingerprint,
             guard: 0,
-            entries: [(0, 0); MAX_LIMITS],
-            len: 0,
+            entries: PerLimit::new(),
         }
     }
 
@@ -59,10 +59,8 @@ impl KeyState {
             if id == 0 || state.position(id).is_some() {
                 return None;
             }
-            if let Some(slot) = state.entries.get_mut(state.len) {
-                *slot = (id, tat);
-                state.len += 1;
-            }
+            // Always fits: the length was checked against `MAX_VALUE`.
+            state.entries.push((id, tat));
         }
         Some(state)
     }
@@ -82,23 +80,25 @@ impl KeyState {
 
     /// The `(limit id, TAT)` pairs held.
     pub fn entries(&self) -> &[(u64, u64)] {
-        self.entries.get(..self.len).unwrap_or(&[])
+        self.entries.as_slice()
     }
 
     fn position(&self, id: u64) -> Option<usize> {
         self.entries().iter().position(|(held, _)| *held == id)
     }
 
-    /// The TATs of `limits`, in their order; 0 (a full bucket) for a limit
-    /// this state holds nothing for.
-    pub fn tats_for(&self, limits: &[Limit]) -> [u64; MAX_LIMITS] {
-        let mut tats = [0; MAX_LIMITS];
-        for (tat, limit) in tats.iter_mut().zip(limits) {
-            if let Some((_, held)) = self.entries().iter().find(|(id, _)| *id == limit.id) {
-                *tat = *held;
-            }
-        }
-        tats
+    /// The TATs of `limits` (the first [`MAX_LIMITS`]), in their order; 0
+    /// (a full bucket) for a limit this state holds nothing for.
+    pub fn tats_for(&self, limits: &[Limit]) -> PerLimit<u64> {
+        limits
+            .iter()
+            .map(
+                |limit| match self.entries().iter().find(|(id, _)| *id == limit.id) {
+                    Some((_, held)) => *held,
+                    None => 0,
+                },
+            )
+            .collect()
     }
 
     /// The state after `limits` moved to `tats`: those first, then the
@@ -112,38 +112,31 @@ impl KeyState {
         for (limit, tat) in limits.iter().zip(tats) {
             next.push(limit.id, *tat);
         }
-        let mut others: [(u64, u64); MAX_LIMITS] = [(0, 0); MAX_LIMITS];
-        let mut count = 0;
-        for entry in self.entries() {
-            let current = limits.iter().any(|l| l.id == entry.0);
-            if !current && entry.1 > now {
-                if let Some(slot) = others.get_mut(count) {
-                    *slot = *entry;
-                    count += 1;
-                }
-            }
-        }
-        let others = others.get_mut(..count).unwrap_or(&mut []);
-        others.sort_unstable_by_key(|entry| std::cmp::Reverse(entry.1));
-        for (id, tat) in others.iter() {
+        let mut others: PerLimit<(u64, u64)> = self
+            .entries()
+            .iter()
+            .filter(|(id, tat)| *tat > now && !limits.iter().any(|l| l.id == *id))
+            .copied()
+            .collect();
+        others
+            .as_mut_slice()
+            .sort_unstable_by_key(|entry| std::cmp::Reverse(entry.1));
+        for (id, tat) in &others {
             next.push(*id, *tat);
         }
         next
     }
 
+    /// Adds an entry unless its limit has one, or the state is full.
     fn push(&mut self, id: u64, tat: u64) {
-        if self.position(id).is_some() {
-            return;
-        }
-        if let Some(slot) = self.entries.get_mut(self.len) {
-            *slot = (id, tat);
-            self.len += 1;
+        if self.position(id).is_none() {
+            self.entries.push((id, tat));
         }
     }
 
     /// Every bucket is full at `now`: the same as a fresh state.
     pub fn is_idle(&self, now: u64) -> bool {
-        self.entries().iter().all(|(_, tat)| *tat <= now)
+        gcra::is_idle(self.entries().iter().map(|(_, tat)| *tat), now)
     }
 
     /// The latest TAT held (0 when none): how long the state lives on.
@@ -163,10 +156,7 @@ impl KeyState {
         self.entries()
             .iter()
             .map(|(id, tat)| match limits.iter().find(|l| l.id == *id) {
-                Some(limit) => {
-                    let tolerance = limit.capacity_nanos.saturating_sub(limit.interval_nanos);
-                    tat.saturating_sub(tolerance)
-                }
+                Some(limit) => tat.saturating_sub(limit.tolerance_nanos()),
                 None => *tat,
             })
             .max()
@@ -177,14 +167,7 @@ impl KeyState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gcra::test_limit;
-
-    fn named(name: &str, count: u64, window: u64, burst: u64) -> Limit {
-        let mut limit = test_limit(count, window, burst);
-        limit.name = name.into();
-        limit.id = crate::gcra::limit_id(name);
-        limit
-    }
+    use crate::testing::{named_limit as named, S};
 
     #[test]
     fn a_state_round_trips_and_garbage_is_not_a_state() {
@@ -194,7 +177,7 @@ mod tests {
         let bytes = state.encode(&mut buf).to_vec();
         assert_eq!(bytes.len(), HEADER + 2 * ENTRY);
         assert_eq!(KeyState::decode(&bytes), Some(state));
-        assert_eq!(&state.tats_for(&limits)[..2], &[7, 9]);
+        assert_eq!(state.tats_for(&limits).as_slice(), &[7, 9]);
         assert!(KeyState::decode(&[]).is_none());
         assert!(KeyState::decode(&[0; HEADER + 3]).is_none());
         assert!(KeyState::decode(&[0; MAX_VALUE + ENTRY]).is_none());
@@ -209,7 +192,7 @@ mod tests {
         let one = [named("1/s", 1, 1, 1)];
         let two = [named("1/s", 1, 1, 1), named("1000/day", 1000, 86_400, 1000)];
         let state = KeyState::fresh(1).with_tats(&one, &[50], 10);
-        assert_eq!(&state.tats_for(&two)[..2], &[50, 0]);
+        assert_eq!(state.tats_for(&two).as_slice(), &[50, 0]);
         let after = state.with_tats(&two, &[60, 70], 10);
         // Back to one limit: the daily entry is kept while it holds debt.
         let back = after.with_tats(&one, &[80], 10);
@@ -232,14 +215,13 @@ mod tests {
     #[test]
     fn throttled_until_is_when_the_next_request_fits() {
         let limits = [named("x", 1, 10, 2)];
-        const S: u64 = 1_000_000_000;
         // TAT 30 s ahead with tolerance 10 s: throttled until 20 s.
         let mut tats = [30 * S];
         let state = KeyState::fresh(1).with_tats(&limits, &tats, 0);
         let until = state.throttled_until(&limits);
         assert_eq!(until, 20 * S);
-        assert!(!crate::gcra::decide(&limits, &mut tats, until - 1).allowed);
-        assert!(crate::gcra::decide(&limits, &mut tats, until).allowed);
+        assert!(!gcra::decide(&limits, &mut tats, until - 1).allowed);
+        assert!(gcra::decide(&limits, &mut tats, until).allowed);
         // Unknown limits count as throttled until their TAT.
         assert_eq!(state.throttled_until(&[]), 30 * S);
         assert_eq!(KeyState::fresh(1).throttled_until(&limits), 0);

@@ -21,7 +21,9 @@ use std::fmt::Write;
 
 use sha2::{Digest, Sha256};
 
-use crate::gcra::{Limit, MAX_LIMITS};
+use crate::gcra::{Decision, Limit};
+use crate::per_limit::{PerLimit, MAX_LIMITS};
+use crate::time::{micros_to_nanos, nanos_to_micros};
 
 /// The function library, the same algorithm as [`crate::gcra`].
 pub const LIBRARY: &str = include_str!("gcra.lua");
@@ -104,8 +106,8 @@ pub fn request_path(redis_key: &str, limits: &[Limit]) -> String {
     for limit in limits {
         path.push('/');
         encode_into(&mut path, limit.name.as_bytes());
-        let interval = limit.interval_nanos / 1_000;
-        let capacity = limit.capacity_nanos / 1_000;
+        let interval = nanos_to_micros(limit.interval_nanos);
+        let capacity = nanos_to_micros(limit.capacity_nanos);
         let _ = write!(path, "/{interval}/{capacity}");
     }
     path
@@ -136,18 +138,28 @@ pub struct Reply {
     pub retry_after_us: u64,
     /// Redis's clock when it decided.
     pub now_us: u64,
-    resets_us: [u64; MAX_LIMITS],
-    len: usize,
+    resets_us: PerLimit<u64>,
 }
 
 impl Reply {
     /// Per limit: microseconds until its bucket is full again.
     pub fn resets_us(&self) -> &[u64] {
-        self.resets_us.get(..self.len).unwrap_or(&[])
+        self.resets_us.as_slice()
+    }
+
+    /// The decision this reply describes, on the filter's nanoseconds.
+    pub fn decision(&self, limits: &[Limit]) -> Decision {
+        Decision::from_resets(
+            limits,
+            self.allowed,
+            micros_to_nanos(self.retry_after_us),
+            self.resets_us.iter().map(|reset| micros_to_nanos(*reset)),
+        )
     }
 }
 
-/// Why a call gave no decision. Each class has its own metric.
+/// Why a call gave no decision. Each class has its own metric and its own
+/// log rate limit; this is the one list of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureClass {
     /// Envoy refused to make the call (unknown cluster, bad arguments).
@@ -163,6 +175,35 @@ pub enum FailureClass {
     Redis,
     /// A reply that does not parse as the function's answer.
     Parse,
+}
+
+impl FailureClass {
+    /// Every class, in declaration order (see [`FailureClass::index`]).
+    pub const ALL: [FailureClass; 6] = [
+        FailureClass::Dispatch,
+        FailureClass::Transport,
+        FailureClass::Timeout,
+        FailureClass::Status,
+        FailureClass::Redis,
+        FailureClass::Parse,
+    ];
+
+    /// The class's name in metrics and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            FailureClass::Dispatch => "dispatch",
+            FailureClass::Transport => "transport",
+            FailureClass::Timeout => "timeout",
+            FailureClass::Status => "status",
+            FailureClass::Redis => "redis",
+            FailureClass::Parse => "parse",
+        }
+    }
+
+    /// The class's position in [`FailureClass::ALL`], for per-class tables.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
 }
 
 /// A failed call: its class, whether retrying later may help, and a
@@ -263,17 +304,12 @@ pub fn parse_reply(status: Option<u32>, body: &[u8], limits: usize) -> Parsed {
         ));
     }
     let (head, resets) = numbers.split_at(3);
-    let mut reply = Reply {
+    Parsed::Decided(Reply {
         allowed: head.first() == Some(&1),
         retry_after_us: head.get(1).copied().unwrap_or(0),
         now_us: head.get(2).copied().unwrap_or(0),
-        resets_us: [0; MAX_LIMITS],
-        len: resets.len(),
-    };
-    for (slot, reset) in reply.resets_us.iter_mut().zip(resets) {
-        *slot = *reset;
-    }
-    Parsed::Decided(reply)
+        resets_us: resets.iter().copied().collect(),
+    })
 }
 
 fn parse_error(detail: impl Into<String>) -> Parsed {
@@ -290,7 +326,7 @@ fn truncate(text: &str, max: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gcra::test_limit as limit;
+    use crate::testing::limit;
 
     #[test]
     fn the_library_registers_the_function_the_filter_calls() {
@@ -414,5 +450,31 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_reply_is_the_decision_it_describes_in_nanoseconds() {
+        let limits = [limit(2, 10, 2), limit(100, 86_400, 100)];
+        let body = br#"{"FCALL":[0,250000,5,10000000,864000]}"#;
+        let Parsed::Decided(reply) = parse_reply(Some(200), body, 2) else {
+            panic!()
+        };
+        let decision = reply.decision(&limits);
+        assert!(!decision.allowed);
+        assert_eq!(decision.retry_after_nanos, 250_000_000);
+        let resets: Vec<u64> = decision.states().iter().map(|s| s.reset_nanos).collect();
+        assert_eq!(resets, [10_000_000_000, 864_000_000]);
+        assert_eq!(decision.states()[0].remaining, 0);
+        assert_eq!(decision.states()[1].remaining, 99);
+    }
+
+    #[test]
+    fn failure_classes_are_listed_once_with_distinct_names() {
+        for (i, class) in FailureClass::ALL.iter().enumerate() {
+            assert_eq!(class.index(), i);
+        }
+        let names: std::collections::HashSet<_> =
+            FailureClass::ALL.iter().map(|c| c.name()).collect();
+        assert_eq!(names.len(), FailureClass::ALL.len());
     }
 }

@@ -16,15 +16,9 @@
 //!   for its requests (`ratelimit_core::calls` keeps the books).
 //! - `metrics.rs`: one counter per core event.
 
-#![cfg_attr(
-    test,
-    allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::indexing_slicing
-    )
-)]
+// A panic in the filter aborts the VM: outside tests, no way to panic.
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+#![deny(clippy::panic, clippy::indexing_slicing)]
 
 mod callouts;
 mod host;

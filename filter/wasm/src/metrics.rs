@@ -63,7 +63,7 @@ impl Metrics {
     /// Counts the events; flushes if `now` (when known) says it is time.
     pub fn record(&self, events: Events, now: Option<u64>) {
         for event in events.iter() {
-            if let Some(pending) = self.pending.get(event as usize) {
+            if let Some(pending) = self.pending.get(event.index()) {
                 pending.set(pending.get().saturating_add(1));
             }
         }

@@ -5,6 +5,7 @@ use sha2::{Digest, Sha256};
 
 use crate::gcra;
 use crate::policy::Policy;
+use crate::time::{nanos_to_micros, seconds_to_micros, seconds_to_nanos};
 
 /// 2200-01-01T00:00:00Z: the latest wall clock both stores must compute at.
 const YEAR_2200_SECONDS: u64 = 7_258_118_400;
@@ -62,7 +63,7 @@ fn accepted_capacities_admit_exactly_their_burst_in_both_stores_until_2200() {
         let limits = &policy.sets[0].limits;
         // Local store: u64 nanoseconds, on a wall clock up to 2200 or a
         // monotonic clock near zero.
-        for now in [YEAR_2200_SECONDS * 1_000_000_000, 1] {
+        for now in [seconds_to_nanos(YEAR_2200_SECONDS), 1] {
             let mut tats = [0];
             let admitted = (0..2_000)
                 .filter(|_| gcra::decide(limits, &mut tats, now).allowed)
@@ -71,8 +72,8 @@ fn accepted_capacities_admit_exactly_their_burst_in_both_stores_until_2200() {
         }
         // Redis: Lua doubles over microseconds of `TIME`, exact below 2^53.
         let l = &limits[0];
-        let furthest_us =
-            YEAR_2200_SECONDS * 1_000_000 + (l.capacity_nanos + l.interval_nanos) / 1_000;
+        let furthest_us = seconds_to_micros(YEAR_2200_SECONDS)
+            + nanos_to_micros(l.capacity_nanos + l.interval_nanos);
         assert!(furthest_us < 1 << 53, "{json}: {furthest_us} µs");
     }
     assert!(accepted >= 4, "the largest accepted capacities are covered");

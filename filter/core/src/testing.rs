@@ -1,0 +1,113 @@
+//! Helpers shared by the crate's tests: policies, limits, keys, request
+//! headers and in-memory CAS stores. Compiled only for tests.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::gcra::{limit_id, Limit};
+use crate::hash::{KeyHash, KeyHasher};
+use crate::header_map::{serialize, HeaderMap};
+use crate::policy::Policy;
+use crate::rate::Rate;
+use crate::slots::{CasStore, Written};
+
+/// One second, in the nanoseconds the core's clocks count.
+pub(crate) const S: u64 = crate::time::NANOS_PER_SECOND;
+
+/// A policy from JSON configuration that must be valid.
+pub(crate) fn policy(json: &str) -> Policy {
+    Policy::from_json(json.as_bytes()).unwrap()
+}
+
+/// `count` per `window_seconds`, burst `burst`, named `"<count>/<window>s"`.
+pub(crate) fn limit(count: u64, window_seconds: u64, burst: u64) -> Limit {
+    let rate = Rate {
+        count,
+        window_seconds,
+    };
+    Limit::new(format!("{count}/{window_seconds}s"), rate, burst).unwrap()
+}
+
+/// The same, under another name (and so another identity in a state).
+pub(crate) fn named_limit(name: &str, count: u64, window_seconds: u64, burst: u64) -> Limit {
+    Limit {
+        name: name.into(),
+        id: limit_id(name),
+        ..limit(count, window_seconds, burst)
+    }
+}
+
+/// The unseeded hash of `key`.
+pub(crate) fn key_hash(key: &[u8]) -> KeyHash {
+    KeyHasher::unseeded().hash(key)
+}
+
+/// Request headers, serialized as the host hands them over.
+pub(crate) struct Headers(Vec<u8>);
+
+impl Headers {
+    pub(crate) fn of(pairs: &[(&str, &[u8])]) -> Headers {
+        let pairs: Vec<(&[u8], &[u8])> = pairs.iter().map(|(n, v)| (n.as_bytes(), *v)).collect();
+        Headers(serialize(&pairs))
+    }
+
+    /// Only a `:path`.
+    pub(crate) fn path(path: &str) -> Headers {
+        Headers::of(&[(":path", path.as_bytes())])
+    }
+
+    pub(crate) fn map(&self) -> HeaderMap<'_> {
+        HeaderMap::parse(&self.0).unwrap()
+    }
+}
+
+/// Slot -> (bytes, CAS token); an absent slot reads as empty with token 1.
+type SlotMap = HashMap<u32, (Vec<u8>, u32)>;
+
+/// An in-memory CAS store; `conflicts` makes the next N writes fail as if
+/// another worker had written first.
+#[derive(Default)]
+pub(crate) struct MemStore {
+    pub slots: SlotMap,
+    pub conflicts: u32,
+    pub reads: u32,
+    pub writes: u32,
+}
+
+impl CasStore for MemStore {
+    type Value = Vec<u8>;
+    type Error = ();
+    fn read(&mut self, slot: u32) -> Result<(Vec<u8>, u32), ()> {
+        self.reads += 1;
+        Ok(self.slots.get(&slot).cloned().unwrap_or((Vec::new(), 1)))
+    }
+    fn write(&mut self, slot: u32, value: &[u8], cas: u32) -> Result<Written, ()> {
+        let entry = self.slots.entry(slot).or_insert((Vec::new(), 1));
+        if self.conflicts > 0 {
+            self.conflicts -= 1;
+            entry.1 += 1;
+            return Ok(Written::Conflict);
+        }
+        if entry.1 != cas {
+            return Ok(Written::Conflict);
+        }
+        self.writes += 1;
+        *entry = (value.to_vec(), cas + 1);
+        Ok(Written::Ok)
+    }
+}
+
+/// One [`MemStore`] shared by threads, as Envoy's workers share data.
+#[derive(Clone, Default)]
+pub(crate) struct SharedStore(Arc<Mutex<MemStore>>);
+
+impl CasStore for SharedStore {
+    type Value = Vec<u8>;
+    type Error = ();
+    fn read(&mut self, slot: u32) -> Result<(Vec<u8>, u32), ()> {
+        self.0.lock().unwrap().read(slot)
+    }
+    fn write(&mut self, slot: u32, value: &[u8], cas: u32) -> Result<Written, ()> {
+        self.0.lock().unwrap().write(slot, value, cas)
+    }
+}
