@@ -144,7 +144,7 @@ fuzz-seeds: fuzz-tools
 	  mkdir -p $(FUZZ_DIR)/corpus/$$t; \
 	  $(FUZZ_RUN) $$t $(FUZZ_DIR)/seeds/$$t $(FUZZ_DIR)/corpus/$$t -- -merge=1; \
 	done
-	du -sh $(FUZZ_DIR)/seeds
+	du -sh --apparent-size $(FUZZ_DIR)/seeds
 
 fuzz-tools:
 	@$(CARGO_FUZZ) --version 2>/dev/null | grep -q ' $(CARGO_FUZZ_VERSION)$$' \
