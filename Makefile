@@ -8,6 +8,7 @@
 #                   Redis and webdis
 #   make bench      the filter's cost next to Envoy alone, Envoy's own limiter
 #                   and an empty Wasm filter (BENCH_ARGS="--repeats 5" ...)
+#   make fuzz       each fuzz target for FUZZ_SECONDS (docs/fuzzing.md)
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -29,7 +30,7 @@ URL           ?= http://localhost:9018/?api_key=1234
 CARGO         ?= cargo
 
 .PHONY: build wasm-target envoy backend deploy-tools run loadtest test lint unit e2e clean apt \
-        bench bench-build bench-tools bench-smoke \
+        bench bench-build bench-tools bench-smoke fuzz fuzz-tools fuzz-seeds \
         images image-filter image-upstream image-webdis wasm-sha256
 
 ## build: the filter and the native binaries (release)
@@ -117,11 +118,44 @@ bench-tools:
 bench-smoke: bench-build
 	target/release/bench --smoke
 
+## fuzz: each target in FUZZ_TARGETS for FUZZ_SECONDS (not a test; docs/fuzzing.md)
+FUZZ_DIR          := filter/fuzz
+FUZZ_TARGETS      ?= config key header_map webdis_reply
+FUZZ_SECONDS      ?= 60
+FUZZ_ARGS         ?=
+CARGO_FUZZ_VERSION := 0.13.2
+CARGO_FUZZ        := .tools/bin/cargo-fuzz
+# libFuzzer needs unstable rustc flags; RUSTC_BOOTSTRAP lets the one stable
+# toolchain take them. No sanitizer: the core has no unsafe code, and overflow
+# checks and debug assertions stay on in fuzz builds.
+FUZZ_RUN          = RUSTC_BOOTSTRAP=1 $(CARGO_FUZZ) fuzz run --fuzz-dir $(FUZZ_DIR) --sanitizer none
+
+fuzz: fuzz-tools
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_DIR)/corpus/$$t; \
+	  echo "== fuzz $$t for $(FUZZ_SECONDS) s (crashes go to $(FUZZ_DIR)/artifacts/$$t/)"; \
+	  $(FUZZ_RUN) $$t $(FUZZ_DIR)/corpus/$$t $(FUZZ_DIR)/seeds/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 $(FUZZ_ARGS); \
+	done
+
+# Adds to the committed seeds only the corpus inputs that reach new coverage.
+fuzz-seeds: fuzz-tools
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_DIR)/corpus/$$t; \
+	  $(FUZZ_RUN) $$t $(FUZZ_DIR)/seeds/$$t $(FUZZ_DIR)/corpus/$$t -- -merge=1; \
+	done
+	du -sh --apparent-size $(FUZZ_DIR)/seeds
+
+fuzz-tools:
+	@$(CARGO_FUZZ) --version 2>/dev/null | grep -q ' $(CARGO_FUZZ_VERSION)$$' \
+	  || $(CARGO) install cargo-fuzz --locked --version $(CARGO_FUZZ_VERSION) --root .tools
+
 ## test: everything CI runs
 test: lint unit e2e bench-smoke
 
 lint: wasm-target
 	$(CARGO) fmt --all --check
+	$(CARGO) fmt --manifest-path $(FUZZ_DIR)/Cargo.toml --check
 	$(CARGO) clippy --locked --workspace --exclude apikey-ratelimit --all-targets -- -D warnings
 	$(CARGO) clippy --locked --target $(WASM_TARGET) -p apikey-ratelimit -p apikey-ratelimit-core -- -D warnings
 

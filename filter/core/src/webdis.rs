@@ -290,7 +290,7 @@ pub fn parse_reply(status: Option<u32>, body: &[u8], limits: usize) -> Parsed {
         return Parsed::Failed(BackendError::new(
             FailureClass::Redis,
             transient,
-            format!("Redis error: {}", truncate(message, 200)),
+            format!("Redis error: {}", for_log(message, 200)),
         ));
     }
     let numbers: Option<Vec<u64>> = items.iter().map(serde_json::Value::as_u64).collect();
@@ -316,11 +316,21 @@ fn parse_error(detail: impl Into<String>) -> Parsed {
     Parsed::Failed(BackendError::new(FailureClass::Parse, false, detail))
 }
 
-fn truncate(text: &str, max: usize) -> &str {
-    match text.char_indices().nth(max) {
-        Some((at, _)) => text.get(..at).unwrap_or(text),
-        None => text,
+/// About `max` bytes of `text` for the log, on one line: control and
+/// line-breaking characters are escaped (`\n`, `\u{0}`).
+fn for_log(text: &str, max: usize) -> String {
+    let mut out = String::new();
+    for c in text.chars() {
+        if out.len() >= max {
+            break;
+        }
+        if c.is_control() || (c.is_whitespace() && c != ' ') {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
     }
+    out
 }
 
 #[cfg(test)]
@@ -476,5 +486,15 @@ mod tests {
         let names: std::collections::HashSet<_> =
             FailureClass::ALL.iter().map(|c| c.name()).collect();
         assert_eq!(names.len(), FailureClass::ALL.len());
+    }
+
+    #[test]
+    fn redis_error_messages_are_logged_on_one_line() {
+        // Found by the webdis_reply fuzz target: the message went to the log verbatim.
+        let body = br#"{"FCALL":[false,"ERR a\nforged log line\r\u0000"]}"#;
+        let Parsed::Failed(error) = parse_reply(Some(200), body, 1) else {
+            panic!()
+        };
+        assert_eq!(error.detail, r"Redis error: ERR a\nforged log line\r\u{0}");
     }
 }
