@@ -25,9 +25,9 @@ use ratelimit_core::calls::{Answer, CallId, CallTable};
 use ratelimit_core::webdis::{self, BackendError, FailureClass, Parsed};
 use ratelimit_core::Event;
 
+use crate::filter::Filter;
 use crate::host::{self, Status, LOG_ERROR, LOG_INFO};
-use crate::http::{self, Pending};
-use crate::root::Filter;
+use crate::verdict::{self, Pending};
 use crate::webdis_store::WebdisStore;
 
 /// Bounds the CAS loop that numbers the queues.
@@ -202,11 +202,11 @@ impl Callouts {
         }
         let quota = pending.quota.clone();
         let now = host::now_nanos().ok();
-        let (action, events) = http::conclude(filter, webdis, pending, result);
-        if http::carry_out(filter, &quota, now, action, events)
+        let (action, events) = verdict::conclude(filter, webdis, pending, result);
+        if verdict::carry_out(filter, &quota, now, action, events)
             == proxy_wasm::types::Action::Continue
         {
-            http::resume();
+            verdict::resume();
         }
         if let Err(status) = host::set_effective_context(self.root_id.get()) {
             host::log(

@@ -5,7 +5,7 @@
 use std::cell::Cell;
 
 /// The shortest gap between two lines of one cause.
-pub const LOG_EVERY_NANOS: u64 = 10_000_000_000;
+pub const LOG_EVERY_NANOS: u64 = 10 * ratelimit_core::time::NANOS_PER_SECOND;
 
 /// The last time each of `N` causes was logged (0: never).
 pub struct LogLimit<const N: usize> {

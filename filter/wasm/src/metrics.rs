@@ -22,7 +22,7 @@ use ratelimit_core::{Event, Events};
 use crate::host::{self, Status};
 
 /// How long counts may gather before a request flushes them.
-pub const FLUSH_EVERY_NANOS: u64 = 100_000_000;
+pub const FLUSH_EVERY_NANOS: u64 = ratelimit_core::time::NANOS_PER_SECOND / 10;
 /// The root context's tick, which flushes what requests left.
 pub const TICK_MILLIS: u32 = 250;
 

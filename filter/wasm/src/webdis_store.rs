@@ -14,7 +14,6 @@ use ratelimit_core::pipeline::Subject;
 use ratelimit_core::state::MAX_VALUE;
 use ratelimit_core::webdis;
 
-use crate::callouts::Callouts;
 use crate::host::{self, Status};
 use crate::shared_store::{table_prefix, with_slot_key};
 
@@ -26,7 +25,6 @@ pub struct WebdisStore {
     secret: Option<Vec<u8>>,
     cache_slots: u32,
     cache_prefix: Vec<u8>,
-    pub callouts: Callouts,
 }
 
 impl WebdisStore {
@@ -49,7 +47,6 @@ impl WebdisStore {
                 .map(|s| s.as_bytes().to_vec()),
             cache_slots: config.cache_slots,
             cache_prefix: table_prefix(plugin_name, "deny"),
-            callouts: Callouts::default(),
         }
     }
 
