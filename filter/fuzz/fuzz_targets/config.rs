@@ -8,11 +8,11 @@
 
 use libfuzzer_sys::fuzz_target;
 use ratelimit_core::config::StoreConfig;
-use ratelimit_core::gcra::MAX_LIMITS;
 use ratelimit_core::header_map::HeaderMap;
+use ratelimit_core::per_limit::MAX_LIMITS;
 use ratelimit_core::policy::{Identity, MAX_KEY_LENGTH};
 use ratelimit_core::rate::{MAX_COUNT, MAX_PER_SECOND, MAX_WINDOW_SECONDS};
-use ratelimit_core::webdis::{request_path, Command};
+use ratelimit_core::webdis::request_path;
 use ratelimit_core::Policy;
 
 fuzz_target!(|data: &[u8]| {
@@ -67,7 +67,7 @@ fuzz_target!(|data: &[u8]| {
             );
         }
         // webdis reads '.', '+' and ' ' in a path specially: none may appear.
-        let path = request_path(Command::EvalSha, "apikey_ratelimit:k", &set.limits);
+        let path = request_path("apikey_ratelimit:k", &set.limits);
         assert!(path
             .bytes()
             .all(|b| b.is_ascii_graphic() && b != b'.' && b != b'+'));

@@ -14,12 +14,10 @@
 
 #![no_main]
 
-use std::sync::OnceLock;
-
 use libfuzzer_sys::fuzz_target;
 use ratelimit_core::config::MissingKey;
 use ratelimit_core::header_map::{serialize, HeaderMap};
-use ratelimit_core::key::KeySource;
+use ratelimit_core::key::{KeyError, KeySource};
 use ratelimit_core::policy::Identity;
 use ratelimit_core::webdis::encode_into;
 use ratelimit_core::Policy;
@@ -39,13 +37,18 @@ const POLICIES: [&str; 3] = [
 ];
 
 fn policies() -> &'static [Policy] {
-    static COMPILED: OnceLock<Vec<Policy>> = OnceLock::new();
-    COMPILED.get_or_init(|| {
-        POLICIES
-            .iter()
-            .map(|json| Policy::from_json(json.as_bytes()).expect("a fixed fuzz policy"))
-            .collect()
-    })
+    // A policy is not `Sync` (the filter runs one per VM thread); libFuzzer
+    // runs the target on one thread, so one leaked copy per thread will do.
+    thread_local! {
+        static COMPILED: &'static [Policy] = Box::leak(
+            POLICIES
+                .iter()
+                .map(|json| Policy::from_json(json.as_bytes()).expect("a fixed fuzz policy"))
+                .collect::<Vec<_>>()
+                .into_boxed_slice(),
+        );
+    }
+    COMPILED.with(|policies| *policies)
 }
 
 /// The key and limit set a request is identified with, if it has a key.
@@ -112,10 +115,16 @@ fuzz_target!(|data: &[u8]| {
             assert!(matches!(same, Identity::Key { hash: h, .. } if h == hash));
         }
         Identity::Invalid(error) => {
-            assert!(
-                error.source < policy.sources.len(),
-                "an error naming no source"
-            );
+            let sources = policy.sources.len();
+            match error {
+                KeyError::Source { source, .. } => {
+                    assert!(source < sources, "an error naming no source")
+                }
+                KeyError::Conflict { first, second } => assert!(
+                    first < second && second < sources,
+                    "a conflict naming sources {first} and {second} of {sources}"
+                ),
+            }
         }
         Identity::Anonymous { set, .. } => {
             assert_eq!(policy.missing_key, MissingKey::Anonymous);

@@ -12,7 +12,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ratelimit_core::gcra::MAX_LIMITS;
+use ratelimit_core::per_limit::MAX_LIMITS;
 use ratelimit_core::webdis::{parse_reply, FailureClass, Parsed};
 
 /// Longest failure description, in characters: it goes to the log.
