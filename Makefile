@@ -156,6 +156,8 @@ test: lint unit e2e bench-smoke
 lint: wasm-target
 	$(CARGO) fmt --all --check
 	$(CARGO) fmt --manifest-path $(FUZZ_DIR)/Cargo.toml --check
+	@# The fuzz targets are outside the workspace: check they still build against the core.
+	$(CARGO) check --locked --quiet --manifest-path $(FUZZ_DIR)/Cargo.toml --bins
 	$(CARGO) clippy --locked --workspace --exclude apikey-ratelimit --all-targets -- -D warnings
 	$(CARGO) clippy --locked --target $(WASM_TARGET) -p apikey-ratelimit -p apikey-ratelimit-core -- -D warnings
 
