@@ -2,6 +2,10 @@
 //! inside Envoy or Istio. All decisions live in `ratelimit_core`; this crate
 //! is the glue to the host.
 //!
+//! The design (the slot table on shared data, the webdis callouts, the deny
+//! cache, the failure modes, why nothing may panic) is written once, in
+//! `docs/design.md` at the repository root.
+//!
 //! # Layout
 //! - `lib.rs`: the entry point, `proxy_wasm::main!`.
 //! - `host.rs`: the host calls used, each returning `Result` (the SDK's own
