@@ -90,20 +90,23 @@ impl OneEnvoy {
     /// configuration (JSON). Panics with the processes' logs if either does
     /// not start.
     pub fn local(plugin_config: &str, workers: u32) -> OneEnvoy {
-        let upstream = Upstream::start();
-        let mut config = local_config(&upstream);
-        config
-            .set_plugin_config(plugin_config)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let envoy = Envoy::start(&config, workers).unwrap_or_else(|e| panic!("{e:?}"));
-        OneEnvoy { upstream, envoy }
+        OneEnvoy::start_local(Some(plugin_config), workers)
     }
 
     /// Local mode as shipped, plugin configuration included.
     pub fn local_shipped(workers: u32) -> OneEnvoy {
+        OneEnvoy::start_local(None, workers)
+    }
+
+    fn start_local(plugin_config: Option<&str>, workers: u32) -> OneEnvoy {
         let upstream = Upstream::start();
-        let envoy =
-            Envoy::start(&local_config(&upstream), workers).unwrap_or_else(|e| panic!("{e:?}"));
+        let mut config = local_config(&upstream);
+        if let Some(plugin) = plugin_config {
+            config
+                .set_plugin_config(plugin)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let envoy = Envoy::start(&config, workers).unwrap_or_else(|e| panic!("{e:?}"));
         OneEnvoy { upstream, envoy }
     }
 
