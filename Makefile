@@ -14,7 +14,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := build
 
-ENVOY_VERSION := 1.40.0
+ENVOY_VERSION := $(shell cat envoy/VERSION)
 KUBERNETES_VALIDATE_VERSION := 1.37.0
 REGISTRY      ?= registry.example.com/apikey-ratelimit
 VERSION       ?= 0.1.0

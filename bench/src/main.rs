@@ -16,7 +16,10 @@
 //!
 //! Usage: bench [--duration SECONDS] [--repeats N] [--connections N]
 //!              [--only SETUP_ID,...] [--route direct_response|upstream]
-//!              [--pin] [--out DIR] [--smoke]
+//!              [--pin] [--out DIR] [--smoke] [--repo DIR]
+//!
+//! The repository is found from the current directory (or `--repo DIR`, or
+//! `$REPO_ROOT`); `--out` defaults to its `target/bench/`.
 //!
 //! `--pin` gives Envoy CPU 0 to itself and everything else CPU 1: less
 //! noise from the load generator, but on 2 cores the backend then shares a
@@ -30,10 +33,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use e2e::backend::RedisWebdis;
 use e2e::envoy::Envoy;
-use e2e::local::metric;
+use e2e::metrics::metric;
 use e2e::paths;
-use e2e::topology::Backend;
 use e2e::upstream::Upstream;
 
 use report::Sample;
@@ -49,8 +52,10 @@ struct Options {
     /// With `--pin`: Envoy gets this CPU to itself, everything else the rest.
     envoy_cpu: Option<usize>,
     routes: Vec<Route>,
-    out: PathBuf,
+    /// `None`: `target/bench` (or `target/bench-smoke`) in the repository.
+    out: Option<PathBuf>,
     smoke: bool,
+    repo: Option<PathBuf>,
     /// Only redraw the chart from a saved results.json.
     chart_from: Option<PathBuf>,
 }
@@ -63,8 +68,9 @@ fn parse_args() -> Result<Options, String> {
         only: None,
         envoy_cpu: None,
         routes: Route::ALL.to_vec(),
-        out: paths::repo_root().join("target").join("bench"),
+        out: None,
         smoke: false,
+        repo: None,
         chart_from: None,
     };
     let mut args = std::env::args().skip(1);
@@ -97,16 +103,16 @@ fn parse_args() -> Result<Options, String> {
                     ))?;
                 options.routes = vec![route];
             }
-            "--out" => options.out = PathBuf::from(value("--out")?),
+            "--out" => options.out = Some(PathBuf::from(value("--out")?)),
+            "--repo" => options.repo = Some(PathBuf::from(value("--repo")?)),
             "--smoke" => {
                 options.smoke = true;
                 options.duration = Duration::from_secs(1);
                 options.repeats = 1;
                 options.connections = 8;
-                options.out = paths::repo_root().join("target").join("bench-smoke");
             }
             "-h" | "--help" => {
-                println!("usage: bench [--duration S] [--repeats N] [--connections N] [--only SETUP,...] [--route NAME] [--out DIR] [--smoke]");
+                println!("usage: bench [--duration S] [--repeats N] [--connections N] [--only SETUP,...] [--route NAME] [--out DIR] [--smoke] [--repo DIR]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
@@ -157,7 +163,16 @@ fn run(options: &Options) -> Result<(), String> {
     if let Some(results) = &options.chart_from {
         return redraw(results);
     }
-    let empty_wasm = paths::repo_root().join("target/wasm32-wasip1/release/empty_filter.wasm");
+    let root = paths::init_repo_root(options.repo.as_deref()).map_err(|e| e.0)?;
+    let out = options.out.clone().unwrap_or_else(|| {
+        let dir = if options.smoke {
+            "bench-smoke"
+        } else {
+            "bench"
+        };
+        root.join("target").join(dir)
+    });
+    let empty_wasm = root.join("target/wasm32-wasip1/release/empty_filter.wasm");
     if !empty_wasm.is_file() {
         return Err(format!(
             "{} is missing: run `make bench`",
@@ -167,8 +182,8 @@ fn run(options: &Options) -> Result<(), String> {
     let wasm = paths::wasm_path().map_err(|e| e.0)?;
     let font = std::fs::read(FONT)
         .map_err(|e| format!("{FONT}: {e} (make bench installs fonts-dejavu-core)"))?;
-    std::fs::create_dir_all(&options.out).map_err(|e| format!("{}: {e}", options.out.display()))?;
-    let script_path = options.out.join("many-keys.lua");
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let script_path = out.join("many-keys.lua");
     std::fs::write(&script_path, wrk::many_keys_script(10_000)).map_err(|e| e.to_string())?;
 
     let setups: Vec<Setup> = setups::all()
@@ -187,7 +202,7 @@ fn run(options: &Options) -> Result<(), String> {
     // the whole bench; a fresh Envoy for every run.
     std::env::set_var("UPSTREAM_THREADS", "1");
     let upstream = Upstream::try_start().map_err(|e| e.0)?;
-    let backend = Backend::start();
+    let backend = RedisWebdis::start();
 
     let mut samples = Vec::new();
     for (repeat, block, setup) in schedule(&setups, options) {
@@ -220,7 +235,8 @@ fn run(options: &Options) -> Result<(), String> {
     let wasm_size = std::fs::metadata(&wasm).map(|m| m.len()).unwrap_or(0);
     let machine = machine();
     let mut table = format!(
-        "## apikey-ratelimit bench\n\n{machine}; Envoy 1.40.0, 1 worker; wrk 1 thread, {} connections, {} s per run, {} repeat(s), medians. Filter: {} bytes.\n",
+        "## apikey-ratelimit bench\n\n{machine}; Envoy {}, 1 worker; wrk 1 thread, {} connections, {} s per run, {} repeat(s), medians. Filter: {} bytes.\n",
+        paths::ENVOY_VERSION,
         options.connections,
         options.duration.as_secs(),
         options.repeats,
@@ -238,14 +254,14 @@ fn run(options: &Options) -> Result<(), String> {
         "rows": rows,
         "samples": samples,
     });
-    let json_path = options.out.join("results.json");
+    let json_path = out.join("results.json");
     std::fs::write(
         &json_path,
         serde_json::to_string_pretty(&json).unwrap_or_default(),
     )
     .map_err(|e| e.to_string())?;
-    std::fs::write(options.out.join("results.md"), &table).map_err(|e| e.to_string())?;
-    let png = options.out.join("ratios.png");
+    std::fs::write(out.join("results.md"), &table).map_err(|e| e.to_string())?;
+    let png = out.join("ratios.png");
     report::chart(&rows, &setups, &font, &png)?;
     eprintln!(
         "bench: wrote {}, {} and results.md",
@@ -298,7 +314,7 @@ fn measure(
     route: Route,
     (repeat, block): (usize, usize),
     upstream: &Upstream,
-    backend: &Backend,
+    backend: &RedisWebdis,
     empty_wasm: &std::path::Path,
     script: &std::path::Path,
 ) -> Result<Sample, String> {

@@ -3,7 +3,7 @@
 //! count, same route), changed only in its HTTP filter and, per route, in
 //! where the route goes.
 
-use e2e::envoy::EnvoyConfig;
+use e2e::envoy_config::EnvoyConfig;
 use e2e::ports::free_port;
 use e2e::topology::{replica_config, Mode, ReplicaPorts};
 use serde_json::{json, Value};

@@ -7,6 +7,8 @@
 //! Redis's `admin` user (its password a fresh secret, never the webdis
 //! user's) loads the function at start and serves the tests' own
 //! inspection with `redis-cli`; the filter's traffic uses the shipped user.
+//!
+//! [`RedisWebdis`] is the pair, wired together, as global mode needs it.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -16,8 +18,8 @@ use std::time::Duration;
 
 use crate::paths;
 use crate::ports::free_port;
-use crate::process::{describe_status, new_dir, Proc};
-use crate::{poll_until, Error};
+use crate::process::{new_dir, Proc};
+use crate::Error;
 
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 const ADMIN_USER: &str = "admin";
@@ -51,9 +53,15 @@ impl Redis {
     /// Starts Redis on `port` with the webdis user's `password` (a restart
     /// after a kill reuses both).
     pub fn try_start_on(port: u16, password: &str) -> Result<Redis, Error> {
+        Redis::try_start_with(port, password, &[])
+    }
+
+    /// [`Redis::try_start_on`] with extra redis-server arguments.
+    pub fn try_start_with(port: u16, password: &str, extra: &[&str]) -> Result<Redis, Error> {
         let admin_password = random_secret();
         let dir = new_dir("redis").map_err(|e| Error(e.to_string()))?;
-        let cmd = redis_command(port, password, &admin_password, dir.path())?;
+        let mut cmd = redis_command(port, password, &admin_password, dir.path())?;
+        cmd.args(extra);
         let proc = Proc::spawn_in("redis", cmd, dir)
             .map_err(|e| Error(format!("cannot run redis-start.sh: {e}")))?;
         let redis = Redis {
@@ -62,7 +70,7 @@ impl Redis {
             password: password.to_string(),
             admin_password,
         };
-        wait_ready(&redis.proc, || resp_ping(port))?;
+        redis.proc.wait_ready(START_TIMEOUT, || resp_ping(port))?;
         Ok(redis)
     }
 
@@ -138,7 +146,9 @@ impl Webdis {
         let proc = Proc::spawn_in("webdis", cmd, dir)
             .map_err(|e| Error(format!("cannot run webdis-start.sh: {e}")))?;
         let webdis = Webdis { proc, port };
-        wait_ready(&webdis.proc, || http_answers(port))?;
+        webdis
+            .proc
+            .wait_ready(START_TIMEOUT, || http_answers(port))?;
         Ok(webdis)
     }
 
@@ -152,6 +162,31 @@ impl Webdis {
 
     pub fn proc(&self) -> &Proc {
         &self.proc
+    }
+}
+
+/// Redis and a webdis in front of it: the global store the filter calls.
+pub struct RedisWebdis {
+    pub redis: Redis,
+    pub webdis: Webdis,
+}
+
+impl RedisWebdis {
+    /// Both on free ports. Panics with their logs if either does not start.
+    pub fn start() -> RedisWebdis {
+        RedisWebdis::try_start_on(free_port(), free_port(), &[]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Redis on `redis_port` (with extra redis-server arguments) and webdis on
+    /// `webdis_port`, sharing a fresh password.
+    pub fn try_start_on(
+        redis_port: u16,
+        webdis_port: u16,
+        redis_args: &[&str],
+    ) -> Result<RedisWebdis, Error> {
+        let redis = Redis::try_start_with(redis_port, &random_secret(), redis_args)?;
+        let webdis = Webdis::try_start_on(webdis_port, redis.port(), redis.password())?;
+        Ok(RedisWebdis { redis, webdis })
     }
 }
 
@@ -218,36 +253,22 @@ pub fn start_script(script: &str, server: &Path) -> Command {
     cmd
 }
 
-fn wait_ready(proc: &Proc, ready: impl Fn() -> bool) -> Result<(), Error> {
-    let up = poll_until(START_TIMEOUT, Duration::from_millis(20), || {
-        if let Some(status) = proc.try_status() {
-            return Some(Err(proc.error(&format!(
-                "{} {} before it was ready",
-                proc.name(),
-                describe_status(status)
-            ))));
-        }
-        ready().then_some(Ok(()))
-    });
-    up.unwrap_or_else(|| {
-        Err(proc.error(&format!(
-            "{} not ready after {START_TIMEOUT:?}",
-            proc.name()
-        )))
-    })
-}
-
 /// Redis answers something (even NOAUTH) to an inline PING.
-fn resp_ping(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
+fn resp_ping(port: u16) -> Result<(), String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
     let mut buf = [0u8; 64];
-    stream.write_all(b"PING\r\n").is_ok() && matches!(stream.read(&mut buf), Ok(n) if n > 0)
+    stream.write_all(b"PING\r\n").map_err(|e| e.to_string())?;
+    match stream.read(&mut buf) {
+        Ok(n) if n > 0 => Ok(()),
+        Ok(_) => Err("closed without answering PING".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// webdis answers an HTTP request (its ACL refuses PING with a 403: fine).
-fn http_answers(port: u16) -> bool {
-    crate::http::get(&format!("127.0.0.1:{port}"), "/PING").is_ok()
+fn http_answers(port: u16) -> Result<(), String> {
+    crate::http::get(&format!("127.0.0.1:{port}"), "/PING")
+        .map(drop)
+        .map_err(|e| e.to_string())
 }

@@ -2,7 +2,8 @@
 //!
 //! Raw on purpose: hostile tests send invalid percent-escapes, non-UTF-8 header
 //! values, huge headers and odd methods, which a normal client refuses to send. The
-//! request target and header values are bytes, written exactly as given.
+//! request target and header values are bytes, written exactly as given. Strict on
+//! what comes back (CRLF line ends), so the upstream's own tests use it too.
 
 use std::borrow::Cow;
 use std::io::{self, Read, Write};
@@ -19,6 +20,8 @@ const MAX_HEAD: usize = 1 << 20;
 /// assertion message is readable.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Response {
+    /// The minor version of the status line: 1 for `HTTP/1.1`.
+    pub version: u8,
     pub status: u16,
     pub reason: String,
     /// In order, names as sent; values as raw bytes.
@@ -298,6 +301,20 @@ impl Conn {
         Ok(())
     }
 
+    /// Everything the server sends until it closes the connection (EOF or a reset),
+    /// bytes already read past the last response included.
+    pub fn read_until_closed(&mut self) -> io::Result<Vec<u8>> {
+        loop {
+            match self.read_more() {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(_) if self.closed => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(std::mem::take(&mut self.buf))
+    }
+
     fn read_to_eof(&mut self) -> io::Result<()> {
         while self.read_more()? > 0 {}
         Ok(())
@@ -349,7 +366,23 @@ fn parse_head(buf: &[u8]) -> io::Result<Option<(Response, usize)>> {
         let mut parsed = httparse::Response::new(&mut headers);
         match parsed.parse(buf) {
             Ok(httparse::Status::Complete(len)) => {
+                // httparse takes a bare LF for a line end; HTTP/1.1 says CRLF.
+                let head = buf.get(..len).unwrap_or(buf);
+                if head
+                    .iter()
+                    .enumerate()
+                    .any(|(i, &b)| b == b'\n' && (i == 0 || head.get(i - 1) != Some(&b'\r')))
+                {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "a line of the response head ends in a bare LF: {:?}",
+                            String::from_utf8_lossy(head)
+                        ),
+                    ));
+                }
                 let resp = Response {
+                    version: parsed.version.unwrap_or(0),
                     status: parsed.code.unwrap_or(0),
                     reason: parsed.reason.unwrap_or("").to_owned(),
                     headers: parsed

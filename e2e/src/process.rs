@@ -6,6 +6,9 @@
 //! `PR_SET_PDEATHSIG = SIGKILL`. That signal fires when the *thread* that forked them
 //! exits, not the process, so every child is forked by one long-lived spawner thread;
 //! otherwise a `Proc` started in a helper thread would be killed as that thread ends.
+//!
+//! A foreground program (`make run`'s `demo`) calls [`send_output_to_terminal`] first:
+//! its children then write to its terminal instead of a log file.
 
 use crate::Error;
 use std::fs::File;
@@ -13,6 +16,7 @@ use std::io;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
@@ -23,6 +27,18 @@ pub const PANIC_TAIL_LINES: usize = 60;
 
 /// How long [`Proc::stop`] waits after SIGTERM before it sends SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+static OUTPUT_TO_TERMINAL: AtomicBool = AtomicBool::new(false);
+
+/// From now on, children write to this process's stdout and stderr instead of a
+/// log file (their [`Proc::log`] is then empty).
+pub fn send_output_to_terminal() {
+    OUTPUT_TO_TERMINAL.store(true, Ordering::Relaxed);
+}
+
+fn output_to_terminal() -> bool {
+    OUTPUT_TO_TERMINAL.load(Ordering::Relaxed)
+}
 
 /// The signals tests send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,16 +94,25 @@ impl Proc {
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
         let log_path = dir.path().join(format!("{file_name}.log"));
-        let log = File::create(&log_path)?;
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        cmd.stdin(Stdio::null());
+        if output_to_terminal() {
+            cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
+        } else {
+            let log = File::create(&log_path)?;
+            cmd.stdout(log.try_clone()?).stderr(log);
+        }
+        // SAFETY: prctl and pthread_sigmask are async-signal-safe and touch no memory
+        // of the parent.
         unsafe {
             cmd.pre_exec(|| {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) == -1 {
                     return Err(io::Error::last_os_error());
                 }
+                // A parent that blocks signals to take them itself (the demo) must
+                // not pass that mask on: Envoy would never see SIGTERM.
+                let mut empty: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut empty);
+                libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
                 Ok(())
             });
         }
@@ -173,6 +198,42 @@ impl Proc {
         Some(kb * 1024)
     }
 
+    /// Calls `ready` every 20 ms until it returns `Ok`, for up to `timeout`. Fails,
+    /// quoting the log and `ready`'s last complaint, if the process exits first or
+    /// is still not ready at the deadline (then it is killed).
+    pub fn wait_ready(
+        &self,
+        timeout: Duration,
+        mut ready: impl FnMut() -> Result<(), String>,
+    ) -> Result<(), Error> {
+        let mut last = String::new();
+        let outcome = crate::poll_until(timeout, Duration::from_millis(20), || {
+            if let Some(status) = self.try_status() {
+                return Some(Err(describe_status(status)));
+            }
+            match ready() {
+                Ok(()) => Some(Ok(())),
+                Err(why) => {
+                    last = why;
+                    None
+                }
+            }
+        });
+        match outcome {
+            Some(Ok(())) => Ok(()),
+            Some(Err(how)) => Err(self.error(&format!("{how} before it was ready"))),
+            None => {
+                self.kill();
+                let why = if last.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (last: {last})")
+                };
+                Err(self.error(&format!("not ready after {timeout:?}{why}")))
+            }
+        }
+    }
+
     /// SIGTERM (plus SIGCONT, so a frozen process can act on it), up to
     /// [`STOP_GRACE`] to exit, then SIGKILL. Returns the exit status.
     pub fn stop(&self) -> Option<ExitStatus> {
@@ -197,6 +258,12 @@ impl Proc {
     /// An [`Error`] that names the process, says `what` went wrong, and quotes the
     /// log tail.
     pub fn error(&self, what: &str) -> Error {
+        if output_to_terminal() {
+            return Error(format!(
+                "{} (pid {}): {what} (its output is above)",
+                self.name, self.pid
+            ));
+        }
         Error(format!(
             "{} (pid {}): {what}\n----- last {PANIC_TAIL_LINES} lines of {} -----\n{}\n----- end of {} log -----",
             self.name,

@@ -1,7 +1,9 @@
-//! The global-mode and replica topologies the tests and `make run` share:
+//! The topologies the tests, the bench and `make run` share:
 //!
-//! - [`Global`]: the upstream, Redis, webdis and one Envoy running the
-//!   shipped `envoy/global.yaml`;
+//! - [`OneEnvoy`]: the real upstream behind one Envoy running the shipped
+//!   `envoy/local.yaml`, with the test's plugin configuration;
+//! - [`GlobalEnvoy`]: the same with `envoy/global.yaml`, and its own Redis and
+//!   webdis ([`RedisWebdis`]);
 //! - [`Replicas`]: the tutorial's Kubernetes deployment on one machine: N
 //!   Envoy replicas (local or global mode), each running the filter, behind
 //!   the shipped `envoy/front.yaml`, a front Envoy balancing round-robin as
@@ -12,15 +14,17 @@
 //! plugin configuration changed; `make run` uses the same functions with
 //! fixed ports.
 
-use crate::backend::{Redis, Webdis};
-use crate::envoy::{Envoy, EnvoyConfig};
-use crate::local::{metric, Local};
+use crate::backend::RedisWebdis;
+use crate::envoy::Envoy;
+use crate::envoy_config::EnvoyConfig;
+use crate::metrics::{self, metric};
 use crate::paths;
 use crate::ports::free_port;
 use crate::upstream::Upstream;
 use crate::Error;
 
-/// Where a replica keeps its counters.
+/// Where the filter keeps its counters: the one meaning of "mode" in the
+/// harness (`make run MODE=`, `demo --mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// Envoy shared data: each replica counts alone.
@@ -74,47 +78,93 @@ pub fn front_config(listen: u16, admin: u16, replicas: &[u16]) -> Result<EnvoyCo
     Ok(config)
 }
 
-/// Redis and webdis, ready for the filter.
-pub struct Backend {
-    pub redis: Redis,
-    pub webdis: Webdis,
+/// The real upstream behind one Envoy that runs the filter. Built by
+/// [`OneEnvoy::local`] in local mode; [`GlobalEnvoy`] holds one in global mode.
+pub struct OneEnvoy {
+    pub upstream: Upstream,
+    pub envoy: Envoy,
 }
 
-impl Backend {
-    pub fn start() -> Backend {
-        let redis = Redis::start();
-        let webdis = Webdis::start(&redis);
-        Backend { redis, webdis }
+impl OneEnvoy {
+    /// Upstream + Envoy in local mode with `workers` workers and this plugin
+    /// configuration (JSON). Panics with the processes' logs if either does
+    /// not start.
+    pub fn local(plugin_config: &str, workers: u32) -> OneEnvoy {
+        OneEnvoy::start_local(Some(plugin_config), workers)
+    }
+
+    /// Local mode as shipped, plugin configuration included.
+    pub fn local_shipped(workers: u32) -> OneEnvoy {
+        OneEnvoy::start_local(None, workers)
+    }
+
+    fn start_local(plugin_config: Option<&str>, workers: u32) -> OneEnvoy {
+        let upstream = Upstream::start();
+        let mut config = local_config(&upstream);
+        if let Some(plugin) = plugin_config {
+            config
+                .set_plugin_config(plugin)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let envoy = Envoy::start(&config, workers).unwrap_or_else(|e| panic!("{e:?}"));
+        OneEnvoy { upstream, envoy }
+    }
+
+    pub fn addr(&self) -> String {
+        self.envoy.addr()
+    }
+
+    /// One of the filter's counters, e.g. `metric("throttled")`.
+    pub fn metric(&self, event: &str) -> u64 {
+        metric(&self.envoy, event)
+    }
+
+    pub fn metric_at_least(&self, event: &str, value: u64) -> u64 {
+        metrics::metric_at_least(&self.envoy, event, value)
+    }
+
+    /// Connections each worker accepted on the API listener, in worker order.
+    pub fn connections_per_worker(&self) -> Vec<u64> {
+        metrics::connections_per_worker(&self.envoy)
     }
 }
 
-/// One Envoy in global mode, with its own Redis and webdis.
-pub struct Global {
-    /// The upstream and the Envoy, read like a local setup (`addr`,
-    /// `metric`, `envoy`, `upstream` through `Deref`).
-    pub local: Local,
-    pub backend: Backend,
+/// `envoy/local.yaml` on fresh ports, pointed at `upstream`.
+pub fn local_config(upstream: &Upstream) -> EnvoyConfig {
+    let mut config = EnvoyConfig::for_test(paths::shipped_config("local.yaml"));
+    config
+        .set_cluster_endpoint("upstream", "127.0.0.1", upstream.port())
+        .unwrap_or_else(|e| panic!("{e}"));
+    config
 }
 
-impl Global {
+/// One Envoy in global mode, with its own Redis and webdis.
+pub struct GlobalEnvoy {
+    /// The upstream and the Envoy, read as in local mode (`addr`, `metric`,
+    /// `envoy`, `upstream` through `Deref`).
+    pub one: OneEnvoy,
+    pub backend: RedisWebdis,
+}
+
+impl GlobalEnvoy {
     /// `plugin_config` replaces the shipped one when given.
-    pub fn start(plugin_config: Option<&str>, workers: u32) -> Global {
+    pub fn start(plugin_config: Option<&str>, workers: u32) -> GlobalEnvoy {
         let upstream = Upstream::start();
-        let backend = Backend::start();
+        let backend = RedisWebdis::start();
         let config = global_test_config(&upstream, backend.webdis.port(), plugin_config);
         let envoy = Envoy::start(&config, workers).unwrap_or_else(|e| panic!("{e:?}"));
-        Global {
-            local: Local { upstream, envoy },
+        GlobalEnvoy {
+            one: OneEnvoy { upstream, envoy },
             backend,
         }
     }
 }
 
-impl std::ops::Deref for Global {
-    type Target = Local;
+impl std::ops::Deref for GlobalEnvoy {
+    type Target = OneEnvoy;
 
-    fn deref(&self) -> &Local {
-        &self.local
+    fn deref(&self) -> &OneEnvoy {
+        &self.one
     }
 }
 
@@ -124,13 +174,24 @@ pub fn global_test_config(
     webdis_port: u16,
     plugin_config: Option<&str>,
 ) -> EnvoyConfig {
+    test_config(Mode::Global, upstream, Some(webdis_port), plugin_config)
+}
+
+/// The shipped config of `mode` on fresh ports; `plugin_config` replaces the
+/// shipped one when given. Panics (a test helper) if the config lacks a part.
+fn test_config(
+    mode: Mode,
+    upstream: &Upstream,
+    webdis: Option<u16>,
+    plugin_config: Option<&str>,
+) -> EnvoyConfig {
     let ports = ReplicaPorts {
         listen: free_port(),
         admin: free_port(),
         upstream: upstream.port(),
-        webdis: Some(webdis_port),
+        webdis,
     };
-    let mut config = replica_config(Mode::Global, ports).unwrap_or_else(|e| panic!("{e}"));
+    let mut config = replica_config(mode, ports).unwrap_or_else(|e| panic!("{e}"));
     if let Some(plugin) = plugin_config {
         config
             .set_plugin_config(plugin)
@@ -142,7 +203,7 @@ pub fn global_test_config(
 /// N replicas behind a front Envoy.
 pub struct Replicas {
     pub upstream: Upstream,
-    pub backend: Option<Backend>,
+    pub backend: Option<RedisWebdis>,
     pub replicas: Vec<Envoy>,
     pub front: Envoy,
 }
@@ -152,36 +213,12 @@ impl Replicas {
     /// the shipped one when given.
     pub fn start(mode: Mode, count: usize, workers: u32, plugin_config: Option<&str>) -> Replicas {
         let upstream = Upstream::start();
-        let backend = (mode == Mode::Global).then(Backend::start);
+        let backend = (mode == Mode::Global).then(RedisWebdis::start);
+        let webdis = backend.as_ref().map(|b| b.webdis.port());
         let configs: Vec<EnvoyConfig> = (0..count)
-            .map(|_| {
-                let ports = ReplicaPorts {
-                    listen: free_port(),
-                    admin: free_port(),
-                    upstream: upstream.port(),
-                    webdis: backend.as_ref().map(|b| b.webdis.port()),
-                };
-                let mut config = replica_config(mode, ports).unwrap_or_else(|e| panic!("{e}"));
-                if let Some(plugin) = plugin_config {
-                    config
-                        .set_plugin_config(plugin)
-                        .unwrap_or_else(|e| panic!("{e}"));
-                }
-                config
-            })
+            .map(|_| test_config(mode, &upstream, webdis, plugin_config))
             .collect();
-        // Start the replicas side by side: each takes about a second.
-        let replicas: Vec<Envoy> = std::thread::scope(|s| {
-            let handles: Vec<_> = configs
-                .iter()
-                .map(|c| s.spawn(move || Envoy::start(c, workers)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect::<Result<Vec<_>, Error>>()
-        })
-        .unwrap_or_else(|e| panic!("{e:?}"));
+        let replicas = start_envoys(&configs, workers, &[]).unwrap_or_else(|e| panic!("{e:?}"));
         let ports: Vec<u16> = replicas.iter().map(Envoy::port).collect();
         let front =
             front_config(free_port(), free_port(), &ports).unwrap_or_else(|e| panic!("{e}"));
@@ -208,7 +245,26 @@ impl Replicas {
     pub fn requests_per_replica(&self) -> Vec<u64> {
         self.replicas
             .iter()
-            .map(|r| r.counter("http.api.downstream_rq_total").unwrap_or(0))
+            .map(metrics::requests_received)
             .collect()
     }
+}
+
+/// Starts an Envoy on each config side by side (each takes about a second),
+/// with `workers` workers and `extra` arguments ([`Envoy::start_with_args`]).
+pub fn start_envoys(
+    configs: &[EnvoyConfig],
+    workers: u32,
+    extra: &[&str],
+) -> Result<Vec<Envoy>, Error> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = configs
+            .iter()
+            .map(|c| s.spawn(move || Envoy::start_with_args(c, workers, extra)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
 }

@@ -2,14 +2,16 @@
 //!
 //! It is started with `--bind 127.0.0.1:0` and prints
 //! `upstream listening on http://127.0.0.1:PORT` first; we read that line from its log,
-//! so there is no window in which another process can take the port.
+//! so there is no window in which another process can take the port. `make run` puts
+//! it on a fixed port instead ([`Upstream::try_start_on`]).
 
 use crate::paths;
-use crate::process::{describe_status, Proc};
+use crate::process::Proc;
 use crate::Error;
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// What the upstream prints once it listens, before the URL.
 pub const LISTENING_PREFIX: &str = "upstream listening on http://";
@@ -41,28 +43,34 @@ impl Upstream {
         cmd.args(["--bind", "127.0.0.1:0"]).args(extra);
         let proc = Proc::spawn("upstream", cmd)
             .map_err(|e| Error(format!("cannot run {}: {e}", bin.display())))?;
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(addr) = parse_listening_line(&proc.log()) {
-                let port = addr
-                    .rsplit_once(':')
-                    .and_then(|(_, p)| p.parse().ok())
-                    .ok_or_else(|| proc.error(&format!("no port in `{LISTENING_PREFIX}{addr}`")))?;
-                return Ok(Upstream { proc, addr, port });
-            }
-            if let Some(s) = proc.try_status() {
-                return Err(proc.error(&format!(
-                    "{} before printing `{LISTENING_PREFIX}…`",
-                    describe_status(s)
-                )));
-            }
-            if Instant::now() >= deadline {
-                return Err(proc.error(&format!(
-                    "no `{LISTENING_PREFIX}…` line after {START_TIMEOUT:?}"
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let mut addr = String::new();
+        proc.wait_ready(START_TIMEOUT, || {
+            addr = parse_listening_line(&proc.log())
+                .ok_or_else(|| format!("no `{LISTENING_PREFIX}…` line yet"))?;
+            Ok(())
+        })?;
+        let port = addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .ok_or_else(|| proc.error(&format!("no port in `{LISTENING_PREFIX}{addr}`")))?;
+        Ok(Upstream { proc, addr, port })
+    }
+
+    /// Starts [`paths::upstream_bin`] on the fixed `127.0.0.1:port`, ready once the port
+    /// accepts connections (its output may go to a terminal, not a log we can read).
+    pub fn try_start_on(port: u16) -> Result<Upstream, Error> {
+        let bin = paths::upstream_bin()?;
+        let addr = format!("127.0.0.1:{port}");
+        let mut cmd = Command::new(&bin);
+        cmd.args(["--bind", &addr]);
+        let proc = Proc::spawn("upstream", cmd)
+            .map_err(|e| Error(format!("cannot run {}: {e}", bin.display())))?;
+        proc.wait_ready(START_TIMEOUT, || {
+            TcpStream::connect(&addr)
+                .map(drop)
+                .map_err(|e| format!("{addr}: {e}"))
+        })?;
+        Ok(Upstream { proc, addr, port })
     }
 
     /// "127.0.0.1:port".

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 mod common;
 
-use e2e::envoy::{self, Envoy, EnvoyConfig};
-use e2e::local::local_config;
+use e2e::envoy::{self, Envoy};
+use e2e::envoy_config::EnvoyConfig;
 use e2e::paths;
+use e2e::topology::local_config;
 use e2e::upstream::Upstream;
 
 #[test]

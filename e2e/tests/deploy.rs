@@ -27,13 +27,14 @@ use std::time::Duration;
 mod common;
 
 use e2e::backend::Redis;
-use e2e::envoy::{self, Envoy, EnvoyConfig};
+use e2e::backend::RedisWebdis;
+use e2e::envoy::{self, Envoy};
+use e2e::envoy_config::EnvoyConfig;
 use e2e::http;
-use e2e::local::metric;
+use e2e::metrics::metric;
 use e2e::paths;
 use e2e::ports::free_port;
 use e2e::process::Proc;
-use e2e::topology::Backend;
 use e2e::upstream::Upstream;
 use ratelimit_core::Policy;
 use serde_json::Value;
@@ -286,7 +287,7 @@ fn compose_envoy_configs_pass_envoy_validate_and_the_filters_parser() {
 #[test]
 fn compose_envoy_configs_run_for_real_on_loopback() {
     let upstream = Upstream::start();
-    let backend = Backend::start();
+    let backend = RedisWebdis::start();
     for name in ["local.yaml", "global.yaml"] {
         let mut config = EnvoyConfig::load(repo().join("envoy/compose").join(name)).unwrap();
         config.set_all_addresses("127.0.0.1");

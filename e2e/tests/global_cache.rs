@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use e2e::http::Conn;
-use e2e::topology::Global;
+use e2e::topology::GlobalEnvoy;
 
 /// Floods one key from `clients` keep-alive connections for `duration`.
 fn flood(addr: &str, clients: usize, duration: Duration) -> (u64, u64) {
@@ -46,7 +46,7 @@ fn flood(addr: &str, clients: usize, duration: Duration) -> (u64, u64) {
 #[test]
 fn a_flood_on_a_throttled_key_stays_off_redis() {
     // 10 at once, then one every 6 s: the 2 s flood stays in one window.
-    let global = Global::start(
+    let global = GlobalEnvoy::start(
         Some(r#"{"limits": ["10/min"], "store": {"webdis": {}}}"#),
         2,
     );
@@ -76,7 +76,7 @@ fn a_flood_on_a_throttled_key_stays_off_redis() {
 #[test]
 fn a_flood_across_many_windows_costs_about_one_call_per_admission() {
     // One every 250 ms: 3 s of flood spans 12 refills.
-    let global = Global::start(
+    let global = GlobalEnvoy::start(
         Some(r#"{"limits": [{"rate": "4/s", "burst": 1}], "store": {"webdis": {}}}"#),
         2,
     );

@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use e2e::backend::Redis;
+use e2e::backend::RedisWebdis;
 use e2e::http;
-use e2e::topology::Backend;
 use ratelimit_core::gcra::{self, Limit};
 use ratelimit_core::rate::Rate;
 use ratelimit_core::webdis::{self, Parsed, Reply};
@@ -81,7 +81,7 @@ fn stored(redis: &Redis, key: &str) -> BTreeMap<String, u64> {
 
 #[test]
 fn the_redis_function_and_rust_decide_alike_as_limits_come_and_go() {
-    let backend = Backend::start();
+    let backend = RedisWebdis::start();
     let webdis = backend.webdis.addr();
     let redis = &backend.redis;
     let scenarios = 8;

@@ -11,11 +11,11 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use e2e::backend::{Redis, Webdis};
+use e2e::backend::{Redis, RedisWebdis, Webdis};
 use e2e::envoy::Envoy;
 use e2e::http::{self, Response};
 use e2e::process::Signal;
-use e2e::topology::{global_test_config, Backend, Global};
+use e2e::topology::{global_test_config, GlobalEnvoy};
 use e2e::upstream::Upstream;
 use ratelimit_core::webdis;
 
@@ -25,21 +25,21 @@ const MARGIN: Duration = Duration::from_millis(250);
 const RECOVERY: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Mode {
+enum FailureMode {
     Allow,
     Deny,
 }
 
-impl Mode {
+impl FailureMode {
     fn name(self) -> &'static str {
         match self {
-            Mode::Allow => "allow",
-            Mode::Deny => "deny",
+            FailureMode::Allow => "allow",
+            FailureMode::Deny => "deny",
         }
     }
 }
 
-fn plugin_config(mode: Mode, cluster: &str) -> String {
+fn plugin_config(mode: FailureMode, cluster: &str) -> String {
     format!(
         r#"{{"limits": ["1/min"], "failure_mode": "{}",
             "store": {{"webdis": {{"cluster": "{cluster}", "timeout_ms": {TIMEOUT_MS}}}}}}}"#,
@@ -59,7 +59,7 @@ fn fresh_request(addr: &str) -> (Response, Duration) {
 
 /// While the backend is broken: every answer follows the failure mode, in
 /// time.
-fn check_failing(addr: &str, mode: Mode, what: &str) {
+fn check_failing(addr: &str, mode: FailureMode, what: &str) {
     for _ in 0..5 {
         let (r, took) = fresh_request(addr);
         assert!(
@@ -67,11 +67,11 @@ fn check_failing(addr: &str, mode: Mode, what: &str) {
             "{what}: answered after {took:?}"
         );
         match mode {
-            Mode::Allow => {
+            FailureMode::Allow => {
                 assert_eq!(r.status, 200, "{what}: {r:?}");
                 assert_eq!(r.body_str(), "\"ok\"");
             }
-            Mode::Deny => {
+            FailureMode::Deny => {
                 assert_eq!(r.status, 503, "{what}: {r:?}");
                 assert_eq!(r.header("content-type"), Some("application/json"));
                 assert_eq!(
@@ -103,19 +103,19 @@ fn wait_recovered(addr: &str, what: &str) -> Duration {
     }
 }
 
-fn counter_grew(global: &Global, metric: &str, before: u64) -> u64 {
+fn counter_grew(global: &GlobalEnvoy, metric: &str, before: u64) -> u64 {
     let now = global.metric_at_least(metric, before + 5);
     assert!(now >= before + 5, "{metric}: {before} -> {now}");
     now
 }
 
-fn faults_under(mode: Mode) {
-    let mut global = Global::start(Some(&plugin_config(mode, "webdis")), 2);
+fn faults_under(mode: FailureMode) {
+    let mut global = GlobalEnvoy::start(Some(&plugin_config(mode, "webdis")), 2);
     let addr = global.addr();
     wait_recovered(&addr, "at start");
     let failure_metric = match mode {
-        Mode::Allow => "failure_mode_allowed",
-        Mode::Deny => "failure_mode_denied",
+        FailureMode::Allow => "failure_mode_allowed",
+        FailureMode::Deny => "failure_mode_denied",
     };
 
     // webdis killed: Envoy cannot connect (503 from its cluster).
@@ -192,19 +192,19 @@ fn faults_under(mode: Mode) {
 
 #[test]
 fn backend_faults_with_failure_mode_allow() {
-    faults_under(Mode::Allow);
+    faults_under(FailureMode::Allow);
 }
 
 #[test]
 fn backend_faults_with_failure_mode_deny() {
-    faults_under(Mode::Deny);
+    faults_under(FailureMode::Deny);
 }
 
 #[test]
 fn a_misconfigured_cluster_is_counted_and_follows_the_failure_mode() {
     let upstream = Upstream::start();
-    let backend = Backend::start();
-    for mode in [Mode::Allow, Mode::Deny] {
+    let backend = RedisWebdis::start();
+    for mode in [FailureMode::Allow, FailureMode::Deny] {
         let config = global_test_config(
             &upstream,
             backend.webdis.port(),
@@ -215,7 +215,7 @@ fn a_misconfigured_cluster_is_counted_and_follows_the_failure_mode() {
         for _ in 0..5 {
             let (r, took) = fresh_request(&addr);
             assert!(took < MARGIN, "{took:?}");
-            let expected = if mode == Mode::Allow { 200 } else { 503 };
+            let expected = if mode == FailureMode::Allow { 200 } else { 503 };
             assert_eq!(r.status, expected, "{mode:?}: {r:?}");
         }
         let metric = "wasmcustom.apikey_ratelimit.api.backend_errors_dispatch";

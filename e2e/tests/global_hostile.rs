@@ -8,7 +8,7 @@
 //! canary written beforehand is untouched. Checked with `redis-cli`.
 
 use e2e::http::{self, Conn};
-use e2e::topology::Global;
+use e2e::topology::GlobalEnvoy;
 use ratelimit_core::webdis::redis_key;
 
 /// The default prefix of the shipped plugin, named `api`.
@@ -28,7 +28,7 @@ fn encode(key: &str) -> String {
 
 #[test]
 fn hostile_keys_touch_nothing_in_redis_but_their_own_hashed_keys() {
-    let global = Global::start(
+    let global = GlobalEnvoy::start(
         Some(r#"{"limits": ["5/min"], "max_key_length": 4096, "store": {"webdis": {}}}"#),
         2,
     );

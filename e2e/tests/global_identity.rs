@@ -2,9 +2,10 @@
 //! the limit, and each plugin counts under its own key prefix. Real Envoys
 //! share one Redis, as replicas do during a rolling update.
 
+use e2e::backend::RedisWebdis;
 use e2e::envoy::Envoy;
 use e2e::http;
-use e2e::topology::{global_test_config, Backend};
+use e2e::topology::global_test_config;
 use e2e::upstream::Upstream;
 use ratelimit_core::webdis::redis_key;
 
@@ -13,7 +14,7 @@ const PLUGIN_NAME: &str = "/static_resources/listeners/0/filter_chains/0/filters
 /// An Envoy named `plugin` with these `limits` and `webdis` store fields.
 fn envoy(
     upstream: &Upstream,
-    backend: &Backend,
+    backend: &RedisWebdis,
     plugin: &str,
     limits: &str,
     webdis: &str,
@@ -32,7 +33,7 @@ fn status(envoy: &Envoy, key: &str) -> u16 {
 }
 
 /// The limit names stored for `key`, sorted.
-fn fields(backend: &Backend, key: &str) -> Vec<String> {
+fn fields(backend: &RedisWebdis, key: &str) -> Vec<String> {
     let key = redis_key("apikey_ratelimit:api:", None, key.as_bytes());
     let mut fields: Vec<String> = backend
         .redis
@@ -47,7 +48,7 @@ fn fields(backend: &Backend, key: &str) -> Vec<String> {
 #[test]
 fn a_limits_debt_survives_adding_or_removing_another_limit() {
     let upstream = Upstream::start();
-    let backend = Backend::start();
+    let backend = RedisWebdis::start();
     let old = envoy(&upstream, &backend, "api", r#"["1/min"]"#, "");
     let new = envoy(&upstream, &backend, "api", r#"["1/min", "1000/d"]"#, "");
 
@@ -66,7 +67,7 @@ fn a_limits_debt_survives_adding_or_removing_another_limit() {
 #[test]
 fn plugins_count_apart_unless_they_share_a_key_prefix() {
     let upstream = Upstream::start();
-    let backend = Backend::start();
+    let backend = RedisWebdis::start();
     let api = envoy(&upstream, &backend, "api", r#"["1/min"]"#, "");
     // Istio's name for a WasmPlugin `other` in namespace `team-b`.
     let istio = "team-b.other~istio-translated-wasmplugin";

@@ -6,8 +6,8 @@
 //! the commands that function runs, on the filter's keys. No script of
 //! anyone's own can run: no `EVAL`, `EVALSHA`, `SCRIPT` or `FUNCTION`.
 
+use e2e::backend::RedisWebdis;
 use e2e::http::{self, Conn};
-use e2e::topology::Backend;
 
 /// The port's listening sockets from /proc/net/tcp{,6}: local addresses.
 fn listening_addresses(port: u16) -> Vec<String> {
@@ -32,7 +32,7 @@ fn listening_addresses(port: u16) -> Vec<String> {
 
 #[test]
 fn webdis_refuses_every_command_but_fcall_and_no_script_can_run() {
-    let backend = Backend::start();
+    let backend = RedisWebdis::start();
     let addr = backend.webdis.addr();
     let redis = &backend.redis;
     assert_eq!(

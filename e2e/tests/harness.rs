@@ -3,7 +3,8 @@
 //! The filter's .wasm is not needed here: these tests take the shipped local config,
 //! remove the rate-limit filter, and check the plumbing around it.
 
-use e2e::envoy::{self, Envoy, EnvoyConfig};
+use e2e::envoy::{self, Envoy};
+use e2e::envoy_config::EnvoyConfig;
 use e2e::http::{self, Conn};
 use e2e::load::{self, StatusTable};
 use e2e::paths;

@@ -5,12 +5,12 @@
 
 use e2e::http::Conn;
 use e2e::load::{self, StatusTable};
-use e2e::local::Local;
+use e2e::topology::OneEnvoy;
 
 #[test]
 fn concurrent_burst_across_six_workers_admits_exactly_the_burst() {
     // 1/hour: nothing refills during the burst, so exactly `burst` fit.
-    let local = Local::start(r#"{"limits": [{"rate": "1/hour", "burst": 50}]}"#, 6);
+    let local = OneEnvoy::local(r#"{"limits": [{"rate": "1/hour", "burst": 50}]}"#, 6);
     let addr = local.addr();
     let statuses = load::concurrent_prepared(
         300,
@@ -35,7 +35,7 @@ fn concurrent_burst_across_six_workers_admits_exactly_the_burst() {
 
 #[test]
 fn several_hot_keys_at_once_each_get_exactly_their_burst() {
-    let local = Local::start(r#"{"limits": [{"rate": "1/hour", "burst": 20}]}"#, 6);
+    let local = OneEnvoy::local(r#"{"limits": [{"rate": "1/hour", "burst": 20}]}"#, 6);
     let addr = local.addr();
     let statuses = load::concurrent_prepared(
         240,

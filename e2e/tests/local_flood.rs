@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use e2e::http::Conn;
-use e2e::local::Local;
+use e2e::topology::OneEnvoy;
 
 const WAVE: usize = 100_000;
 const THREADS: usize = 8;
@@ -53,7 +53,7 @@ fn a_flood_of_distinct_keys_keeps_memory_bounded_and_the_hot_key_throttled() {
     // Every fresh key may send 10/min (one request of debt: 6 s); the hot
     // key's override is 10/hour, so once throttled it carries ~an hour of
     // debt and is the last state any collision would evict.
-    let local = Local::start(
+    let local = OneEnvoy::local(
         r#"{"limits": ["10/min"], "overrides": [{"key": "hot", "limits": ["10/hour"]}]}"#,
         2,
     );

@@ -3,7 +3,7 @@
 //! after a barrage of odd requests every worker must still answer normally.
 
 use e2e::http::{self, Conn};
-use e2e::local::Local;
+use e2e::topology::OneEnvoy;
 
 const WORKERS: u32 = 4;
 
@@ -94,7 +94,7 @@ fn hostile_requests() -> Vec<Vec<u8>> {
 
 #[test]
 fn after_hostile_inputs_every_worker_still_answers_normally() {
-    let local = Local::start(r#"{"limits": ["1000/s"]}"#, WORKERS);
+    let local = OneEnvoy::local(r#"{"limits": ["1000/s"]}"#, WORKERS);
     let addr = local.addr();
     let requests = hostile_requests();
     // Each request goes on a fresh connection, several times over, so the

@@ -6,7 +6,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 
 use e2e::http::{self, Response};
-use e2e::local::Local;
+use e2e::topology::OneEnvoy;
 
 fn invalid(r: &Response, why: &str) {
     assert_eq!(r.status, 400, "{why}: {r:?}");
@@ -19,7 +19,7 @@ fn invalid(r: &Response, why: &str) {
 
 #[test]
 fn a_fresh_query_key_beside_the_real_header_never_gets_through() {
-    let local = Local::start(r#"{"limits": ["1/min"]}"#, 2);
+    let local = OneEnvoy::local(r#"{"limits": ["1/min"]}"#, 2);
     let addr = local.addr();
     let real = [("x-api-key", "real")];
     assert_eq!(http::get_with(&addr, "/", &real).unwrap().status, 200);
@@ -45,7 +45,7 @@ fn a_fresh_query_key_beside_the_real_header_never_gets_through() {
 
 #[test]
 fn a_key_parameter_beside_a_semicolon_is_refused_as_ambiguous() {
-    let local = Local::start(r#"{"limits": ["1/min"]}"#, 1);
+    let local = OneEnvoy::local(r#"{"limits": ["1/min"]}"#, 1);
     let addr = local.addr();
     assert_eq!(http::get(&addr, "/?api_key=real").unwrap().status, 200);
     assert_eq!(http::get(&addr, "/?api_key=real").unwrap().status, 429);

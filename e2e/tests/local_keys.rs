@@ -2,14 +2,14 @@
 //! whether it comes in the query string or in the header.
 
 use e2e::http::{self, Response};
-use e2e::local::Local;
+use e2e::topology::OneEnvoy;
 use sha2::{Digest, Sha256};
 
-fn get(local: &Local, target: &str) -> Response {
+fn get(local: &OneEnvoy, target: &str) -> Response {
     http::get(&local.addr(), target).unwrap()
 }
 
-fn statuses(local: &Local, target: &str, n: usize) -> Vec<u16> {
+fn statuses(local: &OneEnvoy, target: &str, n: usize) -> Vec<u16> {
     (0..n).map(|_| get(local, target).status).collect()
 }
 
@@ -19,7 +19,7 @@ fn many_keys_are_independent_and_overrides_apply() {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let local = Local::start(
+    let local = OneEnvoy::local(
         &format!(
             r#"{{"limits": ["3/hour"],
                 "overrides": [
@@ -58,7 +58,7 @@ fn many_keys_are_independent_and_overrides_apply() {
 
 #[test]
 fn a_key_counts_the_same_from_the_query_or_the_header() {
-    let local = Local::start(r#"{"limits": ["3/hour"]}"#, 2);
+    let local = OneEnvoy::local(r#"{"limits": ["3/hour"]}"#, 2);
     let addr = local.addr();
     let mut seen = Vec::new();
     for i in 0..4 {
@@ -71,7 +71,7 @@ fn a_key_counts_the_same_from_the_query_or_the_header() {
     }
     assert_eq!(seen, vec![200, 200, 200, 429]);
     // Percent-encoding and '+' decode to the same key, as in Django.
-    let local = Local::start(r#"{"limits": ["1/hour"]}"#, 1);
+    let local = OneEnvoy::local(r#"{"limits": ["1/hour"]}"#, 1);
     assert_eq!(get(&local, "/?api_key=a+b%2Fc").status, 200);
     assert_eq!(get(&local, "/?api_key=a%20b/c").status, 429);
     assert_eq!(get(&local, "/?api%5Fkey=a+b/c").status, 429);

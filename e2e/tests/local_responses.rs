@@ -2,9 +2,9 @@
 //! real upstream, for every kind of answer the filter gives.
 
 use e2e::http::{self, Conn, Response};
-use e2e::local::Local;
+use e2e::topology::OneEnvoy;
 
-fn get(local: &Local, target: &str) -> Response {
+fn get(local: &OneEnvoy, target: &str) -> Response {
     http::get(&local.addr(), target).unwrap()
 }
 
@@ -14,7 +14,7 @@ fn json_header(r: &Response) {
 
 #[test]
 fn allowed_and_throttled_responses_carry_exact_quota_headers() {
-    let local = Local::start(r#"{"limits": ["5/min"]}"#, 2);
+    let local = OneEnvoy::local(r#"{"limits": ["5/min"]}"#, 2);
     // 5/min: one every 12 s, 5 at once. Each `t` is the whole seconds until
     // the quota is full again; `r` what may still be sent.
     let expected_ratelimit = [
@@ -51,7 +51,7 @@ fn allowed_and_throttled_responses_carry_exact_quota_headers() {
 
 #[test]
 fn one_per_second_says_one_second_in_the_singular() {
-    let local = Local::start_shipped(1);
+    let local = OneEnvoy::local_shipped(1);
     assert_eq!(get(&local, "/?api_key=1234").status, 200);
     let r = get(&local, "/?api_key=1234");
     assert_eq!(r.status, 429);
@@ -65,7 +65,7 @@ fn one_per_second_says_one_second_in_the_singular() {
 
 #[test]
 fn several_limits_and_legacy_headers() {
-    let local = Local::start(
+    let local = OneEnvoy::local(
         r#"{"limits": ["2/min", {"rate": "100/day", "name": "daily"}],
             "response_headers": {"ratelimit": false, "x_ratelimit": true}}"#,
         1,
@@ -87,7 +87,7 @@ fn several_limits_and_legacy_headers() {
 
 #[test]
 fn missing_key_gets_401_naming_where_the_key_goes() {
-    let local = Local::start_shipped(1);
+    let local = OneEnvoy::local_shipped(1);
     for target in ["/", "/?api_key=", "/?other=1"] {
         let r = get(&local, target);
         assert_eq!(r.status, 401, "{target}");
@@ -103,13 +103,13 @@ fn missing_key_gets_401_naming_where_the_key_goes() {
 
 #[test]
 fn missing_key_policies_allow_and_anonymous() {
-    let local = Local::start(r#"{"limits": ["1/hour"], "missing_key": "allow"}"#, 1);
+    let local = OneEnvoy::local(r#"{"limits": ["1/hour"], "missing_key": "allow"}"#, 1);
     for _ in 0..3 {
         let r = get(&local, "/");
         assert_eq!(r.status, 200);
         assert_eq!(r.header("ratelimit"), None);
     }
-    let local = Local::start(
+    let local = OneEnvoy::local(
         r#"{"limits": ["1/hour"], "missing_key": "anonymous", "anonymous_limits": ["2/hour"]}"#,
         1,
     );
@@ -121,7 +121,7 @@ fn missing_key_policies_allow_and_anonymous() {
 
 #[test]
 fn bad_keys_get_400_saying_what_is_wrong() {
-    let local = Local::start_shipped(1);
+    let local = OneEnvoy::local_shipped(1);
     let addr = local.addr();
     let long = format!("/?api_key={}", "k".repeat(257));
     let cases: Vec<(Response, &str)> = vec![
@@ -172,7 +172,7 @@ fn bad_keys_get_400_saying_what_is_wrong() {
 
 #[test]
 fn shadow_mode_reports_but_never_denies() {
-    let local = Local::start(r#"{"limits": ["1/hour"], "shadow_mode": true}"#, 2);
+    let local = OneEnvoy::local(r#"{"limits": ["1/hour"], "shadow_mode": true}"#, 2);
     let first = get(&local, "/?api_key=k");
     assert_eq!(first.status, 200);
     assert_eq!(first.header("ratelimit"), Some("\"1/hour\";r=0;t=3600"));
@@ -191,7 +191,7 @@ fn shadow_mode_reports_but_never_denies() {
 
 #[test]
 fn shadow_mode_lets_missing_and_bad_keys_through_counted_and_logged_once() {
-    let local = Local::start(
+    let local = OneEnvoy::local(
         r#"{"limits": ["1/hour"], "shadow_mode": true, "failure_mode": "deny"}"#,
         2,
     );
@@ -220,7 +220,7 @@ fn shadow_mode_lets_missing_and_bad_keys_through_counted_and_logged_once() {
 
 #[test]
 fn metrics_are_in_stats_and_prometheus() {
-    let local = Local::start_shipped(1);
+    let local = OneEnvoy::local_shipped(1);
     get(&local, "/?api_key=m");
     get(&local, "/?api_key=m");
     get(&local, "/");

@@ -6,12 +6,12 @@
 //!
 //! Why exactly 10, with no tolerance: see `e2e::tutorial`.
 
-use e2e::local::Local;
+use e2e::topology::OneEnvoy;
 use e2e::tutorial;
 
 #[test]
 fn one_worker_admits_ten_of_a_hundred_paced_over_ten_seconds() {
-    let local = Local::start_shipped(1);
+    let local = OneEnvoy::local_shipped(1);
     let table = tutorial::run(&local.addr());
     assert_eq!((table.count(200), table.count(429)), (10, 90), "{table}");
     assert_eq!(local.metric_at_least("allowed", 10), 10);
@@ -20,7 +20,7 @@ fn one_worker_admits_ten_of_a_hundred_paced_over_ten_seconds() {
 
 #[test]
 fn six_workers_admit_exactly_the_limit() {
-    let local = Local::start_shipped(6);
+    let local = OneEnvoy::local_shipped(6);
     let table = tutorial::run(&local.addr());
     assert_eq!((table.count(200), table.count(429)), (10, 90), "{table}");
     assert_eq!(local.metric_at_least("allowed", 10), 10);

@@ -8,23 +8,25 @@
 //! - `--mode global`: also Redis on 127.0.0.1:6379 and webdis on
 //!   127.0.0.1:7379, and the Envoys run `envoy/global.yaml`.
 //!
-//! The configs are the shipped ones (`envoy/*.yaml`, `envoy/webdis.json`,
-//! `envoy/redis-acl.conf`), made by the same functions the tests use, with
-//! only ports, the `.wasm` path and a fresh Redis password filled in. Logs go
-//! to this terminal. Ctrl-C or SIGTERM stops every child; if one dies, the
-//! others are stopped too.
+//! Built on the harness the tests use: the same process guard, start-up
+//! checks and topology code, and the shipped configs (`envoy/*.yaml`,
+//! `envoy/webdis.json`, `envoy/redis-acl.conf`) with only ports, the `.wasm`
+//! path and a fresh Redis password filled in; only the ports are fixed. Logs
+//! go to this terminal. Ctrl-C or SIGTERM stops every child; if one dies, the
+//! others are stopped too. The repository is found from the current
+//! directory (or `--repo DIR`, or `$REPO_ROOT`).
 //!
-//! Usage: demo [--mode local|global] [--workers N] [--replicas N]
+//! Usage: demo [--mode local|global] [--workers N] [--replicas N] [--repo DIR]
 
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::ExitCode;
 
-use e2e::backend::{random_secret, redis_command, webdis_command};
-use e2e::envoy::EnvoyConfig;
-use e2e::paths;
-use e2e::topology::{front_config, replica_config, Mode, ReplicaPorts};
+use e2e::backend::RedisWebdis;
+use e2e::envoy::Envoy;
+use e2e::process::{self, describe_status, Proc};
+use e2e::topology::{front_config, replica_config, start_envoys, Mode, ReplicaPorts};
+use e2e::upstream::Upstream;
+use e2e::{paths, Error};
 
 const UPSTREAM_PORT: u16 = 8000;
 const LISTEN_PORT: u16 = 9018;
@@ -34,11 +36,16 @@ const REPLICA_BASE_PORT: u16 = 10000;
 const REPLICA_ADMIN_BASE_PORT: u16 = 9910;
 const REDIS_PORT: u16 = 6379;
 const WEBDIS_PORT: u16 = 7379;
+/// Quieter than the tests: this is someone's terminal.
+const ENVOY_ARGS: &[&str] = &["--log-level", "warn"];
+const REDIS_ARGS: &[&str] = &["--loglevel", "warning"];
+const USAGE: &str = "usage: demo [--mode local|global] [--workers N] [--replicas N] [--repo DIR]";
 
 struct Options {
     mode: Mode,
     workers: u32,
     replicas: u16,
+    repo: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -46,6 +53,7 @@ fn parse_args() -> Result<Options, String> {
         mode: Mode::Local,
         workers: 1,
         replicas: 1,
+        repo: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -65,8 +73,9 @@ fn parse_args() -> Result<Options, String> {
                 options.replicas = u16::try_from(number("--replicas", &value("--replicas")?, 32)?)
                     .map_err(|e| e.to_string())?
             }
+            "--repo" => options.repo = Some(PathBuf::from(value("--repo")?)),
             "-h" | "--help" => {
-                println!("usage: demo [--mode local|global] [--workers N] [--replicas N]");
+                println!("{USAGE}");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
@@ -92,10 +101,9 @@ fn main() -> ExitCode {
         }
     };
     let signals = block_stop_signals();
-    let mut children = Vec::new();
-    let outcome = run(&options, &signals, &mut children);
-    stop_all(&mut children);
-    match outcome {
+    process::send_output_to_terminal();
+    // The demo's processes are stopped when `run` returns, by their guards.
+    match run(&options, &signals) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("demo: {e}");
@@ -104,62 +112,76 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(
-    options: &Options,
-    signals: &libc::sigset_t,
-    children: &mut Vec<(String, Child)>,
-) -> Result<(), String> {
-    let envoy_bin = paths::envoy_bin().map_err(|e| e.0)?;
-    let upstream_bin = paths::upstream_bin().map_err(|e| e.0)?;
-    paths::wasm_path().map_err(|e| e.0)?;
-    let dir = paths::repo_root().join("target").join("demo");
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+/// Everything the demo runs. Fields drop in order, so the Envoys stop first
+/// and the backend last: the reverse of the start order.
+struct Running {
+    front: Option<Envoy>,
+    replicas: Vec<Envoy>,
+    upstream: Upstream,
+    backend: Option<RedisWebdis>,
+}
 
-    if options.mode == Mode::Global {
-        start_backend(&dir, children)?;
+impl Running {
+    fn procs(&self) -> Vec<&Proc> {
+        let mut procs: Vec<&Proc> = self.front.iter().map(Envoy::proc).collect();
+        procs.extend(self.replicas.iter().map(Envoy::proc));
+        procs.push(self.upstream.proc());
+        if let Some(b) = &self.backend {
+            procs.extend([b.redis.proc(), b.webdis.proc()]);
+        }
+        procs
     }
-    children.push((
-        "upstream".into(),
-        spawn(Command::new(&upstream_bin).args(["--bind", &format!("127.0.0.1:{UPSTREAM_PORT}")]))?,
-    ));
-    wait_port("upstream", UPSTREAM_PORT, children)?;
+}
 
-    let webdis = (options.mode == Mode::Global).then_some(WEBDIS_PORT);
+fn run(options: &Options, signals: &libc::sigset_t) -> Result<(), Error> {
+    paths::init_repo_root(options.repo.as_deref())?;
+    paths::envoy_bin()?;
+    paths::upstream_bin()?;
+    paths::wasm_path()?;
+
+    // Redis and webdis through the shipped start scripts, as the tests,
+    // docker compose and Kubernetes start them.
+    let backend = match options.mode {
+        Mode::Global => Some(RedisWebdis::try_start_on(
+            REDIS_PORT,
+            WEBDIS_PORT,
+            REDIS_ARGS,
+        )?),
+        Mode::Local => None,
+    };
+    let upstream = Upstream::try_start_on(UPSTREAM_PORT)?;
+    let webdis = backend.as_ref().map(|b| b.webdis.port());
     let single = options.replicas == 1;
-    let mut replica_ports = Vec::new();
-    for i in 1..=options.replicas {
-        let (listen, admin) = if single {
-            (LISTEN_PORT, ADMIN_PORT)
-        } else {
-            (REPLICA_BASE_PORT + i, REPLICA_ADMIN_BASE_PORT + i)
-        };
-        let config = replica_config(
-            options.mode,
-            ReplicaPorts {
+    let configs = (1..=options.replicas)
+        .map(|i| {
+            let (listen, admin) = if single {
+                (LISTEN_PORT, ADMIN_PORT)
+            } else {
+                (REPLICA_BASE_PORT + i, REPLICA_ADMIN_BASE_PORT + i)
+            };
+            let ports = ReplicaPorts {
                 listen,
                 admin,
                 upstream: UPSTREAM_PORT,
                 webdis,
-            },
-        )
-        .map_err(|e| e.0)?;
-        let name = if single {
-            "envoy".to_string()
-        } else {
-            format!("replica-{i}")
-        };
-        start_envoy(&envoy_bin, &dir, &name, &config, options.workers, children)?;
-        replica_ports.push((listen, admin));
-    }
-    if !single {
-        let listens: Vec<u16> = replica_ports.iter().map(|(l, _)| *l).collect();
-        let config = front_config(LISTEN_PORT, FRONT_ADMIN_PORT, &listens).map_err(|e| e.0)?;
-        start_envoy(&envoy_bin, &dir, "front", &config, 1, children)?;
-        replica_ports.push((LISTEN_PORT, FRONT_ADMIN_PORT));
-    }
-    for (_, admin) in &replica_ports {
-        wait_ready(*admin, children)?;
-    }
+            };
+            replica_config(options.mode, ports)
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    let replicas = start_envoys(&configs, options.workers, ENVOY_ARGS)?;
+    let front = if single {
+        None
+    } else {
+        let listens: Vec<u16> = replicas.iter().map(Envoy::port).collect();
+        let config = front_config(LISTEN_PORT, FRONT_ADMIN_PORT, &listens)?;
+        Some(Envoy::start_with_args(&config, 1, ENVOY_ARGS)?)
+    };
+    let running = Running {
+        front,
+        replicas,
+        upstream,
+        backend,
+    };
 
     let mode = match options.mode {
         Mode::Local => "local counters (Envoy shared data)",
@@ -185,96 +207,11 @@ fn run(
          demo: try  curl -i 'http://localhost:{LISTEN_PORT}/?api_key=1234'   or   make loadtest\n\
          demo: Ctrl-C stops everything"
     );
-    supervise(signals, children)
-}
-
-/// Redis and webdis through the shipped start scripts, as the tests, docker
-/// compose and Kubernetes start them.
-fn start_backend(dir: &Path, children: &mut Vec<(String, Child)>) -> Result<(), String> {
-    let password = random_secret();
-    let redis_dir = dir.join("redis");
-    std::fs::create_dir_all(&redis_dir).map_err(|e| format!("{}: {e}", redis_dir.display()))?;
-    let mut redis =
-        redis_command(REDIS_PORT, &password, &random_secret(), &redis_dir).map_err(|e| e.0)?;
-    redis.args(["--loglevel", "warning"]);
-    children.push(("redis".into(), spawn(&mut redis)?));
-    wait_port("redis", REDIS_PORT, children)?;
-
-    let mut webdis = webdis_command(WEBDIS_PORT, REDIS_PORT, &password, dir).map_err(|e| e.0)?;
-    children.push(("webdis".into(), spawn(&mut webdis)?));
-    wait_port("webdis", WEBDIS_PORT, children)
-}
-
-fn start_envoy(
-    bin: &Path,
-    dir: &Path,
-    name: &str,
-    config: &EnvoyConfig,
-    workers: u32,
-    children: &mut Vec<(String, Child)>,
-) -> Result<(), String> {
-    let path: PathBuf = dir.join(format!("{name}.json"));
-    write(&path, &config.to_json_string())?;
-    let child = spawn(
-        Command::new(bin)
-            .arg("-c")
-            .arg(&path)
-            .args(["--concurrency", &workers.to_string()])
-            .args(["--disable-hot-restart", "--log-level", "warn"]),
-    )?;
-    children.push((name.to_string(), child));
-    Ok(())
-}
-
-fn write(path: &Path, text: &str) -> Result<(), String> {
-    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-/// Waits until something listens on the port (or a child dies).
-fn wait_port(name: &str, port: u16, children: &mut [(String, Child)]) -> Result<(), String> {
-    wait(&format!("{name} on port {port}"), children, || {
-        TcpStream::connect(("127.0.0.1", port)).is_ok()
-    })
-}
-
-/// Waits until an Envoy's admin says `/ready`.
-fn wait_ready(admin: u16, children: &mut [(String, Child)]) -> Result<(), String> {
-    wait(
-        &format!("Envoy with admin port {admin}"),
-        children,
-        || matches!(e2e::http::get(&format!("127.0.0.1:{admin}"), "/ready"), Ok(r) if r.status == 200),
-    )
-}
-
-fn wait(
-    what: &str,
-    children: &mut [(String, Child)],
-    ready: impl Fn() -> bool,
-) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ready() {
-        check_children(children)?;
-        if Instant::now() > deadline {
-            return Err(format!("{what} not ready after 30 s"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
-fn check_children(children: &mut [(String, Child)]) -> Result<(), String> {
-    for (name, child) in children.iter_mut() {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!(
-                "{name} exited ({status}); stopping the others (is its port taken?)"
-            ));
-        }
-    }
-    Ok(())
+    supervise(signals, &running.procs())
 }
 
 /// Waits for a stop signal or for a child to exit on its own.
-fn supervise(signals: &libc::sigset_t, children: &mut [(String, Child)]) -> Result<(), String> {
+fn supervise(signals: &libc::sigset_t, procs: &[&Proc]) -> Result<(), Error> {
     loop {
         let timeout = libc::timespec {
             tv_sec: 0,
@@ -286,12 +223,19 @@ fn supervise(signals: &libc::sigset_t, children: &mut [(String, Child)]) -> Resu
             eprintln!("\ndemo: stopping");
             return Ok(());
         }
-        check_children(children)?;
+        for proc in procs {
+            if let Some(status) = proc.try_status() {
+                return Err(
+                    proc.error(&format!("{}; stopping the others", describe_status(status)))
+                );
+            }
+        }
     }
 }
 
 /// Blocks SIGINT/SIGTERM/SIGHUP in this process so that `sigtimedwait` can
-/// take them; children get an empty mask back before `exec`.
+/// take them (children get an empty mask back before `exec`: see `Proc`).
+/// Called before any thread starts, so every thread inherits the mask.
 fn block_stop_signals() -> libc::sigset_t {
     // SAFETY: plain libc signal-set manipulation on a zeroed set.
     unsafe {
@@ -302,45 +246,5 @@ fn block_stop_signals() -> libc::sigset_t {
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
-    }
-}
-
-fn spawn(command: &mut Command) -> Result<Child, String> {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        command.pre_exec(|| {
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-            // Die with the demo, even if it is killed with SIGKILL.
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    let program = Path::new(command.get_program()).display().to_string();
-    command
-        .spawn()
-        .map_err(|e| format!("cannot start {program}: {e}"))
-}
-
-fn stop_all(children: &mut [(String, Child)]) {
-    // Front first, backend last: the reverse of the start order.
-    for (_, child) in children.iter_mut().rev() {
-        if let Ok(pid) = i32::try_from(child.id()) {
-            // SAFETY: signalling our own child by pid.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    for (name, child) in children.iter_mut() {
-        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if matches!(child.try_wait(), Ok(None)) {
-            eprintln!("demo: {name} did not stop in 5 s; killing it");
-            let _ = child.kill();
-        }
-        let _ = child.wait();
     }
 }

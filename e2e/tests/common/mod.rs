@@ -1,6 +1,6 @@
 //! Checks shared by the tests that read shipped configs.
 
-use e2e::envoy::EnvoyConfig;
+use e2e::envoy_config::EnvoyConfig;
 use ratelimit_core::Policy;
 
 /// The plugin configuration of an Envoy config, through the filter's own
