@@ -11,13 +11,15 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use e2e::envoy::{Envoy, EnvoyConfig};
+use e2e::backend::RedisWebdis;
+use e2e::envoy::Envoy;
+use e2e::envoy_config::EnvoyConfig;
 use e2e::http;
-use e2e::local::{metric_name, Local};
+use e2e::metrics::metric_name;
 use e2e::poll_until;
 use e2e::ports::free_port;
 use e2e::process::{new_dir, Signal};
-use e2e::topology::{global_test_config, Backend, Global};
+use e2e::topology::{global_test_config, GlobalEnvoy, OneEnvoy};
 use e2e::upstream::Upstream;
 use serde_json::{json, Value};
 
@@ -72,7 +74,7 @@ fn abandon(addr: &str, count: usize) {
 }
 
 /// A fresh key gets its one request, then a 429 only Redis could decide.
-fn limited_normally(global: &Global) -> Result<(), String> {
+fn limited_normally(global: &GlobalEnvoy) -> Result<(), String> {
     let key = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
     let target = format!("/?api_key=fresh-{key}");
     let first = http::get(&global.addr(), &target).map_err(|e| e.to_string())?;
@@ -86,7 +88,7 @@ fn limited_normally(global: &Global) -> Result<(), String> {
 /// Limiting works, once webdis has worked through the connections Envoy
 /// left in its accept queue while it was frozen (each a call long timed
 /// out): until then a fresh call can time out too, and `allow` lets it by.
-fn wait_limited_normally(global: &Global, what: &str) {
+fn wait_limited_normally(global: &GlobalEnvoy, what: &str) {
     let mut last = Err(String::new());
     let recovered = poll_until(RECOVERY, Duration::from_millis(100), || {
         last = limited_normally(global);
@@ -102,7 +104,7 @@ fn wait_limited_normally(global: &Global, what: &str) {
 /// `backend_calls` has stopped rising (a client that closed before the
 /// filter saw its request makes no call, so the count to wait for is not
 /// known in advance) and the last calls' timeouts have passed.
-fn settle(global: &Global) -> u64 {
+fn settle(global: &GlobalEnvoy) -> u64 {
     let deadline = std::time::Instant::now() + DRAIN;
     let mut last = global.metric("backend_calls");
     loop {
@@ -122,18 +124,18 @@ fn settle(global: &Global) -> u64 {
 /// connection attempt that times out fails every call pending on the pool at
 /// once, some of them before their client has gone. Now every call ends by
 /// its own timeout, after its client closed.
-fn start() -> Global {
+fn start() -> GlobalEnvoy {
     let upstream = Upstream::start();
-    let backend = Backend::start();
+    let backend = RedisWebdis::start();
     let config = test_config(&upstream, &backend, TIMEOUT_MS);
     let envoy = Envoy::start(&config, 1).unwrap_or_else(|e| panic!("{e:?}"));
-    Global {
-        local: Local { upstream, envoy },
+    GlobalEnvoy {
+        one: OneEnvoy { upstream, envoy },
         backend,
     }
 }
 
-fn test_config(upstream: &Upstream, backend: &Backend, timeout_ms: u64) -> EnvoyConfig {
+fn test_config(upstream: &Upstream, backend: &RedisWebdis, timeout_ms: u64) -> EnvoyConfig {
     let plugin = plugin_config(timeout_ms);
     let mut config = global_test_config(upstream, backend.webdis.port(), Some(&plugin));
     let clusters = config.json_mut()["static_resources"]["clusters"]
@@ -256,7 +258,7 @@ fn write_lds(path: &Path, text: &str) {
 #[test]
 fn a_replaced_root_waits_for_its_calls_to_be_answered() {
     let upstream = Upstream::start();
-    let backend = Backend::start();
+    let backend = RedisWebdis::start();
     let mut config = test_config(&upstream, &backend, REPLACED_TIMEOUT_MS);
     // The filter moves to a listener served from a file (LDS); the static
     // one keeps the harness happy, without the filter.
@@ -286,8 +288,8 @@ fn a_replaced_root_waits_for_its_calls_to_be_answered() {
         "immediate",
     ];
     let envoy = Envoy::start_with_args(&config, 1, &args).unwrap_or_else(|e| panic!("{e:?}"));
-    let global = Global {
-        local: Local { upstream, envoy },
+    let global = GlobalEnvoy {
+        one: OneEnvoy { upstream, envoy },
         backend,
     };
     let addr = format!("127.0.0.1:{port}");
