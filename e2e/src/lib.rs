@@ -30,6 +30,7 @@
 //!   upstream's tests use it too).
 //! - [`envoy_config`]: [`envoy_config::EnvoyConfig`], a shipped YAML edited as a tree.
 //! - [`envoy`]: [`envoy::Envoy`], a running Envoy and its admin endpoint.
+//! - [`lds`]: a listener served from a file, to push a running Envoy new plugin configs.
 //! - [`metrics`]: the filter's counters and Envoy's stats, read from the admin endpoint.
 //! - [`upstream`]: the `upstream` binary on a kernel-chosen port.
 //! - [`backend`]: Redis, webdis, and [`backend::RedisWebdis`], the pair global mode uses.
@@ -44,6 +45,7 @@ pub mod backend;
 pub mod envoy;
 pub mod envoy_config;
 pub mod http;
+pub mod lds;
 pub mod load;
 pub mod metrics;
 pub mod paths;
