@@ -2,7 +2,7 @@
 //! new plugin configuration the way a control plane does: Envoy watches the
 //! file's directory and applies (or rejects) each version written.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -14,9 +14,9 @@ use crate::Error;
 
 const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 /// The HTTP filter that runs the plugin in the shipped configs.
-const FILTER: &str = "apikey_ratelimit";
+pub const FILTER: &str = "apikey_ratelimit";
 
-/// Envoy arguments for dynamic resources (they need a node), with a
+/// Envoy arguments for dynamic resources, LDS or ECDS (they need a node), with a
 /// replaced listener drained in a second.
 pub const ARGS: [&str; 8] = [
     "--service-node",
@@ -70,27 +70,36 @@ impl FileListener {
     /// renamed, as Envoy expects.
     pub fn write(&self, edit: impl Fn(&mut Value)) -> Result<(), Error> {
         let mut listener = self.listener.clone();
-        let filters = listener["filter_chains"]
-            .as_array_mut()
-            .into_iter()
-            .flatten()
-            .filter_map(|c| c["filters"].as_array_mut())
-            .flatten()
-            .filter_map(|f| f["typed_config"]["http_filters"].as_array_mut())
-            .flatten()
-            .filter(|f| f["name"] == FILTER);
-        for f in filters {
+        for f in plugin_filters(&mut listener) {
             edit(&mut f["typed_config"]["config"]);
         }
-        let text = json!({ "resources": [listener] }).to_string();
-        let tmp = self.path.with_extension("tmp");
-        let io = |e: std::io::Error| Error::new(format!("{}: {e}", self.path.display()));
-        std::fs::write(&tmp, text).map_err(io)?;
-        std::fs::rename(&tmp, &self.path).map_err(io)
+        replace_file(&self.path, &json!({ "resources": [listener] }))
     }
 
     /// Writes the listener with this plugin configuration (JSON).
     pub fn write_plugin_config(&self, plugin: &str) -> Result<(), Error> {
         self.write(|config| config["configuration"]["value"] = plugin.into())
     }
+}
+
+/// Writes `resources` to `path` aside and renames it there: Envoy watches
+/// the directory for the rename, and never reads half a file.
+pub fn replace_file(path: &Path, resources: &Value) -> Result<(), Error> {
+    let tmp = path.with_extension("tmp");
+    let io = |e: std::io::Error| Error::new(format!("{}: {e}", path.display()));
+    std::fs::write(&tmp, resources.to_string()).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// The plugin's HTTP filters in `listener`.
+pub fn plugin_filters(listener: &mut Value) -> impl Iterator<Item = &mut Value> {
+    listener["filter_chains"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["filters"].as_array_mut())
+        .flatten()
+        .filter_map(|f| f["typed_config"]["http_filters"].as_array_mut())
+        .flatten()
+        .filter(|f| f["name"] == FILTER)
 }
