@@ -30,6 +30,8 @@
 //!   upstream's tests use it too).
 //! - [`envoy_config`]: [`envoy_config::EnvoyConfig`], a shipped YAML edited as a tree.
 //! - [`envoy`]: [`envoy::Envoy`], a running Envoy and its admin endpoint.
+//! - [`lds`], [`ecds`]: a listener, or the plugin's filter config, served from a file, to
+//!   push a running Envoy new plugin configs as a control plane does.
 //! - [`metrics`]: the filter's counters and Envoy's stats, read from the admin endpoint.
 //! - [`upstream`]: the `upstream` binary on a kernel-chosen port.
 //! - [`backend`]: Redis, webdis, and [`backend::RedisWebdis`], the pair global mode uses.
@@ -41,9 +43,11 @@
 //! - [`tutorial`]: the tutorial's paced load test.
 
 pub mod backend;
+pub mod ecds;
 pub mod envoy;
 pub mod envoy_config;
 pub mod http;
+pub mod lds;
 pub mod load;
 pub mod metrics;
 pub mod paths;

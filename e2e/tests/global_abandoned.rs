@@ -7,7 +7,6 @@
 //! normally. A second test replaces the plugin configuration (LDS) while
 //! calls are in flight: the old root context still gets every answer.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -15,13 +14,12 @@ use e2e::backend::RedisWebdis;
 use e2e::envoy::Envoy;
 use e2e::envoy_config::EnvoyConfig;
 use e2e::http;
+use e2e::lds::{self, FileListener};
 use e2e::metrics::metric_name;
 use e2e::poll_until;
-use e2e::ports::free_port;
-use e2e::process::{new_dir, Signal};
+use e2e::process::Signal;
 use e2e::topology::{global_test_config, GlobalEnvoy, OneEnvoy};
 use e2e::upstream::Upstream;
-use serde_json::{json, Value};
 
 const ABANDONED: usize = 50_000;
 /// Sent first, the same way, so the VM reaches its steady size before the
@@ -225,37 +223,6 @@ fn abandoned_requests_leave_the_vm_memory_flat_and_limiting_intact() {
 /// swaps the listener.
 const REPLACED_CALLS: usize = 200;
 const REPLACED_TIMEOUT_MS: u64 = 10_000;
-const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
-
-/// `listener` as an LDS file, its filter running `plugin`.
-fn lds_file(listener: &Value, plugin: &str) -> String {
-    let mut listener = listener.clone();
-    let chains = listener["filter_chains"].as_array_mut().unwrap();
-    for filter in chains
-        .iter_mut()
-        .flat_map(|c| c["filters"].as_array_mut().unwrap())
-    {
-        let http_filters = filter["typed_config"]["http_filters"]
-            .as_array_mut()
-            .unwrap();
-        for f in http_filters
-            .iter_mut()
-            .filter(|f| f["name"] == "apikey_ratelimit")
-        {
-            f["typed_config"]["config"]["configuration"]["value"] = plugin.into();
-        }
-    }
-    listener["@type"] = LISTENER_TYPE.into();
-    json!({ "resources": [listener] }).to_string()
-}
-
-/// Envoy watches the file's directory for a rename.
-fn write_lds(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 /// A new plugin configuration gives Envoy a new root context and makes it
 /// delete the old one, here while the old one's calls are in flight (webdis
 /// frozen). Deleted at once, it would cancel them, and the SDK would keep
@@ -266,39 +233,17 @@ fn a_replaced_root_waits_for_its_calls_to_be_answered() {
     let upstream = Upstream::start();
     let backend = RedisWebdis::start();
     let mut config = test_config(&upstream, &backend, REPLACED_TIMEOUT_MS);
-    // The filter moves to a listener served from a file (LDS); the static
-    // one keeps the harness happy, without the filter.
-    let mut listener = config.json()["static_resources"]["listeners"][0].clone();
-    let port = free_port();
-    listener["name"] = "dynamic".into();
-    listener["address"]["socket_address"]["port_value"] = port.into();
-    config.remove_http_filter("apikey_ratelimit").unwrap();
-    let dir = new_dir("lds").unwrap();
-    let lds = dir.path().join("lds.json");
-    write_lds(
-        &lds,
-        &lds_file(&listener, &plugin_config(REPLACED_TIMEOUT_MS)),
-    );
-    config.json_mut()["dynamic_resources"] = json!({
-        "lds_config": {"path_config_source": {"path": lds}, "resource_api_version": "V3"}
-    });
-    // Dynamic resources need a node; the old listener drains in a second.
-    let args = [
-        "--service-node",
-        "test",
-        "--service-cluster",
-        "test",
-        "--drain-time-s",
-        "1",
-        "--drain-strategy",
-        "immediate",
-    ];
-    let envoy = Envoy::start_with_args(&config, 1, &args).unwrap_or_else(|e| panic!("{e:?}"));
+    // The filter moves to a listener served from a file (LDS).
+    let listener = FileListener::take(&mut config).unwrap();
+    listener
+        .write_plugin_config(&plugin_config(REPLACED_TIMEOUT_MS))
+        .unwrap();
+    let envoy = Envoy::start_with_args(&config, 1, &lds::ARGS).unwrap_or_else(|e| panic!("{e:?}"));
     let global = GlobalEnvoy {
         one: OneEnvoy { upstream, envoy },
         backend,
     };
-    let addr = format!("127.0.0.1:{port}");
+    let addr = listener.addr();
     let served = poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
         let r = http::get(&addr, "/?api_key=first").ok()?;
         (r.status == 200).then_some(())
@@ -314,8 +259,9 @@ fn a_replaced_root_waits_for_its_calls_to_be_answered() {
         in_flight >= REPLACED_CALLS as u64 * 9 / 10,
         "only {in_flight} of {REPLACED_CALLS} abandoned requests made a call"
     );
-    let plugin = plugin_config(REPLACED_TIMEOUT_MS + 1);
-    write_lds(&lds, &lds_file(&listener, &plugin));
+    listener
+        .write_plugin_config(&plugin_config(REPLACED_TIMEOUT_MS + 1))
+        .unwrap();
 
     // The old listener is gone (drained) well before its calls' timeout.
     let replaced = poll_until(

@@ -24,6 +24,7 @@
 //! - [`calls`]: which request each webdis call the root sends is for.
 //! - [`response`]: 429/401/400/503 bodies and the quota headers.
 //! - [`pipeline`]: one request from headers to action and metrics.
+//! - [`plugin_name`]: the plugin's name, stable across Istio versions.
 
 // A panic in the filter aborts the VM: outside tests, no way to panic.
 #![deny(clippy::unwrap_used, clippy::expect_used)]
@@ -38,6 +39,7 @@ pub mod header_map;
 pub mod key;
 pub mod per_limit;
 pub mod pipeline;
+pub mod plugin_name;
 pub mod policy;
 pub mod rate;
 pub mod response;

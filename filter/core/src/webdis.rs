@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::gcra::{Decision, Limit};
 use crate::per_limit::{PerLimit, MAX_LIMITS};
+use crate::plugin_name;
 use crate::time::{micros_to_nanos, nanos_to_micros};
 
 /// The function library, the same algorithm as [`crate::gcra`].
@@ -34,11 +35,11 @@ pub const FUNCTION: &str = "apikey_ratelimit_gcra";
 
 /// The default key prefix: `apikey_ratelimit:<plugin>:`, so two plugins
 /// never share state by accident (one `key_prefix` set in both shares it).
-/// `<plugin>` is the plugin's name without Istio's `~...` suffix, each byte
-/// outside `[A-Za-z0-9-_.]` written as `%XX` (unambiguous: `%` is not
+/// `<plugin>` is the plugin's stable name ([`plugin_name::stable`]), each
+/// byte outside `[A-Za-z0-9-_.]` written as `%XX` (unambiguous: `%` is not
 /// otherwise kept).
 pub fn default_key_prefix(plugin_name: &str) -> String {
-    let name = plugin_name.split('~').next().unwrap_or_default();
+    let name = plugin_name::stable(plugin_name);
     let mut out = String::with_capacity(18 + name.len() + 1);
     out.push_str("apikey_ratelimit:");
     for b in name.bytes() {
@@ -360,7 +361,8 @@ mod tests {
             "apikey_ratelimit:a%20b%2Fc%3Ad_e%25:"
         );
         assert_ne!(default_key_prefix("a b"), default_key_prefix("ab"));
-        assert_eq!(default_key_prefix(""), "apikey_ratelimit::");
+        // No name: the glue's default, as for metrics and shared data.
+        assert_eq!(default_key_prefix(""), "apikey_ratelimit:apikey_ratelimit:");
     }
 
     #[test]

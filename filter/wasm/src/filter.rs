@@ -5,7 +5,7 @@
 
 use ratelimit_core::slots::SlotTable;
 use ratelimit_core::webdis::{BackendError, FailureClass};
-use ratelimit_core::{Event, Events, Policy};
+use ratelimit_core::{plugin_name, Event, Events, Policy};
 
 use crate::host::{self, LOG_ERROR, LOG_INFO, LOG_WARN};
 use crate::log_limit::LogLimit;
@@ -25,6 +25,7 @@ pub struct Filter {
     pub policy: Policy,
     pub store: Store,
     pub metrics: Metrics,
+    /// The stable name (`ratelimit_core::plugin_name::stable`).
     plugin_name: String,
     /// Where the process's hash seed is kept in shared data.
     seed_key: Vec<u8>,
@@ -102,14 +103,17 @@ impl Filter {
 }
 
 /// Envoy already prefixes the log line with the VM and root ids; the
-/// messages name the plugin, since several may share one VM.
+/// messages name the plugin (its stable name), since several may share one
+/// VM.
 pub fn configure() -> Result<Filter, String> {
-    let plugin_name = host::property(&["plugin_name"])
+    // Metrics, shared data, queues and Redis keys all follow this one name,
+    // the same under Istio 1.29's and 1.30's names for the plugin.
+    let raw_name = host::property(&["plugin_name"])
         .ok()
         .flatten()
         .and_then(|name| String::from_utf8(name).ok())
-        .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| "apikey_ratelimit".to_string());
+        .unwrap_or_default();
+    let plugin_name = plugin_name::stable(&raw_name).to_string();
     let fail = |what: String| format!("plugin '{plugin_name}': {what}");
     let bytes = host::plugin_configuration().map_err(|s| {
         fail(format!(

@@ -2,10 +2,10 @@
 //!
 //! Shared data is one map per `vm_id`, shared by every worker of the Envoy
 //! process, with a CAS token per key: what `ratelimit_core::slots` needs to
-//! count exactly across workers. Keys are `<plugin name>/<table>/<index>`
-//! (`slot` for the local store, `deny` for the global store's cache), built
-//! on the stack per call, so a lookup allocates nothing but the value the
-//! host returns.
+//! count exactly across workers. Keys are
+//! `<stable plugin name>/<table>/<index>` (`slot` for the local store, `deny`
+//! for the global store's cache), built on the stack per call, so a lookup
+//! allocates nothing but the value the host returns.
 
 use ratelimit_core::slots::{CasStore, Written};
 
