@@ -55,6 +55,7 @@ fi
 [ -x target/release/upstream ] || { say "target/release/upstream is missing: run make build"; exit 1; }
 cp target/release/upstream "$ctx/upstream"
 docker build -q --build-arg BASE_IMAGE="$debian" -f "$here/upstream-prebuilt.Dockerfile" -t "$upstream_build" "$ctx" >&2
+docker image prune -f --filter label=apikey-ratelimit.standin=upstream-build >/dev/null
 
 echo "ENVOY_IMAGE=$envoy"
 echo "REDIS_IMAGE=$redis"

@@ -5,3 +5,5 @@
 ARG BASE_IMAGE
 FROM ${BASE_IMAGE}
 COPY upstream /out/upstream
+# standins.sh prunes the untagged ones an older binary leaves.
+LABEL apikey-ratelimit.standin=upstream-build
