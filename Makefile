@@ -58,9 +58,12 @@ backend:
 	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null && command -v webdis >/dev/null \
 	  || $(MAKE) --no-print-directory apt PKG="redis-server redis-tools webdis"
 
-## deploy-tools: the validators the deployment tests run (compose, Kubernetes, Istio)
+## deploy-tools: the validators the deployment tests run (compose, Kubernetes, Istio),
+## the Docker engine and mmdebstrap the compose test runs (e2e/tests/compose.rs)
 deploy-tools: $(VENV)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION) k8s/validate/node_modules/.package-lock.json
 	@command -v docker-compose >/dev/null || $(MAKE) --no-print-directory apt PKG=docker-compose
+	@command -v dockerd >/dev/null || $(MAKE) --no-print-directory apt PKG=docker.io
+	@command -v mmdebstrap >/dev/null || $(MAKE) --no-print-directory apt PKG=mmdebstrap
 	@kubectl kustomize --help >/dev/null 2>&1 || { echo "kubectl with kustomize (v1.27 or later) is needed to render k8s/: install kubectl from your distribution or kubernetes.io, then run make test again" >&2; exit 1; }
 
 $(VENV)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION): $(ENVOY_STAMP)
@@ -72,16 +75,19 @@ k8s/validate/node_modules/.package-lock.json: k8s/validate/package.json k8s/vali
 	npm ci --prefix k8s/validate --no-audit --no-fund --loglevel=error
 
 ## images: the Istio plugin image (FROM scratch, plugin.wasm), upstream and webdis (needs a Docker engine)
+##   IMAGE_ARGS="--build-arg BUILD_IMAGE=... --build-arg RUNTIME_IMAGE=..." (upstream) or
+##   "--build-arg BASE_IMAGE=..." (webdis) replace base images no registry serves
+IMAGE_ARGS ?=
 images: image-filter image-upstream image-webdis
 
 image-filter: build
 	docker build -f filter/Dockerfile -t $(REGISTRY)/filter:$(VERSION) .
 
 image-upstream:
-	docker build -f upstream/Dockerfile -t $(REGISTRY)/upstream:$(VERSION) .
+	docker build $(IMAGE_ARGS) -f upstream/Dockerfile -t $(REGISTRY)/upstream:$(VERSION) .
 
 image-webdis:
-	docker build -f envoy/webdis.Dockerfile -t $(REGISTRY)/webdis:0.1.9 .
+	docker build $(IMAGE_ARGS) -f envoy/webdis.Dockerfile -t $(REGISTRY)/webdis:0.1.9 .
 
 ## wasm-sha256: the sha256 to put in a WasmPlugin that loads the .wasm over HTTP
 wasm-sha256:

@@ -10,7 +10,8 @@
 # Environment: REDIS_PASSWORD (required: letters and digits, 16 or more,
 # not the shipped placeholder), REDIS_HOST
 # (default 127.0.0.1), REDIS_PORT (6379), WEBDIS_PORT (7379).
-FROM debian:bookworm-slim
+ARG BASE_IMAGE=debian:bookworm-slim
+FROM ${BASE_IMAGE}
 
 ARG WEBDIS_VERSION=0.1.9+dfsg-1.1
 

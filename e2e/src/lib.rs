@@ -34,6 +34,8 @@
 //!   push a running Envoy new plugin configs as a control plane does.
 //! - [`metrics`]: the filter's counters and Envoy's stats, read from the admin endpoint.
 //! - [`upstream`]: the `upstream` binary on a kernel-chosen port.
+//! - [`docker`]: a Docker engine (started if none answers), the stand-in images and
+//!   docker compose stacks, for the compose test.
 //! - [`backend`]: Redis, webdis, and [`backend::RedisWebdis`], the pair global mode uses.
 //! - [`topology`]: what tests start in one line: [`topology::OneEnvoy`] (upstream + one
 //!   Envoy, local mode), [`topology::GlobalEnvoy`] (the same in global mode, with its
@@ -43,6 +45,7 @@
 //! - [`tutorial`]: the tutorial's paced load test.
 
 pub mod backend;
+pub mod docker;
 pub mod ecds;
 pub mod envoy;
 pub mod envoy_config;

@@ -206,7 +206,8 @@ fn tool(path: PathBuf, name: &str, how: &str) -> Result<PathBuf, Error> {
     )
 }
 
-fn on_path(name: &str) -> PathBuf {
+/// `name` found on PATH, or `/usr/bin/<name>` (which may not exist).
+pub fn on_path(name: &str) -> PathBuf {
     std::env::var_os("PATH")
         .map(|p| {
             std::env::split_paths(&p)
