@@ -29,7 +29,7 @@ MODE          ?= local
 URL           ?= http://localhost:9018/?api_key=1234
 CARGO         ?= cargo
 
-.PHONY: build wasm-target envoy backend deploy-tools run loadtest test lint unit e2e clean apt \
+.PHONY: build wasm-target envoy backend deploy-tools run loadtest test lint unit e2e compose-e2e clean apt \
         bench bench-build bench-tools bench-smoke fuzz fuzz-tools fuzz-seeds \
         images image-filter image-upstream image-webdis wasm-sha256
 
@@ -157,7 +157,12 @@ fuzz-tools:
 	  || $(CARGO) install cargo-fuzz --locked --version $(CARGO_FUZZ_VERSION) --root .tools
 
 ## test: everything CI runs
-test: lint unit e2e bench-smoke
+test: lint unit e2e bench-smoke compose-e2e
+
+## compose-e2e: envoy/docker-compose.yaml run for real in a Docker engine (started if none
+## answers); last in `make test`, so its engine and 13 containers never load the timed e2e tests
+compose-e2e: build envoy backend deploy-tools
+	$(CARGO) test --locked -p e2e --test compose -- --ignored
 
 lint: wasm-target
 	$(CARGO) fmt --all --check

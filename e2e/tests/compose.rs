@@ -84,6 +84,7 @@ fn assert_tutorial_admits(expected: usize) {
 }
 
 #[test]
+#[ignore = "heavy (a Docker engine, 13 containers): `make test` runs it last, through `make compose-e2e`"]
 fn compose_local_profile_answers_200_then_429_and_admits_ten_of_a_hundred() {
     with_profile("local", &[], |stack| {
         assert_200_then_429();
@@ -94,6 +95,7 @@ fn compose_local_profile_answers_200_then_429_and_admits_ten_of_a_hundred() {
 }
 
 #[test]
+#[ignore = "heavy (a Docker engine, 13 containers): `make test` runs it last, through `make compose-e2e`"]
 fn compose_global_profile_admits_ten_hides_webdis_and_locks_redis_to_the_function() {
     let env = global_env(None);
     with_profile("global", &borrowed(&env), |stack| {
@@ -148,6 +150,7 @@ fn compose_global_profile_admits_ten_hides_webdis_and_locks_redis_to_the_functio
 }
 
 #[test]
+#[ignore = "heavy (a Docker engine, 13 containers): `make test` runs it last, through `make compose-e2e`"]
 fn compose_replicas_with_redis_counters_admit_exactly_ten() {
     let env = global_env(None);
     with_profile("replicas", &borrowed(&env), |_| {
@@ -157,6 +160,7 @@ fn compose_replicas_with_redis_counters_admit_exactly_ten() {
 }
 
 #[test]
+#[ignore = "heavy (a Docker engine, 13 containers): `make test` runs it last, through `make compose-e2e`"]
 fn compose_replicas_with_local_counters_admit_far_more_than_ten() {
     let env = global_env(Some("local"));
     with_profile("replicas", &borrowed(&env), |_| {
@@ -175,6 +179,7 @@ fn compose_replicas_with_local_counters_admit_far_more_than_ten() {
 /// What Istio's OCI fetcher expects of a `FROM scratch` plugin image: one layer,
 /// holding `plugin.wasm` at its root and nothing else, the built `.wasm`'s bytes.
 #[test]
+#[ignore = "heavy (a Docker engine, 13 containers): `make test` runs it last, through `make compose-e2e`"]
 fn the_plugin_image_is_one_layer_holding_the_built_wasm_as_plugin_wasm() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let _engine = Engine::ensure().unwrap_or_else(|e| panic!("{e}"));
