@@ -6,11 +6,17 @@
 //!
 //! Why exactly 10, with no tolerance: see `e2e::tutorial`.
 
+use std::sync::Mutex;
+
 use e2e::topology::OneEnvoy;
 use e2e::tutorial;
 
+/// Both need every request back within its slot: one at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 #[test]
 fn one_worker_admits_ten_of_a_hundred_paced_over_ten_seconds() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let local = OneEnvoy::local_shipped(1);
     let table = tutorial::run(&local.addr());
     assert_eq!((table.count(200), table.count(429)), (10, 90), "{table}");
@@ -20,6 +26,7 @@ fn one_worker_admits_ten_of_a_hundred_paced_over_ten_seconds() {
 
 #[test]
 fn six_workers_admit_exactly_the_limit() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let local = OneEnvoy::local_shipped(6);
     let table = tutorial::run(&local.addr());
     assert_eq!((table.count(200), table.count(429)), (10, 90), "{table}");
