@@ -90,8 +90,7 @@ impl Callouts {
             let Some((context_id, pending)) = self.table.borrow_mut().take(id) else {
                 continue;
             };
-            let timeout_ms = u64::from(webdis.timeout_ms);
-            self.send(filter, webdis, id, context_id, pending, timeout_ms);
+            self.send(filter, webdis, id, context_id, pending);
         }
     }
 
@@ -103,10 +102,9 @@ impl Callouts {
         id: CallId,
         context_id: u32,
         pending: Pending,
-        timeout_ms: u64,
     ) {
         let limits = filter.policy.limits(pending.set);
-        match webdis.dispatch(&pending.redis_key, limits, timeout_ms) {
+        match webdis.dispatch(&pending.redis_key, limits) {
             Ok(token) => {
                 filter
                     .metrics

@@ -20,7 +20,7 @@ use crate::shared_store::{table_prefix, with_slot_key};
 pub struct WebdisStore {
     cluster: String,
     authority: String,
-    pub timeout_ms: u32,
+    timeout_ms: u32,
     key_prefix: String,
     secret: Option<Vec<u8>>,
     cache_slots: u32,
@@ -93,12 +93,7 @@ impl WebdisStore {
 
     /// Sends one decision call; the answer comes to `on_http_call_response`
     /// of the context active now (the root, see `callouts.rs`).
-    pub fn dispatch(
-        &self,
-        redis_key: &str,
-        limits: &[Limit],
-        timeout_ms: u64,
-    ) -> Result<u32, Status> {
+    pub fn dispatch(&self, redis_key: &str, limits: &[Limit]) -> Result<u32, Status> {
         let path = webdis::request_path(redis_key, limits);
         // The SDK's own dispatch registers the call so that its answer is
         // routed back to the active context; it returns an error for the
@@ -112,7 +107,8 @@ impl WebdisStore {
             ],
             None,
             vec![],
-            Duration::from_millis(timeout_ms.max(1)),
+            // Config validation keeps it from 1 ms up: Envoy reads 0 as none.
+            Duration::from_millis(u64::from(self.timeout_ms.max(1))),
         )
         .map_err(|status| Status(status as u32))
     }
