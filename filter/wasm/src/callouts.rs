@@ -27,6 +27,7 @@ use ratelimit_core::Event;
 
 use crate::filter::Filter;
 use crate::host::{self, Status, LOG_ERROR, LOG_INFO};
+use crate::shared_store::{table_prefix, with_slot_key};
 use crate::verdict::{self, Pending};
 use crate::webdis_store::WebdisStore;
 
@@ -237,16 +238,17 @@ impl Callouts {
 
 /// A process-wide number for a new queue: a counter in shared data.
 fn next_queue_number(plugin_name: &str) -> Result<u64, Status> {
-    let key = format!("apikey_ratelimit.{plugin_name}.call_queues");
+    // Named like every shared-data key of the plugin (`shared_store.rs`).
+    let key = with_slot_key(&table_prefix(plugin_name, "queues"), 0, <[u8]>::to_vec);
     let mut last = host::CAS_MISMATCH;
     for _ in 0..MAX_QUEUE_NUMBER_TRIES {
-        let (current, cas) = host::get_shared_data(key.as_bytes())?.unwrap_or_default();
+        let (current, cas) = host::get_shared_data(&key)?.unwrap_or_default();
         let number = current
             .get(..8)
             .and_then(|b| b.try_into().ok())
             .map_or(0, u64::from_le_bytes)
             .wrapping_add(1);
-        match host::set_shared_data(key.as_bytes(), &number.to_le_bytes(), cas) {
+        match host::set_shared_data(&key, &number.to_le_bytes(), cas) {
             Ok(()) => return Ok(number),
             Err(status) => last = status,
         }
