@@ -173,6 +173,16 @@ pub struct WebdisStoreConfig {
     /// Size of the local "denied until" table (0 turns it off).
     #[serde(default = "default_cache_slots")]
     pub cache_slots: u32,
+    /// Distinct keys one batch call decides at most.
+    #[serde(default = "default_max_keys_per_call")]
+    pub max_keys_per_call: u32,
+    /// Batch calls one worker has out at once at most.
+    #[serde(default = "default_max_calls_in_flight")]
+    pub max_calls_in_flight: u32,
+    /// Requests one worker keeps waiting for webdis at most; beyond it the
+    /// failure mode applies.
+    #[serde(default = "default_max_waiting")]
+    pub max_waiting: u32,
 }
 
 impl Default for WebdisStoreConfig {
@@ -184,6 +194,9 @@ impl Default for WebdisStoreConfig {
             key_prefix: None,
             key_hash_secret: None,
             cache_slots: default_cache_slots(),
+            max_keys_per_call: default_max_keys_per_call(),
+            max_calls_in_flight: default_max_calls_in_flight(),
+            max_waiting: default_max_waiting(),
         }
     }
 }
@@ -198,6 +211,18 @@ fn default_timeout_ms() -> u32 {
 
 fn default_cache_slots() -> u32 {
     16_384
+}
+
+fn default_max_keys_per_call() -> u32 {
+    64
+}
+
+fn default_max_calls_in_flight() -> u32 {
+    4
+}
+
+fn default_max_waiting() -> u32 {
+    10_000
 }
 
 fn default_key_sources() -> Vec<KeySourceConfig> {

@@ -5,86 +5,188 @@
 -- user before Redis takes any client, and the filter's user may only FCALL
 -- it (no EVAL, no script of anyone's own).
 --
---   FCALL apikey_ratelimit_gcra 1 <key> <n> <name_1> <T_1> <C_1> ... <name_n> <T_n> <C_n>
+-- The filter calls one function per batch of waiting requests:
 --
--- <key>      the API key's state (a hash of the API key): a HASH with one
---            field per limit name, holding that limit's TAT in microseconds,
---            so adding or removing a limit leaves the others' debt in place
--- <name_i>   limit i's name; T_i its emission interval and C_i its capacity
+--   FCALL apikey_ratelimit_batch <m> <key_1> ... <key_m>
+--         <s> [<n> (<name> <T> <C>) x n] x s     -- the limit sets, once each
+--         [<set> <count>] x m                    -- per key: its set (1-based), its requests
+--
+-- <key_j>    a key's state (a hash of the API key): a HASH with one field per
+--            limit name, holding that limit's TAT in microseconds, so adding
+--            or removing a limit leaves the others' debt in place
+-- <name>     a limit's name; T its emission interval and C its capacity
 --            (burst x interval), in microseconds
+-- <count>    how many requests of that key arrived, in arrival order
+--
+-- Every key is decided at one Redis TIME, in order, exactly as if its
+-- requests had reached Redis back to back: the first ones fit, and once one
+-- is denied the rest are too (a denial changes nothing and the clock does
+-- not move). Returns a flat array of integers (what webdis can carry):
+--   {now_us, [admitted_j, debt_j_1, ..., debt_j_n] x m}
+-- where admitted_j is how many of key j's requests were admitted and
+-- debt_j_i = max(TAT - now, 0) of its limit i *before* them: the filter
+-- replays the same arithmetic to give each request its own decision,
+-- Retry-After and quota headers, and checks it agrees on admitted_j.
+-- A denial writes nothing; m = 0 writes nothing either.
+--
+-- apikey_ratelimit_gcra is the one-request form that earlier filters call
+-- (and the health checks, with n = 0), kept so that a rolling update works:
+--
+--   FCALL apikey_ratelimit_gcra 1 <key> <n> <name_1> <T_1> <C_1> ... <name_n> <T_n> <C_n>
+--   -> {allowed (1 or 0), retry_after_us, now_us, reset_1_us, ..., reset_n_us}
 --
 -- The clock is Redis's TIME, so every instance shares one. Lua numbers are
--- doubles, exact for integers up to 2^53: microseconds since 1970 fit.
--- Returns a flat array of integers (what webdis can carry):
---   {allowed (1 or 0), retry_after_us, now_us, reset_1_us, ..., reset_n_us}
--- where reset_i is how long until limit i's bucket is full again. A denial
--- writes nothing; n = 0 writes nothing either (a health check).
+-- doubles, exact for integers up to 2^53: microseconds since 1970 fit, and
+-- the filter refuses capacities past 50 years.
 
-local function gcra(keys, args)
-  if #keys ~= 1 then
-    return redis.error_reply('ERR apikey_ratelimit_gcra: expected 1 key')
-  end
-  local n = tonumber(args[1])
-  if n == nil or n < 0 or n ~= math.floor(n) or #args ~= 1 + 3 * n then
-    return redis.error_reply('ERR apikey_ratelimit_gcra: expected n, then n (name, interval, capacity)')
-  end
+local function clock()
   local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
 
-  local names, intervals, capacities = {}, {}, {}
+local function is_count(x)
+  return x ~= nil and x >= 0 and x == math.floor(x)
+end
+
+-- Reads the limit set at args[pos]: n, then n (name, interval, capacity).
+-- Returns the set and the position after it, or nil and an error message.
+local function read_set(args, pos, what)
+  local n = tonumber(args[pos])
+  if not is_count(n) or #args < pos + 3 * n then
+    return nil, 'ERR ' .. what .. ': expected n, then n (name, interval, capacity)'
+  end
+  local set = {n = n, names = {}, intervals = {}, capacities = {}}
   for i = 1, n do
-    names[i] = args[3 * i - 1]
-    intervals[i] = tonumber(args[3 * i])
-    capacities[i] = tonumber(args[3 * i + 1])
-    if intervals[i] == nil or capacities[i] == nil then
-      return redis.error_reply('ERR apikey_ratelimit_gcra: limit ' .. i .. ' is not numeric')
+    local at = pos + 3 * (i - 1)
+    set.names[i] = args[at + 1]
+    set.intervals[i] = tonumber(args[at + 2])
+    set.capacities[i] = tonumber(args[at + 3])
+    if not is_count(set.intervals[i]) or set.intervals[i] == 0 or not is_count(set.capacities[i]) then
+      return nil, 'ERR ' .. what .. ': limit ' .. i .. ' is not numeric'
     end
   end
+  return set, pos + 1 + 3 * n
+end
 
-  local tats = {}
-  if n > 0 then
-    local stored = redis.call('HMGET', keys[1], unpack(names))
-    for i = 1, n do
-      tats[i] = tonumber(stored[i]) or 0
-    end
+-- Decides `count` requests of `key` under `set` at `now`: how many are
+-- admitted, and each limit's debt before them. Writes the key only if one
+-- is admitted. One HMGET, and for an admission one HSET and (usually) one
+-- PEXPIREAT: the per-key work is kept this small on purpose.
+local function decide(key, set, count, now)
+  local debts = {}
+  local admitted = count
+  local stored = {}
+  if set.n > 0 then
+    stored = redis.call('HMGET', key, unpack(set.names))
   end
-
-  local allowed = 1
-  local retry = 0
-  for i = 1, n do
-    local debt = math.max(tats[i], now) - now
-    local tolerance = capacities[i] - intervals[i]
-    if debt > tolerance then
-      allowed = 0
-      retry = math.max(retry, debt - tolerance)
+  for i = 1, set.n do
+    local T = set.intervals[i]
+    local debt = math.max((tonumber(stored[i]) or 0) - now, 0)
+    debts[i] = debt
+    -- Request r (0-based) fits iff debt + r*T <= C - T.
+    local room = set.capacities[i] - T - debt
+    local fits = 0
+    if room >= 0 then
+      fits = math.floor(room / T) + 1
+      -- The division is rounded; settle it with exact integer products.
+      if (fits - 1) * T > room then fits = fits - 1 end
+      if fits * T <= room then fits = fits + 1 end
     end
+    if fits < admitted then admitted = fits end
   end
-
-  if allowed == 1 and n > 0 then
+  if admitted > 0 and set.n > 0 then
     local latest = now
     local fields = {}
-    for i = 1, n do
-      tats[i] = math.max(tats[i], now) + intervals[i]
-      latest = math.max(latest, tats[i])
-      fields[2 * i - 1] = names[i]
-      fields[2 * i] = string.format('%.0f', tats[i])
+    for i = 1, set.n do
+      local tat = now + debts[i] + admitted * set.intervals[i]
+      latest = math.max(latest, tat)
+      fields[2 * i - 1] = set.names[i]
+      fields[2 * i] = string.format('%.0f', tat)
     end
-    redis.call('HSET', keys[1], unpack(fields))
+    redis.call('HSET', key, unpack(fields))
     -- Redis forgets the key once every bucket is full: that state is fresh.
     -- Never sooner: other fields (limits this call does not carry) may run
-    -- later, so a new key gets its expiry (NX) and an old one only a later
-    -- one (GT). Absolute milliseconds, rounded up, from the same clock.
+    -- later, so an existing key only gets a later expiry (GT), and a new
+    -- one (no expiry yet, which GT never replaces) its first (NX).
+    -- Absolute milliseconds, rounded up, from the same clock.
     local expire_at = string.format('%.0f', math.ceil(latest / 1000))
-    if redis.call('PEXPIREAT', keys[1], expire_at, 'NX') == 0 then
-      redis.call('PEXPIREAT', keys[1], expire_at, 'GT')
+    if redis.call('PEXPIREAT', key, expire_at, 'GT') == 0 then
+      redis.call('PEXPIREAT', key, expire_at, 'NX')
     end
   end
+  return admitted, debts
+end
 
-  local out = {allowed, retry, now}
-  for i = 1, n do
-    out[3 + i] = math.max(tats[i] - now, 0)
+local function batch(keys, args)
+  local what = 'apikey_ratelimit_batch'
+  local s = tonumber(args[1])
+  if not is_count(s) then
+    return redis.error_reply('ERR ' .. what .. ': expected the number of limit sets')
+  end
+  local sets = {}
+  local pos = 2
+  for j = 1, s do
+    local set, next_or_error = read_set(args, pos, what)
+    if set == nil then
+      return redis.error_reply(next_or_error)
+    end
+    sets[j] = set
+    pos = next_or_error
+  end
+  if #args ~= pos - 1 + 2 * #keys then
+    return redis.error_reply('ERR ' .. what .. ': expected one (set, count) per key')
+  end
+  local entries = {}
+  for j = 1, #keys do
+    local set = sets[tonumber(args[pos])]
+    local count = tonumber(args[pos + 1])
+    if set == nil or not is_count(count) then
+      return redis.error_reply('ERR ' .. what .. ': key ' .. j .. ' has no valid set and count')
+    end
+    entries[j] = {set, count}
+    pos = pos + 2
+  end
+  local now = clock()
+  local out = {now}
+  for j = 1, #keys do
+    local set, count = entries[j][1], entries[j][2]
+    local admitted, debts = decide(keys[j], set, count, now)
+    out[#out + 1] = admitted
+    for i = 1, set.n do
+      out[#out + 1] = debts[i]
+    end
   end
   return out
 end
 
+local function gcra(keys, args)
+  local what = 'apikey_ratelimit_gcra'
+  if #keys ~= 1 then
+    return redis.error_reply('ERR ' .. what .. ': expected 1 key')
+  end
+  local set, after = read_set(args, 1, what)
+  if set == nil then
+    return redis.error_reply(after)
+  end
+  if after ~= #args + 1 then
+    return redis.error_reply('ERR ' .. what .. ': expected n, then n (name, interval, capacity)')
+  end
+  local now = clock()
+  local admitted, debts = decide(keys[1], set, 1, now)
+  local retry = 0
+  local out = {admitted, 0, now}
+  for i = 1, set.n do
+    local reset = debts[i]
+    if admitted == 1 then
+      reset = reset + set.intervals[i]
+    else
+      retry = math.max(retry, debts[i] - (set.capacities[i] - set.intervals[i]))
+    end
+    out[3 + i] = reset
+  end
+  out[2] = retry
+  return out
+end
+
+redis.register_function('apikey_ratelimit_batch', batch)
 redis.register_function('apikey_ratelimit_gcra', gcra)

@@ -19,9 +19,12 @@
 //! - [`state`]: a key's stored state and its byte layout.
 //! - [`slots`]: the local store's fixed slot table and its CAS loop, over a
 //!   [`slots::CasStore`] trait the glue implements on Envoy shared data.
-//! - [`webdis`]: the global store's calls (the Redis function library, URLs, replies).
+//! - [`webdis`]: the global store's transport (the Redis function library,
+//!   Redis keys, URL encoding, how an answer is classified).
+//! - [`batch`]: the global store's batched decisions: the wire format, the
+//!   replay of each request's decision, the queue and its calls.
 //! - [`deny_cache`]: the global store's local memory of throttled keys.
-//! - [`calls`]: which request each webdis call the root sends is for.
+//! - [`calls`]: the calls a root context has sent, by the host's token.
 //! - [`response`]: 429/401/400/503 bodies and the quota headers.
 //! - [`pipeline`]: one request from headers to action and metrics.
 //! - [`plugin_name`]: the plugin's name, stable across Istio versions.
@@ -30,6 +33,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 #![deny(clippy::panic, clippy::indexing_slicing)]
 
+pub mod batch;
 pub mod calls;
 pub mod config;
 pub mod deny_cache;

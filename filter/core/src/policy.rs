@@ -349,6 +349,12 @@ fn compile_set(
 pub const MAX_KEY_PREFIX: usize = 64;
 /// Longest accepted per-decision timeout.
 pub const MAX_TIMEOUT_MS: u32 = 60_000;
+/// Most keys one batch call may carry (each costs Redis about 12 µs).
+pub const MAX_KEYS_PER_CALL: u32 = 256;
+/// Most batch calls one worker may have out at once.
+pub const MAX_CALLS_IN_FLIGHT: u32 = 64;
+/// Most requests one worker may keep waiting for webdis.
+pub const MAX_WAITING: u32 = 1_000_000;
 
 fn check_store(store: &StoreConfig) -> Result<(), ConfigError> {
     match store {
@@ -392,6 +398,24 @@ fn check_store(store: &StoreConfig) -> Result<(), ConfigError> {
                     "must not be empty (leave it out for a plain SHA-256)",
                 ));
             }
+            in_range(
+                "store.webdis.max_keys_per_call",
+                w.max_keys_per_call,
+                1..=MAX_KEYS_PER_CALL,
+                "",
+            )?;
+            in_range(
+                "store.webdis.max_calls_in_flight",
+                w.max_calls_in_flight,
+                1..=MAX_CALLS_IN_FLIGHT,
+                "",
+            )?;
+            in_range(
+                "store.webdis.max_waiting",
+                w.max_waiting,
+                1..=MAX_WAITING,
+                "",
+            )?;
             if w.cache_slots != 0 && !(PROBES as u32..=MAX_SLOTS).contains(&w.cache_slots) {
                 return Err(ConfigError::new(
                     "store.webdis.cache_slots",

@@ -1,11 +1,10 @@
-//! The global store's wire format: Redis through webdis, one call of the
-//! filter's Redis function per decision.
-//!
-//! A decision is `GET /FCALL/apikey_ratelimit_gcra/1/<key>/<n>/<name1>/<T1>/<C1>/...`:
-//! each limit's state is the hash field named for the limit. The function
-//! library (`gcra.lua`) is loaded by `envoy/redis-start.sh` before Redis
-//! takes clients, so there is no fallback: a Redis that lacks it answers an
-//! error, a failure like any other. webdis splits the path on `/` and then
+//! The global store's transport: Redis through webdis, calls of the
+//! filter's Redis function library (`gcra.lua`), which `envoy/redis-start.sh`
+//! loads before Redis takes clients, so there is no fallback: a Redis that
+//! lacks it answers an error, a failure like any other. What one call
+//! carries (a batch of decisions) is [`crate::batch::wire`]; this module
+//! holds what every call shares: Redis key names, URL encoding, and how an
+//! answer is classified. webdis splits the path on `/` and then
 //! percent-decodes each argument, treats a `.ext` on the last argument as
 //! an output format, `+` as a space and a leading run of digits as a
 //! database: so every argument byte outside `[A-Za-z0-9_~-]` is
@@ -21,17 +20,10 @@ use std::fmt::Write;
 
 use sha2::{Digest, Sha256};
 
-use crate::gcra::{Decision, Limit};
-use crate::per_limit::{PerLimit, MAX_LIMITS};
 use crate::plugin_name;
-use crate::time::{micros_to_nanos, nanos_to_micros};
 
 /// The function library, the same algorithm as [`crate::gcra`].
 pub const LIBRARY: &str = include_str!("gcra.lua");
-
-/// The function the filter calls (registered by [`LIBRARY`], checked by a
-/// test).
-pub const FUNCTION: &str = "apikey_ratelimit_gcra";
 
 /// The default key prefix: `apikey_ratelimit:<plugin>:`, so two plugins
 /// never share state by accident (one `key_prefix` set in both shares it).
@@ -96,24 +88,6 @@ fn hmac_sha256(secret: &[u8], message: &[u8]) -> [u8; 32] {
         .into()
 }
 
-/// The `:path` of a decision call for `redis_key` under `limits`.
-pub fn request_path(redis_key: &str, limits: &[Limit]) -> String {
-    let mut path = String::with_capacity(96 + redis_key.len() + 48 * limits.len());
-    path.push_str("/FCALL/");
-    path.push_str(FUNCTION);
-    path.push_str("/1/");
-    encode_into(&mut path, redis_key.as_bytes());
-    let _ = write!(path, "/{}", limits.len());
-    for limit in limits {
-        path.push('/');
-        encode_into(&mut path, limit.name.as_bytes());
-        let interval = nanos_to_micros(limit.interval_nanos);
-        let capacity = nanos_to_micros(limit.capacity_nanos);
-        let _ = write!(path, "/{interval}/{capacity}");
-    }
-    path
-}
-
 /// Percent-encodes every byte outside `[A-Za-z0-9_~-]`.
 pub fn encode_into(out: &mut String, bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
@@ -129,33 +103,6 @@ pub fn encode_into(out: &mut String, bytes: &[u8]) {
                 HEX.get(usize::from(b & 15)).copied().unwrap_or(b'0'),
             ));
         }
-    }
-}
-
-/// What the function answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Reply {
-    pub allowed: bool,
-    pub retry_after_us: u64,
-    /// Redis's clock when it decided.
-    pub now_us: u64,
-    resets_us: PerLimit<u64>,
-}
-
-impl Reply {
-    /// Per limit: microseconds until its bucket is full again.
-    pub fn resets_us(&self) -> &[u64] {
-        self.resets_us.as_slice()
-    }
-
-    /// The decision this reply describes, on the filter's nanoseconds.
-    pub fn decision(&self, limits: &[Limit]) -> Decision {
-        Decision::from_resets(
-            limits,
-            self.allowed,
-            micros_to_nanos(self.retry_after_us),
-            self.resets_us.iter().map(|reset| micros_to_nanos(*reset)),
-        )
     }
 }
 
@@ -217,7 +164,7 @@ pub struct BackendError {
 }
 
 impl BackendError {
-    fn new(class: FailureClass, transient: bool, detail: impl Into<String>) -> BackendError {
+    pub fn new(class: FailureClass, transient: bool, detail: impl Into<String>) -> BackendError {
         BackendError {
             class,
             transient,
@@ -231,19 +178,12 @@ impl BackendError {
     }
 }
 
-/// A parsed answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Parsed {
-    Decided(Reply),
-    Failed(BackendError),
-}
-
-/// Classifies a webdis answer: `status` is `None` when the call came back
-/// with no headers at all.
-pub fn parse_reply(status: Option<u32>, body: &[u8], limits: usize) -> Parsed {
+/// The integers a function answered, or why there are none: `status` is
+/// `None` when the call came back with no headers at all.
+pub fn fcall_integers(status: Option<u32>, body: &[u8]) -> Result<Vec<u64>, BackendError> {
     match status {
         None => {
-            return Parsed::Failed(BackendError::new(
+            return Err(BackendError::new(
                 FailureClass::Transport,
                 true,
                 "no response from webdis (connection reset or closed)",
@@ -251,7 +191,7 @@ pub fn parse_reply(status: Option<u32>, body: &[u8], limits: usize) -> Parsed {
         }
         Some(200) => {}
         Some(504) => {
-            return Parsed::Failed(BackendError::new(
+            return Err(BackendError::new(
                 FailureClass::Timeout,
                 true,
                 "webdis did not answer within the timeout (504)",
@@ -263,7 +203,7 @@ pub fn parse_reply(status: Option<u32>, body: &[u8], limits: usize) -> Parsed {
                 503 => " (webdis unreachable: connection refused or no healthy host)",
                 _ => "",
             };
-            return Parsed::Failed(BackendError::new(
+            return Err(BackendError::new(
                 FailureClass::Status,
                 code != 403,
                 format!("webdis answered {code}{why}"),
@@ -272,14 +212,14 @@ pub fn parse_reply(status: Option<u32>, body: &[u8], limits: usize) -> Parsed {
     }
     let value: serde_json::Value = match serde_json::from_slice(body) {
         Ok(v) => v,
-        Err(e) => return parse_error(format!("the body is not JSON: {e}")),
+        Err(e) => return Err(parse_error(format!("the body is not JSON: {e}"))),
     };
     // webdis wraps the answer in an object keyed by the command name.
     let Some(answer) = value.as_object().and_then(|o| o.get("FCALL")) else {
-        return parse_error("the body has no FCALL member");
+        return Err(parse_error("the body has no FCALL member"));
     };
     let Some(items) = answer.as_array() else {
-        return parse_error("the function's answer is not an array");
+        return Err(parse_error("the function's answer is not an array"));
     };
     // A Redis error comes back as [false, "ERR ..."]; "ERR Function not
     // found" (a Redis not started by redis-start.sh) is one of them.
@@ -288,33 +228,19 @@ pub fn parse_reply(status: Option<u32>, body: &[u8], limits: usize) -> Parsed {
         let transient = ["LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN"]
             .iter()
             .any(|p| message.starts_with(p));
-        return Parsed::Failed(BackendError::new(
+        return Err(BackendError::new(
             FailureClass::Redis,
             transient,
             format!("Redis error: {}", for_log(message, 200)),
         ));
     }
     let numbers: Option<Vec<u64>> = items.iter().map(serde_json::Value::as_u64).collect();
-    let Some(numbers) = numbers else {
-        return parse_error("the function's answer holds something other than integers");
-    };
-    if numbers.len() != 3 + limits || limits > MAX_LIMITS {
-        return parse_error(format!(
-            "the function answered {} integers for {limits} limit(s); is an older library loaded?",
-            numbers.len()
-        ));
-    }
-    let (head, resets) = numbers.split_at(3);
-    Parsed::Decided(Reply {
-        allowed: head.first() == Some(&1),
-        retry_after_us: head.get(1).copied().unwrap_or(0),
-        now_us: head.get(2).copied().unwrap_or(0),
-        resets_us: resets.iter().copied().collect(),
-    })
+    numbers.ok_or_else(|| parse_error("the function's answer holds something other than integers"))
 }
 
-fn parse_error(detail: impl Into<String>) -> Parsed {
-    Parsed::Failed(BackendError::new(FailureClass::Parse, false, detail))
+/// A reply that does not parse as the function's answer.
+pub fn parse_error(detail: impl Into<String>) -> BackendError {
+    BackendError::new(FailureClass::Parse, false, detail)
 }
 
 /// About `max` bytes of `text` for the log, on one line: control and
@@ -337,14 +263,16 @@ fn for_log(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::limit;
 
     #[test]
-    fn the_library_registers_the_function_the_filter_calls() {
+    fn the_library_registers_the_functions_filters_call() {
         // FUNCTION LOAD wants the shebang on the first line; the library's
         // name is what redis-start.sh checks it loaded.
         assert!(LIBRARY.starts_with("#!lua name=apikey_ratelimit\n"));
-        assert!(LIBRARY.contains(&format!("redis.register_function('{FUNCTION}', gcra)")));
+        let batch = crate::batch::wire::FUNCTION;
+        assert!(LIBRARY.contains(&format!("redis.register_function('{batch}', batch)")));
+        // The one-request form of earlier filters and the health checks.
+        assert!(LIBRARY.contains("redis.register_function('apikey_ratelimit_gcra', gcra)"));
     }
 
     #[test]
@@ -389,42 +317,20 @@ mod tests {
     }
 
     #[test]
-    fn paths_name_each_limit_and_encode_every_argument() {
-        let mut limits = [limit(1, 1, 1), limit(1000, 86_400, 100)];
-        limits[1].name = "per-day.v2/a:b".into();
-        let path = request_path("apikey_ratelimit:api:ab12", &limits);
-        assert_eq!(
-            path,
-            "/FCALL/apikey_ratelimit_gcra/1/apikey_ratelimit%3Aapi%3Aab12/2\
-             /1%2F1s/1000000/1000000/per-day%2Ev2%2Fa%3Ab/86400000/8640000000"
-        );
-
+    fn every_argument_byte_outside_the_safe_set_is_encoded() {
         let mut out = String::new();
         encode_into(&mut out, b"a/b.json+1 %\r\n\xff~_-Z9");
         assert_eq!(out, "a%2Fb%2Ejson%2B1%20%25%0D%0A%FF~_-Z9");
     }
 
     #[test]
-    fn replies_are_decoded() {
-        let body = br#"{"FCALL":[1,0,1764000000000000,1000000,86400000]}"#;
-        let Parsed::Decided(reply) = parse_reply(Some(200), body, 2) else {
-            panic!()
-        };
-        assert!(reply.allowed);
-        assert_eq!(reply.now_us, 1_764_000_000_000_000);
-        assert_eq!(reply.resets_us(), &[1_000_000, 86_400_000]);
-        let body = br#"{"FCALL":[0,250000,5,1000000]}"#;
-        let Parsed::Decided(reply) = parse_reply(Some(200), body, 1) else {
-            panic!()
-        };
-        assert!(!reply.allowed);
-        assert_eq!(reply.retry_after_us, 250_000);
-    }
-
-    #[test]
-    fn failures_are_classified() {
-        let class = |status, body: &[u8]| match parse_reply(status, body, 1) {
-            Parsed::Failed(e) => (e.class, e.transient),
+    fn answers_are_integers_or_classified_failures() {
+        assert_eq!(
+            fcall_integers(Some(200), br#"{"FCALL":[1,0,1764000000000000]}"#),
+            Ok(vec![1, 0, 1_764_000_000_000_000])
+        );
+        let class = |status, body: &[u8]| match fcall_integers(status, body) {
+            Err(e) => (e.class, e.transient),
             other => panic!("{other:?}"),
         };
         assert_eq!(class(None, b""), (FailureClass::Transport, true));
@@ -452,9 +358,9 @@ mod tests {
             br#"{"GET":[1]}"#,
             br#"{"EVALSHA":[1,0,5,0]}"#,
             br#"{"FCALL":"x"}"#,
-            br#"{"FCALL":[1,0,5]}"#,
             br#"{"FCALL":[1,0,5,-1]}"#,
             br#"{"FCALL":[1,0,5,null]}"#,
+            br#"{"FCALL":[1.5]}"#,
         ] {
             assert_eq!(
                 class(Some(200), bad),
@@ -462,22 +368,6 @@ mod tests {
                 "{bad:?}"
             );
         }
-    }
-
-    #[test]
-    fn a_reply_is_the_decision_it_describes_in_nanoseconds() {
-        let limits = [limit(2, 10, 2), limit(100, 86_400, 100)];
-        let body = br#"{"FCALL":[0,250000,5,10000000,864000]}"#;
-        let Parsed::Decided(reply) = parse_reply(Some(200), body, 2) else {
-            panic!()
-        };
-        let decision = reply.decision(&limits);
-        assert!(!decision.allowed);
-        assert_eq!(decision.retry_after_nanos, 250_000_000);
-        let resets: Vec<u64> = decision.states().iter().map(|s| s.reset_nanos).collect();
-        assert_eq!(resets, [10_000_000_000, 864_000_000]);
-        assert_eq!(decision.states()[0].remaining, 0);
-        assert_eq!(decision.states()[1].remaining, 99);
     }
 
     #[test]
@@ -494,7 +384,7 @@ mod tests {
     fn redis_error_messages_are_logged_on_one_line() {
         // Found by the webdis_reply fuzz target: the message went to the log verbatim.
         let body = br#"{"FCALL":[false,"ERR a\nforged log line\r\u0000"]}"#;
-        let Parsed::Failed(error) = parse_reply(Some(200), body, 1) else {
+        let Err(error) = fcall_integers(Some(200), body) else {
             panic!()
         };
         assert_eq!(error.detail, r"Redis error: ERR a\nforged log line\r\u{0}");

@@ -1,28 +1,32 @@
-//! The webdis calls, owned by the worker's root context.
+//! The webdis calls, owned by the worker's root context, batched.
 //!
 //! Why the root: the SDK files each call's token under the context active
-//! when it was sent, and drops the answer if that context is gone; a request
-//! that sent its own call could never learn of, count, or clean up after an
-//! answer that came once its client had left. So a request only queues its
-//! call ([`Callouts::request`]: an entry in a [`CallTable`] and our call id
-//! on this root's shared queue) and pauses. The root sends it from
-//! `on_queue_ready`, so the SDK files the token under the root; every answer
-//! comes back to the root, which finds the request through the table and
-//! finishes it through `proxy_set_effective_context` (its status checked:
-//! the host refuses a deleted context). A request that ends releases its
-//! entry at once; an answer that finds none is counted and dropped.
+//! when it was sent, and drops the answer if that context is gone; a call
+//! that decides many requests must outlive any one of them. So a request
+//! only joins this root's queue ([`Callouts::request`]) and pauses; the
+//! root is woken through its own shared queue (`on_queue_ready`, at once)
+//! when a call could go out, and sends calls only from its own callbacks
+//! (`on_queue_ready`, `on_tick`, `on_http_call_response`). What goes in a
+//! call, when, and what each request gets is decided by
+//! `ratelimit_core::batch::queue::Batcher`; this file routes the host's
+//! callbacks to it and finishes each request through
+//! `proxy_set_effective_context` (its status checked: the host refuses a
+//! deleted context), then switches back to the root.
 //!
 //! The SDK still records each token until its answer, and panics on a
 //! duplicate. Envoy answers every call of a live root context (a reply, a
-//! failure, or its timeout, at most 60 s), and the root does not let Envoy
-//! delete it while calls are outstanding (`on_done` waits, then
-//! `proxy_done`), so no SDK entry outlives its call; a duplicate would need
-//! Envoy to hand out 2^30 ids within one call's lifetime.
+//! failure, or its timeout), and the root does not let Envoy delete it while
+//! calls are out or requests wait (`on_done` waits, then `proxy_done`), so
+//! no SDK entry outlives its call.
 
 use std::cell::{Cell, RefCell};
 
-use ratelimit_core::calls::{Answer, CallId, CallTable};
-use ratelimit_core::webdis::{self, BackendError, FailureClass, Parsed};
+use ratelimit_core::batch::queue::{
+    queue_full_error, Batcher, Finished, Learnt, Outgoing, RequestId, Ticket, Verdict,
+};
+use ratelimit_core::deny_cache;
+use ratelimit_core::pipeline::StoreFailure;
+use ratelimit_core::webdis::BackendError;
 use ratelimit_core::Event;
 
 use crate::filter::Filter;
@@ -36,7 +40,7 @@ const MAX_QUEUE_NUMBER_TRIES: u32 = 64;
 
 #[derive(Default)]
 pub struct Callouts {
-    table: RefCell<CallTable<Pending>>,
+    batcher: RefCell<Option<Batcher<Pending>>>,
     queue: Cell<Option<u32>>,
     root_id: Cell<u32>,
 }
@@ -45,7 +49,8 @@ impl Callouts {
     /// Registers this root's queue, under a name no other root in the
     /// process uses (queue names are process-wide; the last one registered
     /// wins). Called in the root's `on_configure`.
-    pub fn open(&self, root_id: u32, plugin_name: &str) -> Result<(), String> {
+    pub fn open(&self, root_id: u32, filter: &Filter, webdis: &WebdisStore) -> Result<(), String> {
+        let plugin_name = filter.plugin_name();
         let number = next_queue_number(plugin_name)
             .map_err(|s| format!("cannot number the call queue (host status {})", s.0))?;
         let name = format!("apikey_ratelimit.{plugin_name}.calls.{number}");
@@ -57,78 +62,121 @@ impl Callouts {
         })?;
         self.queue.set(Some(queue));
         self.root_id.set(root_id);
+        *self.batcher.borrow_mut() = Some(Batcher::new(webdis.batch_settings()));
         Ok(())
     }
 
-    /// Queues a call for request `context_id`; the root sends it next.
-    pub fn request(&self, context_id: u32, pending: Pending) -> Result<CallId, (Pending, Status)> {
-        let Some(queue) = self.queue.get() else {
-            return Err((pending, host::NOT_FOUND));
-        };
-        // The root reads the queue only after this callback returns.
-        let id = self.table.borrow().next_id();
-        if let Err(status) = host::enqueue_shared_queue(queue, &id.to_le_bytes()) {
-            return Err((pending, status));
-        }
-        Ok(self.table.borrow_mut().queue(context_id, pending))
-    }
-
-    /// The request of call `id` ended.
-    pub fn release(&self, id: CallId) {
-        self.table.borrow_mut().release(id);
-    }
-
-    /// Sends every queued call whose request is still here.
-    pub fn on_queue_ready(&self, filter: &Filter, webdis: &WebdisStore) {
-        let Some(queue) = self.queue.get() else {
-            return;
-        };
-        while let Ok(Some(item)) = host::dequeue_shared_queue(queue) {
-            let Some(id) = item.get(..8).and_then(|b| b.try_into().ok()) else {
-                continue;
-            };
-            let id = CallId::from_le_bytes(id);
-            let Some((context_id, pending)) = self.table.borrow_mut().take(id) else {
-                continue;
-            };
-            self.send(filter, webdis, id, context_id, pending);
-        }
-    }
-
-    /// Sends a call; must run in a root callback.
-    fn send(
+    /// Queues request `ticket.context_id` for the next call; the root is
+    /// woken if a call can go now. `Err` when it cannot wait: the failure
+    /// mode applies.
+    pub fn request(
         &self,
-        filter: &Filter,
-        webdis: &WebdisStore,
-        id: CallId,
-        context_id: u32,
+        ticket: Ticket,
         pending: Pending,
-    ) {
-        let limits = filter.policy.limits(pending.set);
-        match webdis.dispatch(&pending.redis_key, limits) {
-            Ok(token) => {
-                filter
-                    .metrics
-                    .record(ratelimit_core::Events::of(&[Event::BackendCall]), None);
-                let displaced = self.table.borrow_mut().sent(id, context_id, token, pending);
-                if let Some(old) = displaced {
-                    let error = BackendError {
-                        class: FailureClass::Transport,
-                        transient: true,
-                        detail: format!("Envoy reused call id {token} before it was answered"),
+        now: u64,
+    ) -> Result<RequestId, (Pending, BackendError)> {
+        let (Some(queue), Some(batcher)) = (self.queue.get(), &mut *self.batcher.borrow_mut())
+        else {
+            let error = BackendError::dispatch("the root context has no call queue");
+            return Err((pending, error));
+        };
+        let enqueued = batcher
+            .enqueue(ticket, pending, now)
+            .map_err(|pending| (pending, queue_full_error(batcher.settings().max_waiting)))?;
+        if enqueued.wake && host::enqueue_shared_queue(queue, &[1]).is_err() {
+            // The root's tick sends it instead; let the next request try.
+            batcher.woken();
+        }
+        Ok(enqueued.id)
+    }
+
+    /// The request `id` ended.
+    pub fn release(&self, id: RequestId) {
+        let closing = match &mut *self.batcher.borrow_mut() {
+            Some(batcher) => {
+                batcher.release(id);
+                batcher.is_closing()
+            }
+            None => false,
+        };
+        if let (true, Some(queue)) = (closing, self.queue.get()) {
+            // A closing root may be done now, which only a root callback
+            // may say: wake it.
+            let _ = host::enqueue_shared_queue(queue, &[1]);
+        }
+    }
+
+    /// The root's queue callback: drain the wake-ups, send what is due.
+    pub fn on_queue_ready(&self, filter: &Filter, webdis: &WebdisStore) {
+        if let Some(queue) = self.queue.get() {
+            while let Ok(Some(_)) = host::dequeue_shared_queue(queue) {}
+        }
+        if let Some(batcher) = &mut *self.batcher.borrow_mut() {
+            batcher.woken();
+        }
+        self.pump(filter, webdis);
+        self.finish_if_closing(filter);
+    }
+
+    /// The root's tick: end queued requests past their deadline, and send
+    /// anything a lost wake-up left behind.
+    pub fn on_tick(&self, filter: &Filter, webdis: &WebdisStore) {
+        let now = host::now_nanos().unwrap_or(0);
+        let mut finished = Vec::new();
+        if let Some(batcher) = &mut *self.batcher.borrow_mut() {
+            batcher.expire(now, &mut finished);
+        }
+        self.finish_all(filter, finished);
+        self.pump(filter, webdis);
+        self.finish_if_closing(filter);
+    }
+
+    /// Sends every call that is due, finishing requests that end without
+    /// one (expired, or denied from the deny cache).
+    fn pump(&self, filter: &Filter, webdis: &WebdisStore) {
+        loop {
+            let now = host::now_nanos().unwrap_or(0);
+            let mut finished = Vec::new();
+            let outgoing = match &mut *self.batcher.borrow_mut() {
+                Some(batcher) => {
+                    let cached = |ticket: &Ticket| {
+                        webdis.cached_denial(ticket.hash, filter.policy.limits(ticket.set), now)
                     };
-                    self.finish(filter, webdis, old.context_id, old.payload, Err(error));
+                    batcher.next_call(now, &filter.policy, cached, &mut finished)
+                }
+                None => None,
+            };
+            self.finish_all(filter, finished);
+            let Some(outgoing) = outgoing else {
+                break;
+            };
+            self.send(filter, webdis, outgoing);
+        }
+        self.count(filter);
+    }
+
+    fn send(&self, filter: &Filter, webdis: &WebdisStore, outgoing: Outgoing) {
+        let Outgoing {
+            path,
+            timeout_ms,
+            call,
+            ..
+        } = outgoing;
+        let mut finished = Vec::new();
+        if let Some(batcher) = &mut *self.batcher.borrow_mut() {
+            match webdis.dispatch(&path, timeout_ms) {
+                Ok(token) => batcher.sent(call, token, &mut finished),
+                Err(status) => {
+                    let error = BackendError::dispatch(format!(
+                        "Envoy refused the call to cluster '{}' (host status {}): is the cluster defined?",
+                        webdis.cluster(),
+                        status.0
+                    ));
+                    batcher.send_failed(call, &error, &mut finished);
                 }
             }
-            Err(status) => {
-                let error = BackendError::dispatch(format!(
-                    "Envoy refused the call to cluster '{}' (host status {}): is the cluster defined?",
-                    webdis.cluster(),
-                    status.0
-                ));
-                self.finish(filter, webdis, context_id, pending, Err(error));
-            }
         }
+        self.finish_all(filter, finished);
     }
 
     /// An answer came to the root.
@@ -140,37 +188,6 @@ impl Callouts {
         num_headers: usize,
         body_size: usize,
     ) {
-        let answer = self.table.borrow_mut().answered(token);
-        match answer {
-            Answer::Orphaned => filter.metrics.orphaned_answer(host::now_nanos().ok()),
-            Answer::Live {
-                context_id,
-                payload,
-                ..
-            } => self.answer(filter, webdis, context_id, payload, num_headers, body_size),
-        }
-        if self.table.borrow_mut().may_finish() {
-            // The host stops this root's ticks: hand over the last counts.
-            filter.metrics.flush(host::now_nanos().unwrap_or(0));
-            if let Err(status) = host::done() {
-                host::log(
-                    LOG_ERROR,
-                    &format!("cannot finish the root context (host status {})", status.0),
-                );
-            }
-        }
-    }
-
-    fn answer(
-        &self,
-        filter: &Filter,
-        webdis: &WebdisStore,
-        context_id: u32,
-        pending: Pending,
-        num_headers: usize,
-        body_size: usize,
-    ) {
-        let limits = filter.policy.limits(pending.set).len();
         // No headers at all: the call was reset or never connected.
         let status = if num_headers == 0 {
             None
@@ -178,34 +195,71 @@ impl Callouts {
             host::http_call_response_status()
         };
         let body = host::http_call_response_body(body_size).unwrap_or_default();
-        let result = match webdis::parse_reply(status, &body, limits) {
-            Parsed::Decided(reply) => Ok(reply),
-            Parsed::Failed(error) => Err(error),
+        let received_at = host::now_nanos().unwrap_or(0);
+        let mut finished = Vec::new();
+        let mut learnt = Vec::new();
+        let known = match &mut *self.batcher.borrow_mut() {
+            Some(batcher) => batcher.answered(
+                token,
+                status,
+                &body,
+                received_at,
+                &filter.policy,
+                &mut finished,
+                &mut learnt,
+            ),
+            None => false,
         };
-        self.finish(filter, webdis, context_id, pending, result);
+        if !known {
+            filter.metrics.orphaned_answer(Some(received_at));
+        }
+        for learnt in &learnt {
+            remember(filter, webdis, learnt);
+        }
+        self.finish_all(filter, finished);
+        self.pump(filter, webdis);
+        self.finish_if_closing(filter);
     }
 
-    /// Answers or resumes request `context_id`, from the root.
-    fn finish(
-        &self,
-        filter: &Filter,
-        webdis: &WebdisStore,
-        context_id: u32,
-        pending: Pending,
-        result: Result<webdis::Reply, BackendError>,
-    ) {
-        if host::set_effective_context(context_id).is_err() {
-            // Deleted by the host though we had not heard of it yet.
-            filter.metrics.orphaned_answer(host::now_nanos().ok());
+    fn finish_all(&self, filter: &Filter, finished: Vec<Finished<Pending>>) {
+        for request in finished {
+            self.finish(filter, request);
+        }
+    }
+
+    /// Answers or resumes one request, from the root.
+    fn finish(&self, filter: &Filter, request: Finished<Pending>) {
+        if host::set_effective_context(request.context_id).is_err() {
+            // Deleted by the host though it had not told us: never act on it.
+            filter.metrics.resume_failure();
             return;
         }
-        let quota = pending.quota.clone();
+        let Finished {
+            set,
+            payload,
+            verdict,
+            ..
+        } = request;
+        let mut events = payload.events;
+        let outcome = match verdict {
+            Verdict::Decided(decision) => Ok(verdict::decided(decision)),
+            Verdict::Cached(decision) => {
+                events.insert(Event::BackendCacheHit);
+                Ok(verdict::decided(decision))
+            }
+            Verdict::Failed(error) => {
+                filter.log_backend_error(&error);
+                Err(StoreFailure::Backend(error.class))
+            }
+        };
         let now = host::now_nanos().ok();
-        let (action, events) = verdict::conclude(filter, webdis, pending, result);
-        if verdict::carry_out(filter, &quota, now, action, events)
+        let (action, events) =
+            ratelimit_core::pipeline::finish(&filter.policy, set, events, outcome);
+        if verdict::carry_out(filter, &payload.quota, now, action, events)
             == proxy_wasm::types::Action::Continue
+            && !verdict::resume()
         {
-            verdict::resume();
+            filter.metrics.resume_failure();
         }
         if let Err(status) = host::set_effective_context(self.root_id.get()) {
             host::log(
@@ -218,22 +272,63 @@ impl Callouts {
         }
     }
 
+    /// Hands the calls' counts to the metrics.
+    fn count(&self, filter: &Filter) {
+        if let Some(batcher) = &mut *self.batcher.borrow_mut() {
+            filter.metrics.calls(batcher.take_counts());
+        }
+    }
+
+    /// A closing root whose last call was answered and last request ended
+    /// tells the host it is done.
+    fn finish_if_closing(&self, filter: &Filter) {
+        let finish = match &mut *self.batcher.borrow_mut() {
+            Some(batcher) => batcher.may_finish(),
+            None => false,
+        };
+        if finish {
+            self.count(filter);
+            // The host stops this root's ticks: hand over the last counts.
+            filter.metrics.flush(host::now_nanos().unwrap_or(0));
+            if let Err(status) = host::done() {
+                host::log(
+                    LOG_ERROR,
+                    &format!("cannot finish the root context (host status {})", status.0),
+                );
+            }
+        }
+    }
+
     /// The root's `on_done`: `true` if it may be deleted now, else it waits
-    /// for the outstanding answers and then calls `proxy_done`.
+    /// for the outstanding answers and waiting requests, then calls
+    /// `proxy_done`.
     pub fn may_close(&self) -> bool {
-        let mut table = self.table.borrow_mut();
-        if table.may_close() {
+        let Some(batcher) = &mut *self.batcher.borrow_mut() else {
+            return true;
+        };
+        if batcher.may_close() {
             return true;
         }
         host::log(
             LOG_INFO,
             &format!(
-                "root context closing: waiting for {} outstanding webdis call(s)",
-                table.outstanding()
+                "root context closing: waiting for {} webdis call(s) and {} request(s)",
+                batcher.outstanding(),
+                batcher.waiting()
             ),
         );
         false
     }
+}
+
+/// Writes what an answer taught into the deny cache.
+fn remember(filter: &Filter, webdis: &WebdisStore, learnt: &Learnt) {
+    let answer = deny_cache::Answer {
+        sent_at: learnt.sent_at,
+        received_at: learnt.received_at,
+        resets_us: learnt.resets_us.as_slice(),
+    };
+    webdis.remember(learnt.hash, filter.policy.limits(learnt.set), answer);
 }
 
 /// A process-wide number for a new queue: a counter in shared data.

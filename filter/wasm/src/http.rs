@@ -2,26 +2,25 @@
 //!
 //! Local store: decided at once, in `on_http_request_headers`. Global
 //! store: denied at once from the local cache when it already knows, else
-//! paused while the root context calls webdis for it (`callouts.rs`), which
-//! then finishes it (`verdict.rs`).
+//! paused in the root context's queue until a batch call decides it
+//! (`callouts.rs`), which then finishes it (`verdict.rs`).
 
 use std::cell::Cell;
 use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
-use ratelimit_core::calls::CallId;
+use ratelimit_core::batch::queue::{RequestId, Ticket};
 use ratelimit_core::hash::KeyHash;
 use ratelimit_core::pipeline::{self, Event, Events, Quota, Start, StoreFailure, Subject};
 use ratelimit_core::response;
-use ratelimit_core::webdis::BackendError;
 
 use crate::callouts::Callouts;
 use crate::filter::{Filter, Store};
 use crate::host::{self, LOG_WARN};
 use crate::request_headers::LazyHeaders;
 use crate::shared_store::SharedStore;
-use crate::verdict::{carry_out, conclude, decided, respond, Pending};
+use crate::verdict::{carry_out, decided, respond, Pending};
 use crate::webdis_store::WebdisStore;
 
 pub struct Request {
@@ -33,8 +32,8 @@ pub struct Request {
     /// quota headers. Local replies carry theirs already. Shared with the
     /// request's webdis call, which the root context finishes.
     quota: Rc<Cell<Option<Quota>>>,
-    /// The webdis call made for this request, released when it ends.
-    call: Option<CallId>,
+    /// This request's place in the root's queue, released when it ends.
+    call: Option<RequestId>,
     /// The host clock when this request was decided, once read.
     now: Option<u64>,
 }
@@ -82,27 +81,26 @@ impl Request {
             let (action, events) = pipeline::finish(policy, set, events, Ok(decided(decision)));
             return self.apply(filter, action, events);
         }
-        let redis_key = webdis.redis_key(&subject);
-        let pending = Pending {
-            set,
-            events,
+        let ticket = Ticket {
+            context_id: self.context_id,
+            redis_key: webdis.redis_key(&subject),
             hash,
-            redis_key,
-            sent_at: now,
+            set,
+        };
+        let pending = Pending {
+            events,
             quota: self.quota.clone(),
         };
         // The root context sends the call and finishes this request.
-        match self.callouts.request(self.context_id, pending) {
+        match self.callouts.request(ticket, pending, now) {
             Ok(id) => {
                 self.call = Some(id);
                 Action::Pause
             }
-            Err((pending, status)) => {
-                let error = BackendError::dispatch(format!(
-                    "cannot hand the call to the root context (host status {})",
-                    status.0
-                ));
-                let (action, events) = conclude(filter, webdis, pending, Err(error));
+            Err((pending, error)) => {
+                filter.log_backend_error(&error);
+                let failure = Err(StoreFailure::Backend(error.class));
+                let (action, events) = pipeline::finish(policy, set, pending.events, failure);
                 self.apply(filter, action, events)
             }
         }
@@ -110,8 +108,8 @@ impl Request {
 }
 
 impl Drop for Request {
-    /// No state of a call outlives its request: its answer, if one comes,
-    /// is counted as orphaned and dropped.
+    /// Nothing of a request outlives it: if still queued it is never sent;
+    /// if its call is out, its decision is dropped when the answer comes.
     fn drop(&mut self) {
         if let Some(id) = self.call.take() {
             self.callouts.release(id);

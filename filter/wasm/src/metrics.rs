@@ -7,9 +7,15 @@
 //! the next request, and on the root context's tick for the tail of a
 //! burst. `/stats` lags by at most [`TICK_MILLIS`].
 //!
-//! Besides the core's events, `backend_answers_orphaned` counts webdis
-//! answers that came after their request had gone (its client closed),
-//! discarded.
+//! Besides the core's events (`backend_calls` among them: one per batch
+//! call), the root's calls are counted: `backend_batched_requests` (requests
+//! the calls carried: requests per call is this over `backend_calls`),
+//! `backend_requests_gone` (requests whose client left before their
+//! decision), `backend_requests_expired` (requests that waited past
+//! `timeout_ms` before being sent), `backend_queue_full` (requests turned
+//! away by a full queue), `backend_resume_failures` (a request the host
+//! would not let the root finish: must stay 0) and
+//! `backend_answers_orphaned` (answers to a call the root never sent).
 //!
 //! One gauge, `wasm_memory_bytes`, is the linear memory of every VM of the
 //! plugin added up (each VM adds its own growth): Wasm memory never
@@ -17,6 +23,7 @@
 
 use std::cell::Cell;
 
+use ratelimit_core::batch::queue::Counts;
 use ratelimit_core::{Event, Events};
 
 use crate::host::{self, Status};
@@ -25,14 +32,33 @@ use crate::host::{self, Status};
 pub const FLUSH_EVERY_NANOS: u64 = ratelimit_core::time::NANOS_PER_SECOND / 10;
 /// The root context's tick, which flushes what requests left.
 pub const TICK_MILLIS: u32 = 250;
+/// The tick in global mode, which also ends queued requests past their
+/// deadline and sends what a lost wake-up left behind.
+pub const WATCHDOG_TICK_MILLIS: u32 = 50;
+
+/// The root's own counters, besides the core's events.
+const CALL_COUNTERS: [&str; 6] = [
+    "backend_batched_requests",
+    "backend_requests_gone",
+    "backend_requests_expired",
+    "backend_queue_full",
+    "backend_resume_failures",
+    "backend_answers_orphaned",
+];
+const BATCHED: usize = 0;
+const GONE: usize = 1;
+const EXPIRED: usize = 2;
+const QUEUE_FULL: usize = 3;
+const RESUME_FAILURES: usize = 4;
+const ORPHANED: usize = 5;
 
 pub struct Metrics {
     ids: [u32; Event::ALL.len()],
     pending: [Cell<u64>; Event::ALL.len()],
     last_flush: Cell<u64>,
     memory_id: u32,
-    orphaned_id: u32,
-    orphaned: Cell<u64>,
+    call_ids: [u32; CALL_COUNTERS.len()],
+    calls_pending: [Cell<u64>; CALL_COUNTERS.len()],
 }
 
 thread_local! {
@@ -49,14 +75,17 @@ impl Metrics {
             *id = host::define_counter(&format!("{prefix}{}", event.metric_name()))?;
         }
         let memory_id = host::define_gauge(&format!("{prefix}wasm_memory_bytes"))?;
-        let orphaned_id = host::define_counter(&format!("{prefix}backend_answers_orphaned"))?;
+        let mut call_ids = [0; CALL_COUNTERS.len()];
+        for (id, name) in call_ids.iter_mut().zip(CALL_COUNTERS) {
+            *id = host::define_counter(&format!("{prefix}{name}"))?;
+        }
         Ok(Metrics {
             ids,
             pending: Default::default(),
             last_flush: Cell::new(0),
             memory_id,
-            orphaned_id,
-            orphaned: Cell::new(0),
+            call_ids,
+            calls_pending: Default::default(),
         })
     }
 
@@ -74,17 +103,39 @@ impl Metrics {
         }
     }
 
-    /// Counts an answer whose request was gone (flushed with the rest).
+    /// Counts an answer to a call the root never sent (flushed with the rest).
     pub fn orphaned_answer(&self, now: Option<u64>) {
-        self.orphaned.set(self.orphaned.get().saturating_add(1));
+        self.add_call_counter(ORPHANED, 1);
         self.record(Events::default(), now);
+    }
+
+    /// Counts a request the root could not finish.
+    pub fn resume_failure(&self) {
+        self.add_call_counter(RESUME_FAILURES, 1);
+    }
+
+    /// Counts what the root's calls did since last asked.
+    pub fn calls(&self, counts: Counts) {
+        if let Some(pending) = self.pending.get(Event::BackendCall.index()) {
+            pending.set(pending.get().saturating_add(counts.calls));
+        }
+        self.add_call_counter(BATCHED, counts.requests_sent);
+        self.add_call_counter(GONE, counts.gone);
+        self.add_call_counter(EXPIRED, counts.expired);
+        self.add_call_counter(QUEUE_FULL, counts.queue_full);
+    }
+
+    fn add_call_counter(&self, index: usize, by: u64) {
+        if let Some(pending) = self.calls_pending.get(index) {
+            pending.set(pending.get().saturating_add(by));
+        }
     }
 
     /// Hands every gathered count to Envoy.
     pub fn flush(&self, now: u64) {
-        let extra = [(&self.orphaned_id, &self.orphaned)];
         let events = self.ids.iter().zip(&self.pending);
-        for (id, pending) in events.chain(extra) {
+        let calls = self.call_ids.iter().zip(&self.calls_pending);
+        for (id, pending) in events.chain(calls) {
             let count = pending.replace(0);
             if count > 0 {
                 host::increment_metric(*id, i64::try_from(count).unwrap_or(i64::MAX));

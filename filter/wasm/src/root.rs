@@ -11,7 +11,7 @@ use crate::callouts::Callouts;
 use crate::filter::{self, Filter, Store};
 use crate::host::{self, LOG_CRITICAL, LOG_WARN};
 use crate::http::Request;
-use crate::metrics::TICK_MILLIS;
+use crate::metrics::{TICK_MILLIS, WATCHDOG_TICK_MILLIS};
 use crate::webdis_store::WebdisStore;
 
 pub struct Root {
@@ -61,17 +61,23 @@ impl Context for Root {
 impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
         let configured = filter::configure().and_then(|filter| {
-            if let Store::Webdis(_) = filter.store {
+            if let Store::Webdis(webdis) = &filter.store {
                 self.callouts
-                    .open(self.context_id, filter.plugin_name())
+                    .open(self.context_id, &filter, webdis)
                     .map_err(|e| format!("plugin '{}': {e}", filter.plugin_name()))?;
             }
             Ok(filter)
         });
         match configured {
             Ok(filter) => {
+                // In global mode the tick also ends requests queued past
+                // their deadline, so it is shorter.
+                let tick = match filter.store {
+                    Store::Webdis(_) => WATCHDOG_TICK_MILLIS,
+                    Store::Local { .. } => TICK_MILLIS,
+                };
                 self.filter = Some(Rc::new(filter));
-                if let Err(status) = host::set_tick_period(TICK_MILLIS) {
+                if let Err(status) = host::set_tick_period(tick) {
                     host::log(
                         LOG_WARN,
                         &format!(
@@ -92,6 +98,9 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        if let Some((filter, webdis)) = self.webdis() {
+            self.callouts.on_tick(filter, webdis);
+        }
         if let Some(filter) = &self.filter {
             filter.on_tick();
         }

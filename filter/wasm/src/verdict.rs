@@ -1,33 +1,25 @@
 //! How a decided request ends, from wherever it was decided: the request's
 //! own callback (local store, deny cache) or the root context that received
-//! its webdis answer (`callouts.rs`). Either way the pipeline's verdict is
-//! carried out on the current (effective) request.
+//! its batch's webdis answer (`callouts.rs`). Either way the pipeline's
+//! verdict is carried out on the current (effective) request.
 
 use std::cell::Cell;
 use std::rc::Rc;
 
 use proxy_wasm::types::Action;
-use ratelimit_core::deny_cache;
 use ratelimit_core::gcra::Decision;
-use ratelimit_core::hash::KeyHash;
 use ratelimit_core::header_map;
-use ratelimit_core::pipeline::{self, Events, Quota, StoreFailure};
+use ratelimit_core::pipeline::{self, Events, Quota};
 use ratelimit_core::response::LocalReply;
 use ratelimit_core::slots::{Outcome, Placement};
-use ratelimit_core::webdis::{self, BackendError};
 
 use crate::filter::Filter;
 use crate::host::{self, LOG_ERROR};
-use crate::webdis_store::WebdisStore;
 
-/// What a paused request needs when webdis answers.
+/// What a paused request needs when its decision comes (the rest is in
+/// its `ratelimit_core::batch::queue::Ticket`).
 pub struct Pending {
-    pub set: usize,
     pub events: Events,
-    pub hash: KeyHash,
-    pub redis_key: String,
-    /// When the call was sent (the filter's monotonic clock, ns).
-    pub sent_at: u64,
     pub quota: Rc<Cell<Option<Quota>>>,
 }
 
@@ -52,37 +44,6 @@ pub fn carry_out(
     }
 }
 
-/// Ends a global decision: what Redis said (or why it could not), cached
-/// and turned into the pipeline's verdict.
-pub fn conclude(
-    filter: &Filter,
-    webdis: &WebdisStore,
-    pending: Pending,
-    result: Result<webdis::Reply, BackendError>,
-) -> (pipeline::Action, Events) {
-    let policy = &filter.policy;
-    let limits = policy.limits(pending.set);
-    let outcome = match result {
-        Ok(reply) => {
-            let decision = reply.decision(limits);
-            if deny_cache::worth_remembering(&decision) {
-                let answer = deny_cache::Answer {
-                    sent_at: pending.sent_at,
-                    received_at: host::now_nanos().unwrap_or(pending.sent_at),
-                    resets_us: reply.resets_us(),
-                };
-                webdis.remember(pending.hash, limits, answer);
-            }
-            Ok(decided(decision))
-        }
-        Err(error) => {
-            filter.log_backend_error(&error);
-            Err(StoreFailure::Backend(error.class))
-        }
-    };
-    pipeline::finish(policy, pending.set, pending.events, outcome)
-}
-
 pub fn decided(decision: Decision) -> Outcome {
     Outcome::Decided {
         decision,
@@ -91,13 +52,18 @@ pub fn decided(decision: Decision) -> Outcome {
     }
 }
 
-/// Lets the current (effective) paused request go on.
-pub fn resume() {
-    if let Err(status) = host::resume_request() {
-        host::log(
-            LOG_ERROR,
-            &format!("cannot resume the request (host status {})", status.0),
-        );
+/// Lets the current (effective) paused request go on; `false` if the host
+/// refused.
+pub fn resume() -> bool {
+    match host::resume_request() {
+        Ok(()) => true,
+        Err(status) => {
+            host::log(
+                LOG_ERROR,
+                &format!("cannot resume the request (host status {})", status.0),
+            );
+            false
+        }
     }
 }
 

@@ -1,11 +1,11 @@
-//! The global store: one Redis function call through webdis per
-//! decision (`ratelimit_core::webdis` builds and reads the calls), and the
-//! "denied until" cache in shared data (`ratelimit_core::deny_cache`). The
-//! calls themselves are sent and answered by the root context
-//! (`callouts.rs`).
+//! The global store: batch calls of the Redis function through webdis
+//! (`ratelimit_core::batch` builds and reads them), and the "denied until"
+//! cache in shared data (`ratelimit_core::deny_cache`). The calls
+//! themselves are sent and answered by the root context (`callouts.rs`).
 
 use std::time::Duration;
 
+use ratelimit_core::batch::{self, queue::Settings};
 use ratelimit_core::config::WebdisStoreConfig;
 use ratelimit_core::deny_cache;
 use ratelimit_core::gcra::{Decision, Limit};
@@ -20,7 +20,7 @@ use crate::shared_store::{table_prefix, with_slot_key};
 pub struct WebdisStore {
     cluster: String,
     authority: String,
-    timeout_ms: u32,
+    batch: Settings,
     key_prefix: String,
     secret: Option<Vec<u8>>,
     cache_slots: u32,
@@ -35,7 +35,7 @@ impl WebdisStore {
                 .authority
                 .clone()
                 .unwrap_or_else(|| config.cluster.clone()),
-            timeout_ms: config.timeout_ms,
+            batch: batch::settings(config),
             // Computed once here, not per request.
             key_prefix: config
                 .key_prefix
@@ -52,6 +52,11 @@ impl WebdisStore {
 
     pub fn cluster(&self) -> &str {
         &self.cluster
+    }
+
+    /// The bounds of a worker's queue and calls.
+    pub fn batch_settings(&self) -> Settings {
+        self.batch
     }
 
     /// The Redis key for a subject: a hash of the API key, never the key.
@@ -91,10 +96,9 @@ impl WebdisStore {
         });
     }
 
-    /// Sends one decision call; the answer comes to `on_http_call_response`
+    /// Sends one batch call; the answer comes to `on_http_call_response`
     /// of the context active now (the root, see `callouts.rs`).
-    pub fn dispatch(&self, redis_key: &str, limits: &[Limit]) -> Result<u32, Status> {
-        let path = webdis::request_path(redis_key, limits);
+    pub fn dispatch(&self, path: &str, timeout_ms: u32) -> Result<u32, Status> {
         // The SDK's own dispatch registers the call so that its answer is
         // routed back to the active context; it returns an error for the
         // statuses Envoy's httpCall produces (BadArgument, InternalFailure).
@@ -102,13 +106,13 @@ impl WebdisStore {
             &self.cluster,
             vec![
                 (":method", "GET"),
-                (":path", &path),
+                (":path", path),
                 (":authority", &self.authority),
             ],
             None,
             vec![],
-            // Config validation keeps it from 1 ms up: Envoy reads 0 as none.
-            Duration::from_millis(u64::from(self.timeout_ms.max(1))),
+            // Never 0, which Envoy reads as no timeout at all.
+            Duration::from_millis(u64::from(timeout_ms.max(1))),
         )
         .map_err(|status| Status(status as u32))
     }

@@ -1,0 +1,254 @@
+//! What one batch call carries to the Redis function, and what it answers
+//! (the function's own description is at the top of `gcra.lua`):
+//!
+//! `GET /FCALL/apikey_ratelimit_batch/<m>/<key_1>/.../<key_m>/<s>/<sets>/<set_1>/<count_1>/...`
+//!
+//! Each limit set is written once however many keys use it, so a call of
+//! many keys on one policy is mostly the keys themselves.
+
+use std::fmt::Write;
+
+use crate::gcra::Limit;
+use crate::per_limit::{PerLimit, MAX_LIMITS};
+use crate::time::nanos_to_micros;
+use crate::webdis::{encode_into, fcall_integers, parse_error, BackendError};
+
+/// The function a batch calls (registered by the library, checked by a test).
+pub const FUNCTION: &str = "apikey_ratelimit_batch";
+
+/// Bytes of the path outside its keys, sets and entries, at most.
+pub const FIXED_BYTES: usize = "/FCALL/".len() + FUNCTION.len() + 2 * (1 + 10);
+
+/// One key of a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a> {
+    pub redis_key: &'a str,
+    /// The policy's index of the key's limit set: entries with the same one
+    /// share its description in the path.
+    pub set: usize,
+    pub limits: &'a [Limit],
+    /// How many of the key's requests the call decides.
+    pub count: u32,
+}
+
+/// The bytes an entry adds to a path, at most, besides its set.
+pub fn entry_bytes(redis_key: &str) -> usize {
+    // "/<key>" and "/<set number>/<count>", both numbers at most 10 digits.
+    1 + encoded_len(redis_key.as_bytes()) + 2 * (1 + 10)
+}
+
+/// The bytes a limit set's description adds to a path.
+pub fn set_bytes(limits: &[Limit]) -> usize {
+    let mut out = String::new();
+    write_set(&mut out, limits);
+    out.len()
+}
+
+/// The `:path` of one call deciding `entries`.
+pub fn path(entries: &[Entry<'_>]) -> String {
+    let mut keys = String::new();
+    let mut sets = String::new();
+    let mut refs = String::new();
+    // Sets in order of first use: (policy index, number in the call).
+    let mut numbered: Vec<(usize, usize)> = Vec::new();
+    for entry in entries {
+        keys.push('/');
+        encode_into(&mut keys, entry.redis_key.as_bytes());
+        let number = match numbered.iter().find(|(set, _)| *set == entry.set) {
+            Some((_, number)) => *number,
+            None => {
+                write_set(&mut sets, entry.limits);
+                numbered.push((entry.set, numbered.len() + 1));
+                numbered.len()
+            }
+        };
+        let _ = write!(refs, "/{number}/{}", entry.count);
+    }
+    let mut path = String::with_capacity(FIXED_BYTES + keys.len() + sets.len() + refs.len());
+    let _ = write!(path, "/FCALL/{FUNCTION}/{}", entries.len());
+    path.push_str(&keys);
+    let _ = write!(path, "/{}", numbered.len());
+    path.push_str(&sets);
+    path.push_str(&refs);
+    path
+}
+
+/// `/<n>` then `/<name>/<T>/<C>` per limit, times in microseconds.
+fn write_set(out: &mut String, limits: &[Limit]) {
+    let _ = write!(out, "/{}", limits.len());
+    for limit in limits {
+        out.push('/');
+        encode_into(out, limit.name.as_bytes());
+        let interval = nanos_to_micros(limit.interval_nanos);
+        let capacity = nanos_to_micros(limit.capacity_nanos);
+        let _ = write!(out, "/{interval}/{capacity}");
+    }
+}
+
+fn encoded_len(bytes: &[u8]) -> usize {
+    bytes
+        .iter()
+        .map(|&b| {
+            if b.is_ascii_alphanumeric() || b == b'_' || b == b'~' || b == b'-' {
+                1
+            } else {
+                3
+            }
+        })
+        .sum()
+}
+
+/// What the function answered for one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryReply {
+    /// How many of the key's requests were admitted (the first ones).
+    pub admitted: u64,
+    /// Per limit: `max(TAT - now, 0)` before these requests, microseconds.
+    pub debts_us: PerLimit<u64>,
+}
+
+/// What the function answered for a whole call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// Redis's clock when it decided, microseconds.
+    pub now_us: u64,
+    /// One per entry, in the call's order.
+    pub entries: Vec<EntryReply>,
+}
+
+/// Reads an answer to a call whose entries carried `limits_per_entry`
+/// limits each: `status` is `None` when the call came back with no headers.
+pub fn parse(
+    status: Option<u32>,
+    body: &[u8],
+    limits_per_entry: &[usize],
+) -> Result<Reply, BackendError> {
+    let numbers = fcall_integers(status, body)?;
+    let expected = 1 + limits_per_entry.iter().map(|n| 1 + n).sum::<usize>();
+    if numbers.len() != expected || limits_per_entry.iter().any(|n| *n > MAX_LIMITS) {
+        return Err(parse_error(format!(
+            "the function answered {} integers for {} key(s) where {expected} were due; \
+             is an older library loaded?",
+            numbers.len(),
+            limits_per_entry.len()
+        )));
+    }
+    let mut numbers = numbers.into_iter();
+    let now_us = numbers.next().unwrap_or(0);
+    let entries = limits_per_entry
+        .iter()
+        .map(|n| EntryReply {
+            admitted: numbers.next().unwrap_or(0),
+            debts_us: numbers.by_ref().take(*n).collect(),
+        })
+        .collect();
+    Ok(Reply { now_us, entries })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{limit, named_limit};
+    use crate::webdis::FailureClass;
+
+    #[test]
+    fn a_path_names_each_key_once_and_each_set_once() {
+        let day = [
+            limit(1, 1, 1),
+            named_limit("per-day.v2/a:b", 1000, 86_400, 100),
+        ];
+        let gold = [named_limit("gold", 10, 1, 10)];
+        let entries = [
+            Entry {
+                redis_key: "rl:api:ab12",
+                set: 0,
+                limits: &day,
+                count: 3,
+            },
+            Entry {
+                redis_key: "rl:api:cd34",
+                set: 4,
+                limits: &gold,
+                count: 1,
+            },
+            Entry {
+                redis_key: "rl:api:ef56",
+                set: 0,
+                limits: &day,
+                count: 12,
+            },
+        ];
+        assert_eq!(
+            path(&entries),
+            "/FCALL/apikey_ratelimit_batch/3/rl%3Aapi%3Aab12/rl%3Aapi%3Acd34/rl%3Aapi%3Aef56\
+             /2/2/1%2F1s/1000000/1000000/per-day%2Ev2%2Fa%3Ab/86400000/8640000000\
+             /1/gold/100000/1000000\
+             /1/3/2/1/1/12"
+        );
+    }
+
+    #[test]
+    fn the_byte_estimates_bound_the_path() {
+        let limits = [limit(5, 60, 10), named_limit("a name/with:bytes", 1, 1, 1)];
+        let keys: Vec<String> = (0..40)
+            .map(|i| format!("apikey_ratelimit:api:{i:064x}"))
+            .collect();
+        let entries: Vec<Entry<'_>> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, key)| Entry {
+                redis_key: key,
+                set: i % 3,
+                limits: &limits,
+                count: u32::MAX,
+            })
+            .collect();
+        let estimate = FIXED_BYTES
+            + 3 * set_bytes(&limits)
+            + keys.iter().map(|k| entry_bytes(k)).sum::<usize>();
+        assert!(path(&entries).len() <= estimate);
+        assert_eq!(path(&[]), "/FCALL/apikey_ratelimit_batch/0/0");
+    }
+
+    #[test]
+    fn replies_are_split_per_entry() {
+        let body = br#"{"FCALL":[1764000000000000,2,0,5,0,1,7000]}"#;
+        let reply = parse(Some(200), body, &[2, 0, 1]).unwrap();
+        assert_eq!(reply.now_us, 1_764_000_000_000_000);
+        let parts: Vec<(u64, Vec<u64>)> = reply
+            .entries
+            .iter()
+            .map(|e| (e.admitted, e.debts_us.as_slice().to_vec()))
+            .collect();
+        assert_eq!(parts, [(2, vec![0, 5]), (0, vec![]), (1, vec![7000])]);
+    }
+
+    #[test]
+    fn a_reply_of_the_wrong_shape_is_a_parse_failure() {
+        let class =
+            |body: &[u8], limits: &[usize]| parse(Some(200), body, limits).unwrap_err().class;
+        // Too few, too many, the one-request function's answer, too many limits.
+        assert_eq!(class(br#"{"FCALL":[5,1]}"#, &[1]), FailureClass::Parse);
+        assert_eq!(class(br#"{"FCALL":[5,1,0,0]}"#, &[1]), FailureClass::Parse);
+        assert_eq!(class(br#"{"FCALL":[]}"#, &[]), FailureClass::Parse);
+        let nine = format!(r#"{{"FCALL":[5,1{}]}}"#, ",0".repeat(9));
+        assert_eq!(class(nine.as_bytes(), &[9]), FailureClass::Parse);
+        // The failures every call shares come through unchanged.
+        assert_eq!(
+            parse(Some(504), b"", &[1]).unwrap_err().class,
+            FailureClass::Timeout
+        );
+        assert_eq!(
+            parse(None, b"", &[1]).unwrap_err().class,
+            FailureClass::Transport
+        );
+        // An empty batch (a health check) is just the clock.
+        assert_eq!(
+            parse(Some(200), br#"{"FCALL":[9]}"#, &[]).unwrap(),
+            Reply {
+                now_us: 9,
+                entries: vec![]
+            }
+        );
+    }
+}
