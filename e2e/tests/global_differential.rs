@@ -1,23 +1,36 @@
-//! The Redis function in a real Redis and the Rust algorithm decide alike.
+//! The Redis functions in a real Redis and the filter's Rust side decide alike.
 //!
-//! Random request timings over random subsets of a pool of named limits
-//! (limits added and removed between calls, as in a rolling update) go to
-//! the real function through webdis (the filter's own URLs and reply
-//! parser); the Rust GCRA is run on the same sequence at the times Redis
-//! reports, with each limit's TAT kept by name. Every decision, retry time
-//! and per-limit reset must be identical, Redis must hold exactly the
-//! model's TATs (a field a call does not carry is left alone), and the
-//! key's expiry must never fall before its latest TAT.
+//! Random batches go to `apikey_ratelimit_batch` through webdis with the
+//! filter's own path (`batch::wire::path`), reply parser (`batch::wire::parse`)
+//! and replay (`batch::replay::replay`): several keys a call, each with its
+//! own limit set (some shared by several keys, some of no limit at all) and
+//! 1 to 20 requests, a key now and then twice in one call, and limits added
+//! and removed between calls as in a rolling update. Now and then an earlier
+//! filter's one-request `apikey_ratelimit_gcra` decides on the same keys.
+//!
+//! The model is `gcra::decide`, once per request at Redis's clock, with each
+//! key's TATs kept by limit name. Every request's decision (allowed,
+//! Retry-After, each limit's remaining and reset) must be the model's, Redis
+//! must hold exactly the model's TATs (a field a call does not carry is left
+//! alone), and a key's expiry must never fall before its latest TAT. Edge
+//! values (a burst exactly filled, a debt exactly at the tolerance,
+//! capacities at the 50-year bound) have a test of their own, and malformed
+//! calls are refused with a Redis error and write nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use e2e::backend::Redis;
-use e2e::backend::RedisWebdis;
+use e2e::backend::{Redis, RedisWebdis};
 use e2e::http;
-use ratelimit_core::gcra::{self, Limit};
-use ratelimit_core::rate::Rate;
-use ratelimit_core::webdis::{self, Parsed, Reply};
+use ratelimit_core::batch::replay::replay;
+use ratelimit_core::batch::wire::{self, Entry, Reply};
+use ratelimit_core::gcra::{self, Decision, Limit};
+use ratelimit_core::rate::{Rate, MAX_CAPACITY_NANOS};
+use ratelimit_core::webdis::{self, FailureClass};
+
+/// Nanoseconds per microsecond: the model counts in the first, Redis in the second.
+const US: u64 = 1_000;
+const DAY: u64 = 86_400;
 
 /// A small deterministic generator (xorshift64*), seeded per scenario.
 struct Rng(u64);
@@ -30,172 +43,561 @@ impl Rng {
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+    fn below(&mut self, n: u64) -> usize {
+        usize::try_from(self.next() % n).unwrap()
     }
 }
 
-/// A pool of named limits; each call carries a random subset of them.
-fn random_pool(rng: &mut Rng) -> Vec<Limit> {
-    (0..4)
-        .map(|i| {
-            let count = 1 + rng.below(6);
-            let window_seconds = [1, 1, 2, 3][rng.below(4) as usize];
-            let burst = 1 + rng.below(count + 2);
-            Limit::new(
-                format!("l{i}/{count}.{window_seconds}s"),
-                Rate {
-                    count,
-                    window_seconds,
-                },
-                burst,
-            )
-            .unwrap()
-        })
-        .collect()
+fn named(name: &str, count: u64, window_seconds: u64, burst: u64) -> Limit {
+    let rate = Rate {
+        count,
+        window_seconds,
+    };
+    Limit::new(name.into(), rate, burst).unwrap()
 }
 
-/// A non-empty subset of the pool, as a bit mask.
-fn random_subset(rng: &mut Rng) -> u64 {
-    1 + rng.below(15)
-}
+/// The Rust side: each key's TATs (ns) by limit name, as Redis keeps them.
+#[derive(Default)]
+struct Model(BTreeMap<String, BTreeMap<String, u64>>);
 
-fn decide_in_redis(webdis: &str, key: &str, limits: &[Limit]) -> Reply {
-    let path = webdis::request_path(key, limits);
-    let r = http::get(webdis, &path).unwrap();
-    match webdis::parse_reply(Some(u32::from(r.status)), &r.body, limits.len()) {
-        Parsed::Decided(reply) => reply,
-        Parsed::Failed(e) => panic!("{e:?}"),
+impl Model {
+    fn fields(&self, key: &str) -> BTreeMap<String, u64> {
+        self.0.get(key).cloned().unwrap_or_default()
     }
+
+    fn tats(&self, key: &str, limits: &[Limit]) -> Vec<u64> {
+        let fields = self.fields(key);
+        let tat = |l: &Limit| fields.get(&l.name).copied().unwrap_or(0);
+        limits.iter().map(tat).collect()
+    }
+
+    /// Each limit's `max(TAT - now, 0)` in microseconds, as the function says it.
+    fn debts_us(&self, key: &str, limits: &[Limit], now: u64) -> Vec<u64> {
+        let tats = self.tats(key, limits);
+        tats.iter()
+            .map(|tat| tat.saturating_sub(now) / US)
+            .collect()
+    }
+
+    /// `count` requests of `key` under `limits` at `now`, one by one.
+    fn decide(&mut self, key: &str, limits: &[Limit], count: u32, now: u64) -> Vec<Decision> {
+        let mut tats = self.tats(key, limits);
+        let decisions: Vec<Decision> = (0..count)
+            .map(|_| gcra::decide(limits, &mut tats, now))
+            .collect();
+        if decisions.iter().any(|d| d.allowed) {
+            let fields = self.0.entry(key.to_string()).or_default();
+            for (limit, tat) in limits.iter().zip(tats) {
+                fields.insert(limit.name.clone(), tat);
+            }
+        }
+        decisions
+    }
+
+    fn latest(&self, key: &str) -> u64 {
+        self.fields(key).values().max().copied().unwrap_or(0)
+    }
+}
+
+fn names(limits: &[Limit]) -> Vec<&str> {
+    limits.iter().map(|l| l.name.as_str()).collect()
+}
+
+/// One batch call, with the filter's path and reply parser.
+fn call_batch(webdis: &str, entries: &[Entry<'_>]) -> Reply {
+    let r = http::get(webdis, &wire::path(entries)).unwrap();
+    let limits: Vec<usize> = entries.iter().map(|e| e.limits.len()).collect();
+    wire::parse(Some(u32::from(r.status)), &r.body, &limits)
+        .unwrap_or_else(|e| panic!("{e:?}: {:?}", r.body_str()))
+}
+
+/// One batch call whose every request must get the model's decision; its reply.
+fn batch_alike(webdis: &str, model: &mut Model, entries: &[Entry<'_>], context: &str) -> Reply {
+    let reply = call_batch(webdis, entries);
+    assert_eq!(reply.entries.len(), entries.len(), "{context}");
+    let now = reply.now_us * US;
+    for (j, (entry, answer)) in entries.iter().zip(&reply.entries).enumerate() {
+        let (key, limits) = (entry.redis_key, entry.limits);
+        let context = format!(
+            "{context}, entry {j}: {key} x{} under {:?}",
+            entry.count,
+            names(limits)
+        );
+        let debts = model.debts_us(key, limits, now);
+        assert_eq!(answer.debts_us.as_slice(), debts, "{context}");
+        let expected = model.decide(key, limits, entry.count, now);
+        let count = usize::try_from(entry.count).unwrap();
+        let replayed = replay(limits, reply.now_us, answer, count)
+            .unwrap_or_else(|e| panic!("{context}: {e:?}"));
+        assert_eq!(replayed.decisions, expected, "{context}");
+        let after = model.debts_us(key, limits, now);
+        assert_eq!(replayed.resets_us.as_slice(), after, "{context}");
+    }
+    reply
+}
+
+/// An earlier filter's one-request call, built as it built it.
+fn gcra_path(key: &str, limits: &[Limit]) -> String {
+    let mut path = format!(
+        "/FCALL/apikey_ratelimit_gcra/1/{}/{}",
+        enc(key),
+        limits.len()
+    );
+    for limit in limits {
+        let (t, c) = (limit.interval_nanos / US, limit.capacity_nanos / US);
+        path += &format!("/{}/{t}/{c}", enc(&limit.name));
+    }
+    path
+}
+
+/// The one-request function against the model: it still answers
+/// `{allowed, retry_after_us, now_us, reset_1_us, ...}`. Returns the
+/// decision and Redis's clock (ns).
+fn gcra_alike(
+    webdis: &str,
+    model: &mut Model,
+    key: &str,
+    limits: &[Limit],
+    context: &str,
+) -> (Decision, u64) {
+    let r = http::get(webdis, &gcra_path(key, limits)).unwrap();
+    let numbers = webdis::fcall_integers(Some(u32::from(r.status)), &r.body)
+        .unwrap_or_else(|e| panic!("{context}: {e:?}"));
+    assert_eq!(numbers.len(), 3 + limits.len(), "{context}: {numbers:?}");
+    let now = numbers[2] * US;
+    let rust = model.decide(key, limits, 1, now).remove(0);
+    let resets: Vec<u64> = rust.states().iter().map(|s| s.reset_nanos / US).collect();
+    assert!(numbers[0] <= 1, "{context}: {numbers:?}");
+    assert_eq!(
+        (numbers[0] == 1, numbers[1] * US, &numbers[3..]),
+        (rust.allowed, rust.retry_after_nanos, &resets[..]),
+        "{context}: gcra under {:?}",
+        names(limits)
+    );
+    (rust, now)
+}
+
+fn enc(text: &str) -> String {
+    let mut out = String::new();
+    webdis::encode_into(&mut out, text.as_bytes());
+    out
 }
 
 /// The key's fields in Redis, as (name, TAT in ns).
 fn stored(redis: &Redis, key: &str) -> BTreeMap<String, u64> {
     let text = redis.cli(&["HGETALL", key]);
-    let lines: Vec<&str> = text.lines().collect();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
     lines
         .chunks(2)
-        .map(|pair| (pair[0].to_string(), pair[1].parse::<u64>().unwrap() * 1_000))
+        .map(|pair| (pair[0].to_string(), pair[1].parse::<u64>().unwrap() * US))
         .collect()
 }
 
+/// Redis's clock, in ns.
+fn redis_now(redis: &Redis) -> u64 {
+    let time = redis.cli(&["TIME"]);
+    let parts: Vec<u64> = time
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    parts[0] * 1_000_000_000 + parts[1] * US
+}
+
+/// Redis holds exactly the model's TATs for `key` after a call at `now`,
+/// and keeps the key at least until its latest TAT.
+fn stored_alike(redis: &Redis, model: &Model, key: &str, now: u64, context: &str) {
+    let in_redis = stored(redis, key);
+    let fields = model.fields(key);
+    let latest = model.latest(key);
+    let forgotten = |what: &str| {
+        // Gone already (a slow machine): only once Redis's clock passed it.
+        let redis_now = redis_now(redis);
+        assert!(
+            redis_now >= latest,
+            "{context}: {key} {what} at {redis_now} ns, latest TAT {latest} ns"
+        );
+    };
+    if in_redis.is_empty() && latest > now {
+        return forgotten("forgotten");
+    }
+    // Fields of limits this call did not carry are kept; a TAT in the past
+    // is a full bucket either way.
+    for (name, tat) in &in_redis {
+        assert_eq!(fields.get(name), Some(tat), "{context}: {key} {in_redis:?}");
+    }
+    for (name, tat) in fields.iter().filter(|(_, tat)| **tat > now) {
+        assert_eq!(
+            in_redis.get(name),
+            Some(tat),
+            "{context}: {key} {in_redis:?}"
+        );
+    }
+    if latest > now {
+        let expire_at: i64 = redis.cli(&["PEXPIRETIME", key]).trim().parse().unwrap();
+        if expire_at == -2 {
+            return forgotten("expired");
+        }
+        let expire_at = u64::try_from(expire_at)
+            .unwrap_or_else(|_| panic!("{context}: {key} has no expiry ({expire_at})"));
+        assert!(
+            expire_at * 1_000_000 >= latest,
+            "{context}: {key} expires at {expire_at} ms, latest TAT {latest} ns"
+        );
+    }
+}
+
+/// A pool of named limits; each set is a subset of it.
+fn random_pool(rng: &mut Rng) -> Vec<Limit> {
+    (0..5)
+        .map(|i| {
+            let count = 1 + rng.below(6) as u64;
+            let window_seconds = [1, 1, 2, 3][rng.below(4)];
+            let burst = 1 + rng.below(count + 2) as u64;
+            named(
+                &format!("l{i}/{count}.{window_seconds}s"),
+                count,
+                window_seconds,
+                burst,
+            )
+        })
+        .collect()
+}
+
+fn subset(pool: &[Limit], mask: usize) -> Vec<Limit> {
+    let chosen = pool
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| mask & (1 << i) != 0);
+    chosen.map(|(_, limit)| limit.clone()).collect()
+}
+
+/// What a scenario exercised.
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    batches: usize,
+    gcra_calls: usize,
+    admitted: usize,
+    denied: usize,
+    /// Calls with one key in two entries.
+    repeated_keys: usize,
+    /// Calls with one set for two distinct keys.
+    shared_sets: usize,
+    /// Calls with two distinct sets.
+    mixed_sets: usize,
+    /// Entries whose set has no limit.
+    empty_sets: usize,
+}
+
+impl Tally {
+    fn add(&mut self, other: Tally) {
+        self.batches += other.batches;
+        self.gcra_calls += other.gcra_calls;
+        self.admitted += other.admitted;
+        self.denied += other.denied;
+        self.repeated_keys += other.repeated_keys;
+        self.shared_sets += other.shared_sets;
+        self.mixed_sets += other.mixed_sets;
+        self.empty_sets += other.empty_sets;
+    }
+
+    fn count_batch(&mut self, entries: &[Entry<'_>], reply: &Reply) {
+        self.batches += 1;
+        let keys: BTreeSet<&str> = entries.iter().map(|e| e.redis_key).collect();
+        let sets: BTreeSet<usize> = entries.iter().map(|e| e.set).collect();
+        let pairs: BTreeSet<(usize, &str)> = entries.iter().map(|e| (e.set, e.redis_key)).collect();
+        self.repeated_keys += usize::from(keys.len() < entries.len());
+        self.shared_sets += usize::from(pairs.len() > sets.len());
+        self.mixed_sets += usize::from(sets.len() > 1);
+        for (entry, answer) in entries.iter().zip(&reply.entries) {
+            let admitted = usize::try_from(answer.admitted).unwrap();
+            self.admitted += admitted;
+            self.denied += usize::try_from(entry.count).unwrap() - admitted;
+            self.empty_sets += usize::from(entry.limits.is_empty());
+        }
+    }
+}
+
+/// `steps` random calls on four keys and three limit sets drawn from a pool.
+fn scenario(webdis: &str, redis: &Redis, scenario: u64, steps: usize) -> Tally {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((scenario + 1) * 0x1000_0001));
+    let pool = random_pool(&mut rng);
+    let keys: Vec<String> = (0..4)
+        .map(|k| format!("apikey_ratelimit:differential-{scenario}-{k}"))
+        .collect();
+    // Each set a subset of the pool, the empty one included.
+    let mut masks: Vec<usize> = (0..3).map(|_| rng.below(32)).collect();
+    let mut model = Model::default();
+    let mut tally = Tally::default();
+    for step in 0..steps {
+        // Now and then a set gains or loses limits (a rolling update).
+        if rng.below(4) == 0 {
+            let set = rng.below(3);
+            masks[set] = rng.below(32);
+        }
+        let sets: Vec<Vec<Limit>> = masks.iter().map(|m| subset(&pool, *m)).collect();
+        // Bursts (no gap), near-interval gaps and long ones.
+        let gap = match rng.below(4) {
+            0 => 0,
+            1 => rng.below(50),
+            _ => rng.below(400),
+        };
+        std::thread::sleep(Duration::from_millis(gap as u64));
+        let context = format!("scenario {scenario} step {step}, sets {masks:?}");
+        let (touched, now): (BTreeSet<&str>, u64) = if rng.below(6) == 0 {
+            let key = &keys[rng.below(4)];
+            let limits = &sets[rng.below(3)];
+            let (decision, now) = gcra_alike(webdis, &mut model, key, limits, &context);
+            tally.gcra_calls += 1;
+            tally.admitted += usize::from(decision.allowed);
+            tally.denied += usize::from(!decision.allowed);
+            (BTreeSet::from([key.as_str()]), now)
+        } else {
+            let entries: Vec<Entry<'_>> = (0..1 + rng.below(5))
+                .map(|_| {
+                    let set = rng.below(3);
+                    // Often a few requests, sometimes many more than a burst.
+                    let most = [3, 20][rng.below(2)];
+                    Entry {
+                        redis_key: &keys[rng.below(4)],
+                        set,
+                        limits: &sets[set],
+                        count: 1 + rng.below(most) as u32,
+                    }
+                })
+                .collect();
+            let reply = batch_alike(webdis, &mut model, &entries, &context);
+            tally.count_batch(&entries, &reply);
+            let touched = entries.iter().map(|e| e.redis_key).collect();
+            (touched, reply.now_us * US)
+        };
+        for key in touched {
+            stored_alike(redis, &model, key, now, &context);
+        }
+    }
+    assert!(
+        tally.admitted > 0 && tally.denied > 0,
+        "scenario {scenario}: {tally:?}"
+    );
+    tally
+}
+
 #[test]
-fn the_redis_function_and_rust_decide_alike_as_limits_come_and_go() {
+fn random_batches_decide_alike_in_redis_and_rust() {
     let backend = RedisWebdis::start();
     let webdis = backend.webdis.addr();
     let redis = &backend.redis;
-    let scenarios = 8;
-    let steps = 40;
-    let compared: usize = std::thread::scope(|s| {
+    let (scenarios, steps) = (8, 40);
+    let tallies: Vec<Tally> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..scenarios)
-            .map(|scenario| {
-                let webdis = webdis.clone();
-                s.spawn(move || {
-                    let mut rng =
-                        Rng(0x9E37_79B9_7F4A_7C15 ^ ((scenario as u64 + 1) * 0x1000_0001));
-                    let pool = random_pool(&mut rng);
-                    let key = format!("apikey_ratelimit:differential-{scenario}");
-                    // The Rust side: each limit's TAT by name, as Redis keeps it.
-                    let mut model: BTreeMap<String, u64> = BTreeMap::new();
-                    let mut mask = random_subset(&mut rng);
-                    let mut admitted = 0;
-                    for step in 0..steps {
-                        // Now and then a limit is added or removed.
-                        if rng.below(4) == 0 {
-                            mask = random_subset(&mut rng);
-                        }
-                        let limits: Vec<Limit> = (0..pool.len())
-                            .filter(|i| mask & (1 << i) != 0)
-                            .map(|i| pool[i].clone())
-                            .collect();
-                        // Bursts (no gap), near-interval gaps and long ones.
-                        let gap = match rng.below(4) {
-                            0 => 0,
-                            1 => rng.below(50),
-                            _ => rng.below(400),
-                        };
-                        std::thread::sleep(Duration::from_millis(gap));
-                        let reply = decide_in_redis(&webdis, &key, &limits);
-                        let now = reply.now_us * 1_000;
-                        let mut tats: Vec<u64> = limits
-                            .iter()
-                            .map(|l| model.get(&l.name).copied().unwrap_or(0))
-                            .collect();
-                        let rust = gcra::decide(&limits, &mut tats, now);
-                        if rust.allowed {
-                            for (limit, tat) in limits.iter().zip(&tats) {
-                                model.insert(limit.name.clone(), *tat);
-                            }
-                        }
-                        let context = format!("scenario {scenario} step {step}, limits {limits:?}");
-                        assert_eq!(reply.allowed, rust.allowed, "{context}");
-                        assert_eq!(
-                            reply.retry_after_us * 1_000,
-                            rust.retry_after_nanos,
-                            "{context}"
-                        );
-                        let resets: Vec<u64> = rust
-                            .states()
-                            .iter()
-                            .map(|s| s.reset_nanos / 1_000)
-                            .collect();
-                        assert_eq!(reply.resets_us(), &resets[..], "{context}");
-                        // Fields of limits this call did not carry are kept
-                        // (Redis may forget the key once every TAT passed).
-                        let in_redis = stored(redis, &key);
-                        for (name, tat) in &in_redis {
-                            assert_eq!(model.get(name), Some(tat), "{context}: {in_redis:?}");
-                        }
-                        for (name, tat) in model.iter().filter(|(_, tat)| **tat > now) {
-                            assert_eq!(in_redis.get(name), Some(tat), "{context}: {in_redis:?}");
-                        }
-                        // Redis never forgets the key before its latest TAT.
-                        let latest = model.values().max().copied().unwrap_or(0);
-                        if latest > now {
-                            let expire_at: i64 =
-                                redis.cli(&["PEXPIRETIME", &key]).trim().parse().unwrap();
-                            if expire_at == -2 {
-                                // Gone already (a slow machine): only if
-                                // Redis's clock has passed the latest TAT.
-                                let time = redis.cli(&["TIME"]);
-                                let mut parts = time.split_whitespace();
-                                let (s, us): (u64, u64) = (
-                                    parts.next().unwrap().parse().unwrap(),
-                                    parts.next().unwrap().parse().unwrap(),
-                                );
-                                let redis_now = s * 1_000_000_000 + us * 1_000;
-                                assert!(
-                                    redis_now >= latest,
-                                    "{context}: forgotten at {redis_now} ns, latest TAT {latest} ns"
-                                );
-                            } else {
-                                let expire_at_ns = u64::try_from(expire_at)
-                                    .map_err(|_| format!("{context}: no expiry ({expire_at})"))
-                                    .unwrap()
-                                    * 1_000_000;
-                                assert!(
-                                    expire_at_ns >= latest,
-                                    "{context}: expires at {expire_at} ms, latest TAT {latest} ns"
-                                );
-                            }
-                        }
-                        admitted += usize::from(reply.allowed);
-                    }
-                    // Both outcomes were exercised.
-                    assert!(
-                        admitted > 0 && admitted < steps,
-                        "scenario {scenario}: {admitted} admitted"
-                    );
-                    steps
-                })
+            .map(|n| {
+                let webdis = &webdis;
+                s.spawn(move || scenario(webdis, redis, n, steps))
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).sum()
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    assert_eq!(compared, scenarios * steps);
-    // Redis forgets idle keys: every key left has an expiry.
+    let mut total = Tally::default();
+    for tally in tallies {
+        total.add(tally);
+    }
+    eprintln!("compared: {total:?}");
+    assert_eq!(total.batches + total.gcra_calls, 8 * steps);
+    // Every shape of call was met (the generator is seeded: not by luck).
+    for (what, n) in [
+        ("one-request calls", total.gcra_calls),
+        ("a key twice in a call", total.repeated_keys),
+        ("a set shared by keys", total.shared_sets),
+        ("several sets in a call", total.mixed_sets),
+        ("a set of no limit", total.empty_sets),
+    ] {
+        assert!(n > 0, "no call with {what}: {total:?}");
+    }
+    // Redis forgets idle keys: every key left has an expiry (-1 is none;
+    // -2, gone since the scan, is fine).
     for key in redis.keys() {
         let ttl: i64 = redis.cli(&["PTTL", &key]).trim().parse().unwrap();
-        assert!(ttl > 0, "{key} has no expiry ({ttl})");
+        assert!(ttl > 0 || ttl == -2, "{key} has no expiry ({ttl})");
     }
+}
+
+/// `(admitted, debts_us)` of each entry of a reply.
+fn summary(reply: &Reply) -> Vec<(u64, Vec<u64>)> {
+    let entry = |e: &wire::EntryReply| (e.admitted, e.debts_us.as_slice().to_vec());
+    reply.entries.iter().map(entry).collect()
+}
+
+#[test]
+fn edge_values_decide_alike_a_burst_filled_a_debt_at_the_tolerance_capacities_at_the_bound() {
+    let backend = RedisWebdis::start();
+    let webdis = backend.webdis.addr();
+    let redis = &backend.redis;
+    let mut model = Model::default();
+    let key = |name: &str| format!("apikey_ratelimit:edge-{name}");
+    let (a, b, c, d, e, f) = (key("a"), key("b"), key("c"), key("d"), key("e"), key("f"));
+
+    // 5 per 500 s, burst 5: T = 100 s (no stall refills one between the
+    // calls), tolerance 4 T. Key a: exactly the burst, then one more (the
+    // key twice in a call). Key b: one short of the burst, which leaves a
+    // debt of exactly the tolerance: one more fits, the next does not.
+    let fill = [named("fill", 5, 500, 5)];
+    let t_us = 100_000_000;
+    let entry = |redis_key, limits, count| Entry {
+        redis_key,
+        set: 0,
+        limits,
+        count,
+    };
+    let entries = [
+        entry(&a, &fill[..], 5),
+        entry(&a, &fill[..], 1),
+        entry(&b, &fill[..], 4),
+        entry(&b, &fill[..], 2),
+    ];
+    let reply = batch_alike(&webdis, &mut model, &entries, "burst");
+    assert_eq!(
+        summary(&reply),
+        [
+            (5, vec![0]),
+            (0, vec![5 * t_us]),
+            (4, vec![0]),
+            (1, vec![4 * t_us])
+        ]
+    );
+    let now = reply.now_us * US;
+    for k in [&a, &b] {
+        stored_alike(redis, &model, k, now, "burst");
+    }
+    // One request more each, from an earlier filter: both wait.
+    let (decision, _) = gcra_alike(&webdis, &mut model, &b, &fill, "burst, gcra");
+    assert!(!decision.allowed);
+
+    // Capacities at the bound the config allows (50 years of 365 days),
+    // with the densest and the fastest rates next to them.
+    let year = named("1/366d", 1, 366 * DAY, 49);
+    let fifty = named("1/365d", 1, 365 * DAY, 50);
+    let dense = named("1e9/366d", 1_000_000_000, 366 * DAY, 1_000_000_000);
+    let fast = named("1e6/s", 1_000_000, 1, 1_000_000_000);
+    assert_eq!(fifty.capacity_nanos, MAX_CAPACITY_NANOS);
+    assert!(year.capacity_nanos <= MAX_CAPACITY_NANOS);
+    assert_eq!(fast.interval_nanos, US);
+    let large = [year.clone(), fifty.clone(), dense, fast];
+    let fifty = [fifty];
+    let mut entries = vec![entry(&c, &large[..], 20); 3];
+    entries.extend([entry(&d, &fifty[..], 20); 3].map(|e| Entry { set: 1, ..e }));
+    let reply = batch_alike(&webdis, &mut model, &entries, "large");
+    let admitted: Vec<u64> = reply.entries.iter().map(|e| e.admitted).collect();
+    // 49 fit under 1/366d, 50 under 1/365d.
+    assert_eq!(admitted, [20, 20, 9, 20, 20, 10]);
+    let now = reply.now_us * US;
+    for k in [&c, &d] {
+        stored_alike(redis, &model, k, now, "large");
+    }
+    assert!(model.latest(&c) >= now + year.capacity_nanos);
+    // Earlier filters: a fresh key fits, a full one waits.
+    let (decision, _) = gcra_alike(&webdis, &mut model, &e, &fifty, "large, gcra");
+    assert!(decision.allowed);
+    let (decision, now) = gcra_alike(&webdis, &mut model, &d, &fifty, "large, gcra");
+    assert!(!decision.allowed);
+    for k in [&d, &e] {
+        stored_alike(redis, &model, k, now, "large, gcra");
+    }
+
+    // An entry of no limit admits all and writes nothing; an empty batch
+    // and the health check's one-request call only read the clock.
+    let reply = batch_alike(&webdis, &mut model, &[entry(&f, &[], 7)], "no limit");
+    assert_eq!(summary(&reply), [(7, vec![])]);
+    assert_eq!(call_batch(&webdis, &[]).entries, []);
+    let (decision, _) = gcra_alike(&webdis, &mut model, &f, &[], "health check");
+    assert!(decision.allowed);
+    assert_eq!(redis.cli(&["EXISTS", &f]).trim(), "0");
+}
+
+#[test]
+fn malformed_calls_are_refused_with_a_redis_error_and_write_nothing() {
+    let backend = RedisWebdis::start();
+    let webdis = backend.webdis.addr();
+    let redis = &backend.redis;
+    // A key with state, which every refused call must leave as it is, and
+    // one without, which none may create.
+    let held = "apikey_ratelimit:malformed-held";
+    let fresh = "apikey_ratelimit:malformed-fresh";
+    let long = [named("a", 1, 366 * DAY, 3)];
+    let entry = |redis_key| Entry {
+        redis_key,
+        set: 0,
+        limits: &long,
+        count: 1,
+    };
+    assert_eq!(
+        summary(&call_batch(&webdis, &[entry(held)])),
+        [(1, vec![0])]
+    );
+    let state = || {
+        let hash = redis.cli(&["HGETALL", held]);
+        (redis.keys(), hash, redis.cli(&["PEXPIRETIME", held]))
+    };
+    let before = state();
+
+    // One limit, T = 1 s, C = 5 s; a valid first entry shows the whole call
+    // is checked before anything is written. "B" calls the batch function,
+    // "G" the one-request one.
+    let set = "1/a/1000000/5000000";
+    let cases = [
+        ("more keys than arguments", "B 3/{h}/{f}"),
+        ("a negative number of keys", "B -1/{h}/1/{set}/1/1"),
+        ("no limit sets", "B 1/{h}"),
+        ("a key without its entry", "B 2/{h}/{f}/1/{set}/1/1"),
+        ("an entry without its count", "B 2/{h}/{f}/1/{set}/1/1/1"),
+        ("an argument too many", "B 1/{h}/1/{set}/1/1/1"),
+        ("a set one limit short", "B 1/{h}/1/2/a/1000000/5000000/1/1"),
+        ("set 0", "B 2/{h}/{f}/1/{set}/1/1/0/1"),
+        ("a set past the last", "B 2/{h}/{f}/1/{set}/1/1/2/1"),
+        ("a fractional set", "B 1/{f}/1/{set}/1%2E5/1"),
+        ("a negative set", "B 1/{f}/1/{set}/-1/1"),
+        ("a non-numeric count", "B 2/{h}/{f}/1/{set}/1/1/1/x"),
+        ("a negative count", "B 1/{f}/1/{set}/1/-1"),
+        ("a fractional count", "B 1/{f}/1/{set}/1/0%2E5"),
+        ("an infinite count", "B 1/{f}/1/{set}/1/inf"),
+        ("a NaN count", "B 1/{f}/1/{set}/1/nan"),
+        ("a count past 2^52, no limit", "B 1/{f}/1/0/1/1e300"),
+        ("a negative number of sets", "B 1/{f}/-1/1/1"),
+        ("a negative number of limits", "B 1/{f}/1/-1/1/1"),
+        ("a non-numeric interval", "B 1/{f}/1/1/a/x/5000000/1/1"),
+        ("a zero interval", "B 1/{f}/1/1/a/0/5000000/1/1"),
+        ("a negative interval", "B 1/{f}/1/1/a/-1000000/5000000/1/1"),
+        ("a negative capacity", "B 1/{f}/1/1/a/1000000/-1/1/1"),
+        ("an infinite capacity", "B 1/{f}/1/1/a/1/inf/1/1"),
+        ("a capacity of 1e300", "B 1/{f}/1/1/a/1/1e300/1/1"),
+        ("a capacity of 2^53", "B 1/{f}/1/1/a/1/9007199254740992/1/1"),
+        ("gcra on two keys", "G 2/{h}/{f}/0"),
+        ("gcra without limits", "G 1/{f}"),
+        ("gcra without a capacity", "G 1/{f}/1/a/1000000"),
+        ("gcra with an argument too many", "G 1/{f}/{set}/1"),
+        ("gcra with a negative interval", "G 1/{f}/1/a/-1/5000000"),
+        ("gcra with an infinite capacity", "G 1/{f}/1/a/1/inf"),
+    ];
+    for (what, call) in cases {
+        let path = call
+            .replace("B ", "/FCALL/apikey_ratelimit_batch/")
+            .replace("G ", "/FCALL/apikey_ratelimit_gcra/")
+            .replace("{set}", set)
+            .replace("{h}", &enc(held))
+            .replace("{f}", &enc(fresh));
+        let r = http::get(&webdis, &path).unwrap();
+        let error = match webdis::fcall_integers(Some(u32::from(r.status)), &r.body) {
+            Err(error) => error,
+            Ok(numbers) => panic!("{what}: answered {numbers:?} to {path}"),
+        };
+        assert_eq!(error.class, FailureClass::Redis, "{what}: {error:?}");
+        assert!(
+            error.detail.starts_with("Redis error: ERR"),
+            "{what}: {error:?}"
+        );
+        assert_eq!(state(), before, "{what} wrote something: {path}");
+    }
+    // Redis is still up and deciding.
+    assert_eq!(
+        summary(&call_batch(&webdis, &[entry(fresh)])),
+        [(1, vec![0])]
+    );
 }

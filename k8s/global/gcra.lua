@@ -44,8 +44,15 @@ local function clock()
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
+-- The largest number a call may carry. 2^52 microseconds is 142 years, far
+-- past any capacity the filter sends, and keeps now + capacity below 2^53,
+-- exact in a double, until the year 2112. tonumber() also reads 'inf' and
+-- '1e300': such a value is refused, as a negative or fractional one is,
+-- before anything is written.
+local MAX = 2^52
+
 local function is_count(x)
-  return x ~= nil and x >= 0 and x == math.floor(x)
+  return x ~= nil and x >= 0 and x <= MAX and x == math.floor(x)
 end
 
 -- Reads the limit set at args[pos]: n, then n (name, interval, capacity).

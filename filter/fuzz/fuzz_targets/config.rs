@@ -7,12 +7,12 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use ratelimit_core::batch::wire::{self, Entry};
 use ratelimit_core::config::StoreConfig;
 use ratelimit_core::header_map::HeaderMap;
 use ratelimit_core::per_limit::MAX_LIMITS;
 use ratelimit_core::policy::{Identity, MAX_KEY_LENGTH};
 use ratelimit_core::rate::{MAX_COUNT, MAX_PER_SECOND, MAX_WINDOW_SECONDS};
-use ratelimit_core::webdis::request_path;
 use ratelimit_core::Policy;
 
 fuzz_target!(|data: &[u8]| {
@@ -42,7 +42,7 @@ fuzz_target!(|data: &[u8]| {
         matches!(policy.store, StoreConfig::Webdis(_))
     );
 
-    for set in &policy.sets {
+    for (index, set) in policy.sets.iter().enumerate() {
         assert!(set.limits.len() <= MAX_LIMITS);
         for (i, limit) in set.limits.iter().enumerate() {
             let rate = limit.rate;
@@ -66,11 +66,22 @@ fuzz_target!(|data: &[u8]| {
                 limit.name
             );
         }
-        // webdis reads '.', '+' and ' ' in a path specially: none may appear.
-        let path = request_path("apikey_ratelimit:k", &set.limits);
+        // webdis reads '.', '+' and ' ' in a path specially: none may appear
+        // in a call for this set (here a batch of one key, one request).
+        let redis_key = "apikey_ratelimit:k";
+        let path = wire::path(&[Entry {
+            redis_key,
+            set: index,
+            limits: &set.limits,
+            count: 1,
+        }]);
         assert!(path
             .bytes()
             .all(|b| b.is_ascii_graphic() && b != b'.' && b != b'+'));
+        // The queue sizes calls by these estimates: they must bound the path.
+        let estimate =
+            wire::FIXED_BYTES + wire::set_bytes(&set.limits) + wire::entry_bytes(redis_key);
+        assert!(path.len() <= estimate, "{} > {estimate}", path.len());
     }
 
     // A request with no headers at all carries no key.

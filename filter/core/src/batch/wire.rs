@@ -148,7 +148,9 @@ pub fn parse(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rate::{MAX_CAPACITY_NANOS, MAX_WINDOW_SECONDS};
     use crate::testing::{limit, named_limit};
+    use crate::time::SECONDS_PER_YEAR;
     use crate::webdis::FailureClass;
 
     #[test]
@@ -208,6 +210,27 @@ mod tests {
             + keys.iter().map(|k| entry_bytes(k)).sum::<usize>();
         assert!(path(&entries).len() <= estimate);
         assert_eq!(path(&[]), "/FCALL/apikey_ratelimit_batch/0/0");
+    }
+
+    #[test]
+    fn every_number_a_path_carries_is_within_the_functions_bound() {
+        // gcra.lua refuses any number past its MAX before writing anything
+        // (Lua's tonumber() reads "inf" and "1e300" too); what the filter
+        // sends must stay within it, and the clock plus MAX within a
+        // double's exact integers (2^53) for as long as the filter runs.
+        let max = crate::webdis::LIBRARY
+            .lines()
+            .find_map(|line| line.strip_prefix("local MAX = 2^"))
+            .map(|exponent| 1u64 << exponent.parse::<u32>().unwrap())
+            .expect("gcra.lua bounds the numbers it takes");
+        let largest_sent = [
+            u64::from(u32::MAX),
+            MAX_CAPACITY_NANOS / 1_000,
+            MAX_WINDOW_SECONDS * 1_000_000,
+        ];
+        assert!(largest_sent.iter().all(|n| *n <= max), "{largest_sent:?}");
+        let year_2100_us = 130 * SECONDS_PER_YEAR * 1_000_000;
+        assert!(year_2100_us + max < 1 << 53);
     }
 
     #[test]
