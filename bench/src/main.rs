@@ -2,21 +2,22 @@
 //! native `local_ratelimit`, and an empty proxy-wasm filter, in local and
 //! global mode, on a `direct_response` route and on the real upstream.
 //!
-//! Every setup runs in one Envoy with one worker, loaded by wrk (1 thread,
-//! the same connections and duration) on loopback. Each setup runs right
-//! after the two baselines (Envoy alone, the empty filter) and is compared
-//! with them; the whole round repeats, and ratios are medians over rounds,
-//! so that they hold on a machine whose speed drifts.
-//! Results: a Markdown table on stdout, `target/bench/results.json`, and
+//! Every setup runs in one Envoy (one worker unless `--workers`), loaded by
+//! wrk (1 thread, the same connections and duration) on loopback. Each
+//! setup runs right after the two baselines (Envoy alone, the empty filter)
+//! and is compared with them; the whole round repeats, and ratios are
+//! medians over rounds, so that they hold on a machine whose speed drifts.
+//! Results: Markdown tables on stdout, `target/bench/results.json`, and
 //! `target/bench/ratios.png`. Not a pass/fail test: `--smoke` runs it with
 //! tiny durations in `make test`, to keep it from rotting.
 //!
-//! Layout: `setups.rs` (what is measured), `wrk.rs` (the load generator),
-//! `report.rs` (medians, ratios, table, JSON, chart), this file (the runs).
+//! Layout: `options.rs` (the command line), `setups.rs` (what is measured),
+//! `measure.rs` (one run), `wrk.rs` (the load generator), `report.rs`
+//! (medians, ratios, the table), `aims.rs` (global mode against local mode,
+//! and the aims), `chart.rs` (the PNG), this file (the runs).
 //!
-//! Usage: bench [--duration SECONDS] [--repeats N] [--connections N]
-//!              [--only SETUP_ID,...] [--route direct_response|upstream]
-//!              [--pin] [--out DIR] [--smoke] [--repo DIR]
+//! Usage: see [`options::USAGE`]. `--one-connection` measures latency:
+//! local and global mode at one connection on a 2-worker Envoy.
 //!
 //! The repository is found from the current directory (or `--repo DIR`, or
 //! `$REPO_ROOT`); `--out` defaults to its `target/bench/`.
@@ -25,107 +26,29 @@
 //! noise from the load generator, but on 2 cores the backend then shares a
 //! CPU with wrk.
 
+mod aims;
+mod chart;
+mod measure;
+mod options;
 mod report;
 mod setups;
 mod wrk;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use e2e::backend::RedisWebdis;
-use e2e::envoy::Envoy;
-use e2e::metrics::metric;
 use e2e::paths;
 use e2e::upstream::Upstream;
 
+use measure::Bench;
+use options::Options;
 use report::Sample;
-use setups::{Keys, Route, Setup};
+use setups::Setup;
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
-struct Options {
-    duration: Duration,
-    repeats: usize,
-    connections: u32,
-    only: Option<Vec<String>>,
-    /// With `--pin`: Envoy gets this CPU to itself, everything else the rest.
-    envoy_cpu: Option<usize>,
-    routes: Vec<Route>,
-    /// `None`: `target/bench` (or `target/bench-smoke`) in the repository.
-    out: Option<PathBuf>,
-    smoke: bool,
-    repo: Option<PathBuf>,
-    /// Only redraw the chart from a saved results.json.
-    chart_from: Option<PathBuf>,
-}
-
-fn parse_args() -> Result<Options, String> {
-    let mut options = Options {
-        duration: Duration::from_secs(4),
-        repeats: 3,
-        connections: 32,
-        only: None,
-        envoy_cpu: None,
-        routes: Route::ALL.to_vec(),
-        out: None,
-        smoke: false,
-        repo: None,
-        chart_from: None,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
-        let number = |name: &str, v: String| {
-            v.parse::<u64>()
-                .map_err(|_| format!("{name}: not a number: {v}"))
-        };
-        match arg.as_str() {
-            "--duration" => {
-                options.duration = Duration::from_secs(number("--duration", value("--duration")?)?)
-            }
-            "--repeats" => options.repeats = number("--repeats", value("--repeats")?)? as usize,
-            "--connections" => {
-                options.connections = number("--connections", value("--connections")?)? as u32
-            }
-            "--pin" => options.envoy_cpu = Some(0),
-            "--chart-from" => options.chart_from = Some(PathBuf::from(value("--chart-from")?)),
-            "--only" => {
-                options.only = Some(value("--only")?.split(',').map(str::to_string).collect())
-            }
-            "--route" => {
-                let name = value("--route")?;
-                let route = Route::ALL
-                    .into_iter()
-                    .find(|r| r.name() == name)
-                    .ok_or(format!(
-                        "--route: expected direct_response or upstream, got {name:?}"
-                    ))?;
-                options.routes = vec![route];
-            }
-            "--out" => options.out = Some(PathBuf::from(value("--out")?)),
-            "--repo" => options.repo = Some(PathBuf::from(value("--repo")?)),
-            "--smoke" => {
-                options.smoke = true;
-                options.duration = Duration::from_secs(1);
-                options.repeats = 1;
-                options.connections = 8;
-            }
-            "-h" | "--help" => {
-                println!("usage: bench [--duration S] [--repeats N] [--connections N] [--only SETUP,...] [--route NAME] [--out DIR] [--smoke] [--repo DIR]");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument {other:?} (try --help)")),
-        }
-    }
-    if options.repeats == 0 || options.connections == 0 || options.duration.is_zero() {
-        return Err("--repeats, --connections and --duration must be at least 1".into());
-    }
-    Ok(options)
-}
-
 fn main() -> ExitCode {
-    match parse_args().and_then(|o| {
+    match options::parse_args().and_then(|o| {
         if o.envoy_cpu.is_some() {
             // Everything this process starts (wrk, the upstream, webdis,
             // Redis) inherits "not CPU 0"; each Envoy is then moved there.
@@ -154,7 +77,7 @@ fn redraw(results: &std::path::Path) -> Result<(), String> {
         .collect();
     let font = std::fs::read(FONT).map_err(|e| format!("{FONT}: {e}"))?;
     let png = results.with_file_name("ratios.png");
-    report::chart(&rows, &setups, &font, &png)?;
+    chart::chart(&rows, &setups, &font, &png)?;
     eprintln!("bench: wrote {}", png.display());
     Ok(())
 }
@@ -189,14 +112,21 @@ fn run(options: &Options) -> Result<(), String> {
     let setups: Vec<Setup> = setups::all()
         .into_iter()
         .filter(|s| {
-            options
-                .only
-                .as_ref()
-                .is_none_or(|only| only.iter().any(|o| o == s.id))
+            // Every ratio is taken against the baselines: they always run.
+            BASELINES.contains(&s.id)
+                || options
+                    .only
+                    .as_ref()
+                    .is_none_or(|only| only.iter().any(|o| o == s.id))
         })
         .collect();
-    if setups.is_empty() {
-        return Err("--only matches no setup".into());
+    if let Some(unknown) = options
+        .only
+        .iter()
+        .flatten()
+        .find(|o| !setups.iter().any(|s| s.id == o.as_str()))
+    {
+        return Err(format!("--only: no setup is named {unknown:?}"));
     }
     // One upstream (one thread, like a small service) and one backend for
     // the whole bench; a fresh Envoy for every run.
@@ -204,28 +134,27 @@ fn run(options: &Options) -> Result<(), String> {
     let upstream = Upstream::try_start().map_err(|e| e.0)?;
     let backend = RedisWebdis::start();
 
+    let bench = Bench {
+        options,
+        upstream: &upstream,
+        backend: &backend,
+        empty_wasm: &empty_wasm,
+        many_keys: &script_path,
+    };
     let mut samples = Vec::new();
     for (repeat, block, setup) in schedule(&setups, options) {
         for &route in &options.routes {
-            let sample = measure(
-                options,
-                setup,
-                route,
-                (repeat, block),
-                &upstream,
-                &backend,
-                &empty_wasm,
-                &script_path,
-            )?;
+            let sample = bench.measure(setup, route, (repeat, block))?;
             eprintln!(
-                "bench: [{}/{}] {:<15} {:<16} {:>8.0} req/s  p50 {:.2} ms  p99 {:.2} ms",
+                "bench: [{}/{}] {:<15} {:<16} {:>8.0} req/s  p50 {:.2} ms  p99 {:.2} ms{}",
                 repeat + 1,
                 options.repeats,
                 setup.id,
                 route.name(),
                 sample.measured.rps,
                 sample.measured.p50_ms,
-                sample.measured.p99_ms
+                sample.measured.p99_ms,
+                backend_summary(setup, &sample)
             );
             samples.push(sample);
         }
@@ -235,21 +164,31 @@ fn run(options: &Options) -> Result<(), String> {
     let wasm_size = std::fs::metadata(&wasm).map(|m| m.len()).unwrap_or(0);
     let machine = machine();
     let mut table = format!(
-        "## apikey-ratelimit bench\n\n{machine}; Envoy {}, 1 worker; wrk 1 thread, {} connections, {} s per run, {} repeat(s), medians. Filter: {} bytes.\n",
+        "## apikey-ratelimit bench\n\n{machine}; Envoy {}, {} worker(s); wrk 1 thread, {} connection(s), {} s per run, {} repeat(s), medians. Filter: {} bytes.\n",
         paths::ENVOY_VERSION,
+        options.workers,
         options.connections,
         options.duration.as_secs(),
         options.repeats,
         wasm_size
     );
     table.push_str(&report::markdown(&rows));
-    table.push_str(&report::targets(&rows));
+    table.push_str(&aims::global_table(&rows, &setups));
+    table.push_str(&aims::targets(
+        &rows,
+        &setups,
+        &aims::Shape {
+            connections: options.connections,
+            workers: options.workers,
+        },
+    ));
     println!("{table}");
     let json = serde_json::json!({
         "machine": machine,
         "duration_seconds": options.duration.as_secs(),
         "repeats": options.repeats,
         "connections": options.connections,
+        "workers": options.workers,
         "wasm_bytes": wasm_size,
         "rows": rows,
         "samples": samples,
@@ -262,7 +201,7 @@ fn run(options: &Options) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     std::fs::write(out.join("results.md"), &table).map_err(|e| e.to_string())?;
     let png = out.join("ratios.png");
-    report::chart(&rows, &setups, &font, &png)?;
+    chart::chart(&rows, &setups, &font, &png)?;
     eprintln!(
         "bench: wrote {}, {} and results.md",
         json_path.display(),
@@ -307,67 +246,8 @@ fn schedule<'a>(setups: &'a [Setup], options: &Options) -> Vec<(usize, usize, &'
     runs
 }
 
-#[allow(clippy::too_many_arguments)]
-fn measure(
-    options: &Options,
-    setup: &Setup,
-    route: Route,
-    (repeat, block): (usize, usize),
-    upstream: &Upstream,
-    backend: &RedisWebdis,
-    empty_wasm: &std::path::Path,
-    script: &std::path::Path,
-) -> Result<Sample, String> {
-    let config = setups::envoy_config(
-        setup,
-        route,
-        upstream.port(),
-        backend.webdis.port(),
-        empty_wasm,
-    )?;
-    let envoy = Envoy::start(&config, 1).map_err(|e| e.0)?;
-    let (key, script) = match setup.keys {
-        Keys::One(key) => (key, None),
-        Keys::Many(_) => ("", Some(script)),
-    };
-    let url = format!("http://{}/?api_key={key}", envoy.addr());
-    let cpu_before = cpu_nanos(envoy.proc().pid());
-    let measured = wrk::run(&wrk::Load {
-        url: &url,
-        connections: options.connections,
-        duration: options.duration,
-        script,
-    })?;
-    let cpu = cpu_nanos(envoy.proc().pid()).saturating_sub(cpu_before);
-    let peak_rss_bytes = peak_rss(envoy.proc().pid());
-    Ok(Sample {
-        setup: setup.id,
-        route,
-        repeat,
-        block,
-        admitted: metric(&envoy, "allowed"),
-        backend_calls: metric(&envoy, "backend_calls"),
-        peak_rss_bytes,
-        envoy_cpu_us_per_request: cpu as f64 / 1000.0 / measured.requests.max(1) as f64,
-        measured,
-    })
-}
-
-/// CPU time all of a process's threads have used (schedstat, in ns): what
-/// a request costs Envoy, less sensitive than throughput to the load
-/// generator sharing the machine.
-fn cpu_nanos(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
-}
-
 /// Moves every thread of a process to one CPU (`taskset`, util-linux).
-fn pin(pid: u32, cpu: usize) -> Result<(), String> {
+pub fn pin(pid: u32, cpu: usize) -> Result<(), String> {
     let status = std::process::Command::new("taskset")
         .args(["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()])
         .stdout(std::process::Stdio::null())
@@ -380,14 +260,17 @@ fn pin(pid: u32, cpu: usize) -> Result<(), String> {
     }
 }
 
-/// VmHWM: the process's peak resident memory.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .map_or(0, |kib| kib * 1024)
+/// A global run's backend figures, for the progress line.
+fn backend_summary(setup: &Setup, sample: &Sample) -> String {
+    if !setup.is_global() {
+        return String::new();
+    }
+    format!(
+        "  {:.3} calls/req  {:.1} req/call  webdis+Redis {:.1} µs/req",
+        sample.calls_per_request(),
+        sample.requests_per_call(),
+        sample.backend_cpu_us_per_request
+    )
 }
 
 fn machine() -> String {
@@ -423,7 +306,10 @@ fn smoke_checks(samples: &[Sample]) -> Result<(), String> {
                 s.route.name()
             ));
         }
-        if s.setup.starts_with("global") && s.backend_calls == 0 {
+        let global = setups::all()
+            .iter()
+            .any(|g| g.id == s.setup && g.is_global());
+        if global && s.backend_calls == 0 {
             return Err(format!(
                 "smoke: {} on {} made no backend call",
                 s.setup,

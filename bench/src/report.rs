@@ -1,13 +1,10 @@
 //! The bench's report: medians per setup and route, ratios to Envoy alone
-//! and to the empty Wasm filter, as a Markdown table, a JSON file and a PNG
-//! chart of the ratios.
+//! and to the empty Wasm filter, as a Markdown table (the JSON file holds
+//! the same rows).
 
 use std::fmt::Write;
-use std::path::Path;
 
-use plotters::prelude::*;
-use plotters::style::register_font;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::setups::{Route, Setup};
 use crate::wrk::Measured;
@@ -23,16 +20,67 @@ pub struct Sample {
     pub measured: Measured,
     /// The filter's `allowed` counter (admitted requests).
     pub admitted: u64,
+    /// The filter's `throttled` counter (429s, from Redis or the cache).
+    pub throttled: u64,
     /// The filter's `backend_calls` counter (global setups).
     pub backend_calls: u64,
+    /// The filter's `backend_cache_hits` counter: denials with no call.
+    pub backend_cache_hits: u64,
+    /// The filter's `backend_batched_requests` counter (requests carried by
+    /// webdis calls), if the filter has it.
+    pub backend_batched_requests: Option<u64>,
     /// Envoy's peak resident memory (VmHWM).
     pub peak_rss_bytes: u64,
     /// Envoy's CPU time (all threads) per request, in microseconds.
     pub envoy_cpu_us_per_request: f64,
+    /// webdis's and Redis's CPU time (utime + stime) per request, in µs.
+    pub backend_cpu_us_per_request: f64,
+}
+
+/// Where a run's count of requests decided through Redis comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Carried {
+    /// The filter's `backend_batched_requests` counter.
+    Counter,
+    /// A filter without that counter sends a call per request not answered
+    /// from its denied-until cache: `allowed + throttled - backend_cache_hits`.
+    Derived,
+}
+
+impl Carried {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Carried::Counter => "the filter's backend_batched_requests counter",
+            Carried::Derived => {
+                "allowed + throttled - backend_cache_hits (this filter has no backend_batched_requests counter)"
+            }
+        }
+    }
+}
+
+impl Sample {
+    /// Requests decided through Redis, and where that count comes from.
+    pub fn carried(&self) -> (u64, Carried) {
+        match self.backend_batched_requests {
+            Some(requests) => (requests, Carried::Counter),
+            None => (
+                (self.admitted + self.throttled).saturating_sub(self.backend_cache_hits),
+                Carried::Derived,
+            ),
+        }
+    }
+
+    pub fn calls_per_request(&self) -> f64 {
+        self.backend_calls as f64 / self.measured.requests.max(1) as f64
+    }
+
+    pub fn requests_per_call(&self) -> f64 {
+        self.carried().0 as f64 / self.backend_calls.max(1) as f64
+    }
 }
 
 /// The medians of a setup on a route.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
     pub setup: String,
     pub title: String,
@@ -48,7 +96,13 @@ pub struct Row {
     /// Envoy alone (same route).
     pub cpu_us: f64,
     pub cpu_us_over_no_filter: f64,
+    /// Global setups: webdis calls per request, requests decided through
+    /// Redis per call (and where that count comes from), and webdis's and
+    /// Redis's CPU microseconds per request.
     pub backend_calls_per_request: Option<f64>,
+    pub requests_per_call: Option<f64>,
+    pub requests_per_call_from: Option<Carried>,
+    pub backend_cpu_us_per_request: Option<f64>,
     pub admitted_per_run: u64,
     pub requests_per_run: u64,
     pub peak_rss_mib: f64,
@@ -93,10 +147,10 @@ pub fn summarize(setups: &[Setup], samples: &[Sample]) -> Vec<Row> {
             if runs.is_empty() {
                 continue;
             }
-            let global = matches!(
-                setup.filter,
-                crate::setups::Filter::Ours(e2e::topology::Mode::Global, _)
-            );
+            let global = setup.is_global();
+            let of_runs = |value: &dyn Fn(&Sample) -> f64| {
+                global.then(|| median(runs.iter().map(|s| value(s)).collect()))
+            };
             let ratio = |s: &Sample, b: &Sample| s.measured.rps / b.measured.rps.max(1e-9);
             let ratios_to_floor: Vec<f64> = runs
                 .iter()
@@ -122,13 +176,10 @@ pub fn summarize(setups: &[Setup], samples: &[Sample]) -> Vec<Row> {
                 cpu_us_over_no_filter: paired(&runs, "no-filter", &|s, b| {
                     s.envoy_cpu_us_per_request - b.envoy_cpu_us_per_request
                 }),
-                backend_calls_per_request: global.then(|| {
-                    median(
-                        runs.iter()
-                            .map(|s| s.backend_calls as f64 / s.measured.requests.max(1) as f64)
-                            .collect(),
-                    )
-                }),
+                backend_calls_per_request: of_runs(&Sample::calls_per_request),
+                requests_per_call: of_runs(&Sample::requests_per_call),
+                requests_per_call_from: runs.first().filter(|_| global).map(|s| s.carried().1),
+                backend_cpu_us_per_request: of_runs(&|s| s.backend_cpu_us_per_request),
                 admitted_per_run: median(runs.iter().map(|s| s.admitted as f64).collect()) as u64,
                 requests_per_run: median(runs.iter().map(|s| s.measured.requests as f64).collect())
                     as u64,
@@ -172,134 +223,4 @@ pub fn markdown(rows: &[Row]) -> String {
         }
     }
     out
-}
-
-/// The targets, checked against this run (informational: a bench
-/// never fails on a number).
-pub fn targets(rows: &[Row]) -> String {
-    let mut out = String::from("\n**Targets (ratios from this run)**\n\n");
-    for route in Route::ALL {
-        let row = |id: &str| rows.iter().find(|r| r.setup == id && r.route == route);
-        let (Some(local), Some(flood), Some(global), Some(global_flood)) = (
-            row("local-1key"),
-            row("local-flood"),
-            row("global-allowed"),
-            row("global-flood"),
-        ) else {
-            continue;
-        };
-        let mark = |ok: bool| if ok { "met" } else { "missed" };
-        let local_vs_floor = local.vs_empty_wasm;
-        let _ = writeln!(
-            out,
-            "- {}: local mode at {local_vs_floor:.2}× the empty-filter floor (aim ≥ 0.90): {}",
-            route.name(),
-            mark(local_vs_floor >= 0.90)
-        );
-        // Each side is already paired with Envoy alone round by round.
-        let flood_vs_local = global_flood.vs_no_filter / flood.vs_no_filter.max(1e-9);
-        let calls = global_flood.backend_calls_per_request.unwrap_or(0.0);
-        let windows = 1.0; // `1/hour`: the whole run is one window.
-        let allowed_calls = (global_flood.admitted_per_run as f64 + windows)
-            / global_flood.requests_per_run.max(1) as f64;
-        let _ = writeln!(
-            out,
-            "- {}: global throttled flood at {flood_vs_local:.2}× local mode's (aim ≥ 0.8), {calls:.5} backend calls per request (aim ≤ (admitted + 1 per window) / total = {allowed_calls:.5}): {}",
-            route.name(),
-            mark(flood_vs_local >= 0.8 && calls <= allowed_calls)
-        );
-        let allowed_vs_local = global.vs_no_filter / local.vs_no_filter.max(1e-9);
-        let _ = writeln!(
-            out,
-            "- {}: global all-allowed at {allowed_vs_local:.2}× local mode (aim ≥ 0.4), p99 {:.2} ms (aim ≤ 3): {}",
-            route.name(),
-            global.p99_ms,
-            mark(allowed_vs_local >= 0.4 && global.p99_ms <= 3.0)
-        );
-    }
-    out
-}
-
-/// A grouped bar chart: per setup, throughput relative to Envoy alone, on
-/// each route.
-pub fn chart(rows: &[Row], setups: &[Setup], font: &[u8], path: &Path) -> Result<(), String> {
-    register_font("sans-serif", FontStyle::Normal, leak(font))
-        .map_err(|_| "cannot load the chart font".to_string())?;
-    let root = BitMapBackend::new(path, (1200, 640)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let count = setups.len();
-    let top = rows.iter().map(|r| r.vs_no_filter).fold(1.0f64, f64::max) * 1.2;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "apikey-ratelimit: throughput relative to Envoy with no filter",
-            ("sans-serif", 24),
-        )
-        .margin(16)
-        .x_label_area_size(90)
-        .y_label_area_size(60)
-        .build_cartesian_2d(-0.5f64..(count as f64 - 0.5), 0f64..top)
-        .map_err(|e| e.to_string())?;
-    let ids: Vec<&str> = setups.iter().map(|s| s.id).collect();
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(count)
-        .x_label_formatter(&|x| {
-            let i = x.round();
-            if (x - i).abs() < 0.01 && i >= 0.0 {
-                ids.get(i as usize).map_or(String::new(), |s| s.to_string())
-            } else {
-                String::new()
-            }
-        })
-        .x_label_style(("sans-serif", 14))
-        .y_desc("req/s ÷ req/s of Envoy alone (same route)")
-        .draw()
-        .map_err(|e| e.to_string())?;
-    let colors = [RGBColor(66, 133, 244), RGBColor(244, 160, 0)];
-    for (r, route) in Route::ALL.iter().enumerate() {
-        let color = colors[r];
-        let offset = if r == 0 { -0.38 } else { 0.02 };
-        // (x of the bar's left edge, ratio) for each setup measured on this route.
-        let points: Vec<(f64, f64)> = setups
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| {
-                let row = rows
-                    .iter()
-                    .find(|row| row.setup == s.id && row.route == *route)?;
-                Some((i as f64 + offset, row.vs_no_filter))
-            })
-            .collect();
-        chart
-            .draw_series(
-                points.iter().map(|&(x, ratio)| {
-                    Rectangle::new([(x, 0.0), (x + 0.36, ratio)], color.filled())
-                }),
-            )
-            .map_err(|e| e.to_string())?
-            .label(route.name())
-            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
-        let labels = points.iter().map(|&(x, ratio)| {
-            Text::new(
-                format!("{ratio:.2}"),
-                (x + 0.02, ratio + top * 0.02),
-                ("sans-serif", 13).into_font(),
-            )
-        });
-        chart.draw_series(labels).map_err(|e| e.to_string())?;
-    }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.9))
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()
-        .map_err(|e| e.to_string())?;
-    root.present().map_err(|e| e.to_string())
-}
-
-/// plotters keeps registered fonts for the life of the process.
-fn leak(bytes: &[u8]) -> &'static [u8] {
-    Box::leak(bytes.to_vec().into_boxed_slice())
 }

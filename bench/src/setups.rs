@@ -8,6 +8,8 @@ use e2e::ports::free_port;
 use e2e::topology::{replica_config, Mode, ReplicaPorts};
 use serde_json::{json, Value};
 
+use crate::aims::{self, Aim};
+
 /// Where the single route goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Route {
@@ -54,6 +56,14 @@ pub struct Setup {
     pub title: &'static str,
     pub filter: Filter,
     pub keys: Keys,
+    /// Global setups: what the issue asks of them, against a local setup.
+    pub aim: Option<Aim>,
+}
+
+impl Setup {
+    pub fn is_global(&self) -> bool {
+        matches!(self.filter, Filter::Ours(Mode::Global, _))
+    }
 }
 
 /// Never throttles at any rate this machine reaches (the fastest rate the
@@ -72,48 +82,63 @@ pub fn all() -> Vec<Setup> {
             title: "1. Envoy, no rate-limit filter",
             filter: Filter::None,
             keys: Keys::One("bench"),
+            aim: None,
         },
         Setup {
             id: "native",
             title: "2. Envoy's native local_ratelimit",
             filter: Filter::NativeLocal,
             keys: Keys::One("bench"),
+            aim: None,
         },
         Setup {
             id: "empty-wasm",
             title: "3. empty proxy-wasm filter (the floor)",
             filter: Filter::EmptyWasm,
             keys: Keys::One("bench"),
+            aim: None,
         },
         Setup {
             id: "local-1key",
             title: "4a. ours, local, one key, all allowed",
             filter: Filter::Ours(Mode::Local, ALLOW_ALL),
             keys: Keys::One("bench"),
+            aim: None,
         },
         Setup {
             id: "local-keys",
             title: "4b. ours, local, 10k keys, all allowed",
             filter: Filter::Ours(Mode::Local, ALLOW_ALL),
             keys: Keys::Many(10_000),
+            aim: None,
         },
         Setup {
             id: "local-flood",
             title: "5. ours, local, flood on a throttled key",
             filter: Filter::Ours(Mode::Local, THROTTLE),
             keys: Keys::One("flood"),
+            aim: None,
         },
         Setup {
             id: "global-allowed",
-            title: "6. ours, global, all allowed (Redis each time)",
+            title: "6a. ours, global, one key, all allowed",
             filter: Filter::Ours(Mode::Global, GLOBAL_ALLOW_ALL),
             keys: Keys::One("bench"),
+            aim: Some(aims::allowed("local-1key")),
+        },
+        Setup {
+            id: "global-keys",
+            title: "6b. ours, global, 10k keys, all allowed",
+            filter: Filter::Ours(Mode::Global, GLOBAL_ALLOW_ALL),
+            keys: Keys::Many(10_000),
+            aim: Some(aims::allowed("local-keys")),
         },
         Setup {
             id: "global-flood",
             title: "7. ours, global, flood on a throttled key",
             filter: Filter::Ours(Mode::Global, GLOBAL_THROTTLE),
             keys: Keys::One("flood"),
+            aim: Some(aims::FLOOD),
         },
     ]
 }

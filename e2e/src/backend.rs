@@ -188,6 +188,13 @@ impl RedisWebdis {
         let webdis = Webdis::try_start_on(webdis_port, redis.port(), redis.password())?;
         Ok(RedisWebdis { redis, webdis })
     }
+
+    /// CPU time webdis and Redis have used so far, together (both start
+    /// scripts `exec` the server, so each [`Proc`] is the server itself).
+    /// `None` if either has exited.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        Some(self.redis.proc().cpu_time()? + self.webdis.proc().cpu_time()?)
+    }
 }
 
 /// `envoy/redis-start.sh` on `port` with the shipped ACL and function

@@ -150,8 +150,14 @@ impl Envoy {
     /// our filter's metrics are `wasmcustom.<name>`. `None` if no such stat exists.
     /// Panics if the admin endpoint does not answer: that is a test failure.
     pub fn counter(&self, name: &str) -> Option<u64> {
+        self.stats_now().get(name).copied()
+    }
+
+    /// [`Envoy::stats`], panicking if the admin endpoint does not answer:
+    /// that is a test failure.
+    pub fn stats_now(&self) -> BTreeMap<String, u64> {
         match self.stats() {
-            Ok(s) => s.get(name).copied(),
+            Ok(s) => s,
             Err(e) => panic!(
                 "{}",
                 self.proc

@@ -22,10 +22,27 @@ pub fn metric_name(event: &str) -> String {
 }
 
 /// One of the filter's counters in this Envoy (0 before it is first used),
-/// once it has settled: read again after a flush period until two reads
-/// agree, so every count already made is in.
+/// once it has settled (see [`counters`]).
 pub fn metric(envoy: &Envoy, event: &str) -> u64 {
-    let read = || envoy.counter(&metric_name(event)).unwrap_or(0);
+    counters(envoy, &[event])
+        .first()
+        .copied()
+        .flatten()
+        .unwrap_or(0)
+}
+
+/// Several of the filter's counters from one `/stats` read, once they have
+/// settled: read again after a flush period until two reads agree, so every
+/// count already made is in. `None` for a counter this Envoy does not have
+/// (a filter without that metric).
+pub fn counters(envoy: &Envoy, events: &[&str]) -> Vec<Option<u64>> {
+    let read = || {
+        let stats = envoy.stats_now();
+        events
+            .iter()
+            .map(|event| stats.get(&metric_name(event)).copied())
+            .collect::<Vec<_>>()
+    };
     let mut last = read();
     for _ in 0..20 {
         std::thread::sleep(METRIC_FLUSH);

@@ -198,6 +198,25 @@ impl Proc {
         Some(kb * 1024)
     }
 
+    /// CPU time the process has used so far, every thread, user and system:
+    /// `utime + stime` from `/proc/<pid>/stat`, in clock ticks (`CLK_TCK`,
+    /// usually 10 ms). `None` once it exited.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        if !self.is_running() {
+            return None;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
+        // The command name (field 2) may hold spaces and parentheses: count
+        // fields after its last ')'. There, state (field 3) comes first, so
+        // utime (field 14) and stime (15) are the 12th and 13th.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+        let used = ticks(11)? + ticks(12)?;
+        // SAFETY: sysconf only reads a system constant.
+        let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok()?;
+        (per_second > 0).then(|| Duration::from_micros(used * 1_000_000 / per_second))
+    }
+
     /// Calls `ready` every 20 ms until it returns `Ok`, for up to `timeout`. Fails,
     /// quoting the log and `ready`'s last complaint, if the process exits first or
     /// is still not ready at the deadline (then it is killed).

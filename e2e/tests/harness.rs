@@ -120,6 +120,23 @@ fn dropping_a_proc_kills_the_process() {
 }
 
 #[test]
+fn cpu_time_counts_what_a_busy_process_used() {
+    let mut idle = Command::new("sleep");
+    idle.arg("1000");
+    let idle = Proc::spawn("sleeper", idle).unwrap();
+    let mut busy = Command::new("sh");
+    busy.args(["-c", "while :; do :; done"]);
+    let busy = Proc::spawn("spinner", busy).unwrap();
+    let used = e2e::poll_until(Duration::from_secs(20), Duration::from_millis(20), || {
+        busy.cpu_time().filter(|t| *t >= Duration::from_millis(50))
+    });
+    assert!(used.is_some(), "a busy loop used {:?}", busy.cpu_time());
+    assert!(idle.cpu_time().unwrap() < used.unwrap());
+    busy.kill();
+    assert_eq!(busy.cpu_time(), None, "an exited process has no CPU time");
+}
+
+#[test]
 fn dropping_an_envoy_kills_it() {
     let up = Upstream::start();
     let envoy = Envoy::start(&plain_config(&up), 1).unwrap();
