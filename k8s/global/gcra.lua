@@ -86,8 +86,11 @@ local function decide(key, set, count, now)
   if set.n > 0 then
     stored = redis.call('HMGET', key, unpack(set.names))
   end
+  -- No field of this set stored: most likely no key at all.
+  local fresh = true
   for i = 1, set.n do
     local T = set.intervals[i]
+    fresh = fresh and stored[i] == false
     local debt = math.max((tonumber(stored[i]) or 0) - now, 0)
     debts[i] = debt
     -- Request r (0-based) fits iff debt + r*T <= C - T.
@@ -114,11 +117,14 @@ local function decide(key, set, count, now)
     -- Redis forgets the key once every bucket is full: that state is fresh.
     -- Never sooner: other fields (limits this call does not carry) may run
     -- later, so an existing key only gets a later expiry (GT), and a new
-    -- one (no expiry yet, which GT never replaces) its first (NX).
+    -- one (no expiry yet, which GT never replaces) its first (NX). Try
+    -- first what the fields read suggest, so it is usually one command.
     -- Absolute milliseconds, rounded up, from the same clock.
     local expire_at = string.format('%.0f', math.ceil(latest / 1000))
-    if redis.call('PEXPIREAT', key, expire_at, 'GT') == 0 then
-      redis.call('PEXPIREAT', key, expire_at, 'NX')
+    local first, second = 'GT', 'NX'
+    if fresh then first, second = 'NX', 'GT' end
+    if redis.call('PEXPIREAT', key, expire_at, first) == 0 then
+      redis.call('PEXPIREAT', key, expire_at, second)
     end
   end
   return admitted, debts
