@@ -163,6 +163,34 @@ impl Webdis {
     pub fn proc(&self) -> &Proc {
         &self.proc
     }
+
+    /// Requests webdis has not read yet on connections whose client has
+    /// gone (`CLOSE_WAIT` with bytes queued, accepted or still in its accept
+    /// queue). webdis 0.1.9 runs such a request once it gets to it, and
+    /// writes its reply to whichever new connection reuses that file
+    /// descriptor (`global_faults.rs`,
+    /// `replies_of_calls_envoy_gave_up_on_never_decide_other_requests`).
+    pub fn unread_abandoned_requests(&self) -> usize {
+        const CLOSE_WAIT: &str = "08";
+        let local = format!("0100007F:{:04X}", self.port);
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        table
+            .lines()
+            .skip(1)
+            .filter(|line| {
+                // sl, local address, remote address, state, tx_queue:rx_queue
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let unread = fields
+                    .get(4)
+                    .and_then(|queues| queues.split_once(':'))
+                    .and_then(|(_, rx)| u64::from_str_radix(rx, 16).ok())
+                    .is_some_and(|bytes| bytes > 0);
+                fields.get(1) == Some(&local.as_str())
+                    && fields.get(3) == Some(&CLOSE_WAIT)
+                    && unread
+            })
+            .count()
+    }
 }
 
 /// Redis and a webdis in front of it: the global store the filter calls.

@@ -41,7 +41,8 @@
 //!   Envoy, local mode), [`topology::GlobalEnvoy`] (the same in global mode, with its
 //!   Redis and webdis), [`topology::Replicas`] (N Envoys behind a front Envoy), and the
 //!   shipped configs on given ports, which `make run` uses with fixed ones.
-//! - [`load`]: paced and concurrent request drivers, and [`load::StatusTable`].
+//! - [`load`]: paced, concurrent and sustained (background, every request timed)
+//!   request drivers, and [`load::StatusTable`].
 //! - [`tutorial`]: the tutorial's paced load test.
 
 pub mod backend;

@@ -1,11 +1,18 @@
-//! Request drivers: [`paced`] (a fixed schedule, like a client polling at a rate) and
-//! [`concurrent`] (a burst, everything in flight at once), and [`StatusTable`] to
-//! summarise what came back.
+//! Request drivers: [`paced`] (a fixed schedule, like a client polling at a rate),
+//! [`concurrent`] (a burst, everything in flight at once) and [`Sustained`] (many
+//! clients sending back to back, in the background, every request timed), and
+//! [`StatusTable`] to summarise what came back.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Barrier;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use crate::http::{Conn, Response};
+use crate::Error;
 
 /// Calls `f(i)` for `i` in `0..count`, starting call `i` at `t0 + i * interval`.
 ///
@@ -41,10 +48,11 @@ where
 
 /// Like [`concurrent`], with a `setup(i)` per thread that runs *before* the barrier,
 /// e.g. opening the connection, so the burst itself is only the requests.
-pub fn concurrent_prepared<S, P, F>(count: usize, setup: P, f: F) -> Vec<u16>
+pub fn concurrent_prepared<S, T, P, F>(count: usize, setup: P, f: F) -> Vec<T>
 where
     P: Fn(usize) -> S + Sync,
-    F: Fn(usize, S) -> u16 + Sync,
+    F: Fn(usize, S) -> T + Sync,
+    T: Send,
 {
     let barrier = Barrier::new(count);
     let (barrier, setup, f) = (&barrier, &setup, &f);
@@ -67,11 +75,154 @@ where
     })
 }
 
-fn join_all(handles: Vec<std::thread::ScopedJoinHandle<'_, u16>>) -> Vec<u16> {
+fn join_all<T>(handles: Vec<std::thread::ScopedJoinHandle<'_, T>>) -> Vec<T> {
     handles
         .into_iter()
         .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
         .collect()
+}
+
+/// How a [`Sustained`] load runs. Each client has its own keep-alive connection
+/// (a new one after a failure or a `Connection: close`) and sends its next request
+/// once it has the previous answer and `pause` has passed.
+#[derive(Debug, Clone, Copy)]
+pub struct SustainedSpec {
+    pub clients: usize,
+    pub pause: Duration,
+    /// How long a client waits for an answer; past it the request is recorded
+    /// as unanswered (`Err`), so no client ever hangs.
+    pub answer_timeout: Duration,
+    /// Bounds: a load never stopped still ends after `max_run`, and no client
+    /// sends more than `max_requests`.
+    pub max_run: Duration,
+    pub max_requests: usize,
+}
+
+/// One request of a [`Sustained`] load, on the client's clock.
+#[derive(Debug, Clone)]
+pub struct Sample<T> {
+    pub client: usize,
+    /// Just before the request was written.
+    pub sent: Instant,
+    /// Just after its answer (or the failure) was read.
+    pub answered: Instant,
+    pub outcome: T,
+}
+
+/// A load running in the background until [`Sustained::stop`] (or its bounds).
+/// Dropping it stops the clients too, without waiting for them.
+pub struct Sustained<T> {
+    stop: Arc<AtomicBool>,
+    samples: Arc<Mutex<Vec<Sample<T>>>>,
+    clients: Vec<JoinHandle<()>>,
+}
+
+impl<T: Send + 'static> Sustained<T> {
+    /// Client `c` talks to `addrs[c % addrs.len()]` and sends `target(c, n)` as
+    /// its `n`-th request; `outcome` keeps what a test needs of each answer.
+    pub fn start<R, O>(spec: SustainedSpec, addrs: &[String], target: R, outcome: O) -> Self
+    where
+        R: Fn(usize, usize) -> String + Send + Sync + 'static,
+        O: Fn(io::Result<Response>) -> T + Send + Sync + 'static,
+    {
+        assert!(!addrs.is_empty(), "a load needs an address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let (target, outcome) = (Arc::new(target), Arc::new(outcome));
+        let end = Instant::now() + spec.max_run;
+        let clients = (0..spec.clients)
+            .map(|c| {
+                let addr = addrs[c % addrs.len()].clone();
+                let (stop, samples) = (stop.clone(), samples.clone());
+                let (target, outcome) = (target.clone(), outcome.clone());
+                std::thread::Builder::new()
+                    .stack_size(256 * 1024)
+                    .spawn(move || {
+                        let mut conn: Option<Conn> = None;
+                        for n in 0..spec.max_requests {
+                            if stop.load(Ordering::Relaxed) || Instant::now() >= end {
+                                break;
+                            }
+                            let sent = Instant::now();
+                            let result = one_request(&mut conn, &addr, &target(c, n), spec);
+                            let answered = Instant::now();
+                            let sample = Sample {
+                                client: c,
+                                sent,
+                                answered,
+                                outcome: outcome(result),
+                            };
+                            lock(&samples).push(sample);
+                            std::thread::sleep(spec.pause);
+                        }
+                    })
+                    .unwrap_or_else(|e| panic!("cannot start load client {c}: {e}"))
+            })
+            .collect();
+        Sustained {
+            stop,
+            samples,
+            clients,
+        }
+    }
+
+    /// Waits up to `timeout` until at least `count` requests answered so far
+    /// match `matches`; returns how many did.
+    pub fn wait_for(
+        &self,
+        count: usize,
+        timeout: Duration,
+        matches: impl Fn(&Sample<T>) -> bool,
+    ) -> Result<usize, Error> {
+        let seen = || lock(&self.samples).iter().filter(|s| matches(s)).count();
+        crate::poll_until(timeout, Duration::from_millis(5), || {
+            Some(seen()).filter(|n| *n >= count)
+        })
+        .ok_or_else(|| Error(format!("{} of {count} requests after {timeout:?}", seen())))
+    }
+
+    /// Stops the clients, waits for their last answers (each bounded by the
+    /// answer timeout), and returns every request in the order sent.
+    pub fn stop(mut self) -> Vec<Sample<T>> {
+        self.stop.store(true, Ordering::Relaxed);
+        for client in std::mem::take(&mut self.clients) {
+            client
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        }
+        let mut samples = std::mem::take(&mut *lock(&self.samples));
+        samples.sort_by_key(|s| s.sent);
+        samples
+    }
+}
+
+impl<T> Drop for Sustained<T> {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `GET target` on the client's connection, opened first if it has none; the
+/// connection is kept only if it can carry the next request.
+fn one_request(
+    conn: &mut Option<Conn>,
+    addr: &str,
+    target: &str,
+    spec: SustainedSpec,
+) -> io::Result<Response> {
+    let mut c = match conn.take() {
+        Some(c) => c,
+        None => Conn::connect_timeout(addr, spec.answer_timeout)?,
+    };
+    let r = c.get(target)?;
+    if !r.closes_connection() && !c.is_closed() {
+        *conn = Some(c);
+    }
+    Ok(r)
 }
 
 /// The status of a request's outcome, with 0 for "no response" (a refused, reset or

@@ -173,6 +173,34 @@ impl Proc {
         Ok(())
     }
 
+    /// SIGSTOP, returning once every thread of the process is stopped: the
+    /// signal only asks, and a thread busy on another core answers a moment
+    /// later, so whatever is sent after this returns meets a frozen process.
+    pub fn freeze(&self) -> Result<(), Error> {
+        self.signal(Signal::Stop)
+            .map_err(|e| self.error(&format!("SIGSTOP: {e}")))?;
+        let tasks = format!("/proc/{}/task", self.pid);
+        let all_stopped = || {
+            let dir = std::fs::read_dir(&tasks).ok()?;
+            dir.into_iter()
+                .all(|task| {
+                    let stat = task
+                        .ok()
+                        .and_then(|t| std::fs::read_to_string(t.path().join("stat")).ok());
+                    // The state follows the command name in parentheses.
+                    stat.and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
+                        .unwrap_or(false)
+                })
+                .then_some(())
+        };
+        crate::poll_until(
+            Duration::from_secs(5),
+            Duration::from_millis(1),
+            all_stopped,
+        )
+        .ok_or_else(|| self.error("not stopped 5 s after SIGSTOP"))
+    }
+
     /// Waits up to `timeout` for the process to exit; `None` if it still runs.
     pub fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
         crate::poll_until(timeout, Duration::from_millis(5), || self.try_status())
