@@ -48,11 +48,9 @@ const RECOVERY: Duration = Duration::from_secs(20);
 /// How long the gone count must stay put to be final: longer than the
 /// filter's metric tick.
 const SETTLED: Duration = Duration::from_secs(1);
-/// The filter's count of requests that went before their decision: today
-/// the answers that came for a request already gone. With calls carrying
-/// many requests, the counter of requests gone (queued or in flight), e.g.
-/// `backend_requests_gone`, replaces it here.
-const GONE: &str = "backend_answers_orphaned";
+/// The filter's count of requests that went before their decision, queued
+/// or in a call.
+const GONE: &str = "backend_requests_gone";
 /// Envoy's own gauges: calls to webdis in flight, requests it holds.
 const CALLS_IN_FLIGHT: &str = "cluster.webdis.upstream_rq_active";
 const REQUESTS_HELD: &str = "http.api.downstream_rq_active";

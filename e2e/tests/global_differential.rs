@@ -105,9 +105,11 @@ fn names(limits: &[Limit]) -> Vec<&str> {
 
 /// One batch call, with the filter's path and reply parser.
 fn call_batch(webdis: &str, entries: &[Entry<'_>]) -> Reply {
-    let r = http::get(webdis, &wire::path(entries)).unwrap();
+    static NONCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let nonce = NONCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let r = http::get(webdis, &wire::path(nonce, entries)).unwrap();
     let limits: Vec<usize> = entries.iter().map(|e| e.limits.len()).collect();
-    wire::parse(Some(u32::from(r.status)), &r.body, &limits)
+    wire::parse(Some(u32::from(r.status)), &r.body, nonce, &limits)
         .unwrap_or_else(|e| panic!("{e:?}: {:?}", r.body_str()))
 }
 
@@ -545,30 +547,42 @@ fn malformed_calls_are_refused_with_a_redis_error_and_write_nothing() {
     let cases = [
         ("more keys than arguments", "B 3/{h}/{f}"),
         ("a negative number of keys", "B -1/{h}/1/{set}/1/1"),
-        ("no limit sets", "B 1/{h}"),
-        ("a key without its entry", "B 2/{h}/{f}/1/{set}/1/1"),
-        ("an entry without its count", "B 2/{h}/{f}/1/{set}/1/1/1"),
-        ("an argument too many", "B 1/{h}/1/{set}/1/1/1"),
-        ("a set one limit short", "B 1/{h}/1/2/a/1000000/5000000/1/1"),
-        ("set 0", "B 2/{h}/{f}/1/{set}/1/1/0/1"),
-        ("a set past the last", "B 2/{h}/{f}/1/{set}/1/1/2/1"),
-        ("a fractional set", "B 1/{f}/1/{set}/1%2E5/1"),
-        ("a negative set", "B 1/{f}/1/{set}/-1/1"),
-        ("a non-numeric count", "B 2/{h}/{f}/1/{set}/1/1/1/x"),
-        ("a negative count", "B 1/{f}/1/{set}/1/-1"),
-        ("a fractional count", "B 1/{f}/1/{set}/1/0%2E5"),
-        ("an infinite count", "B 1/{f}/1/{set}/1/inf"),
-        ("a NaN count", "B 1/{f}/1/{set}/1/nan"),
-        ("a count past 2^52, no limit", "B 1/{f}/1/0/1/1e300"),
-        ("a negative number of sets", "B 1/{f}/-1/1/1"),
-        ("a negative number of limits", "B 1/{f}/1/-1/1/1"),
-        ("a non-numeric interval", "B 1/{f}/1/1/a/x/5000000/1/1"),
-        ("a zero interval", "B 1/{f}/1/1/a/0/5000000/1/1"),
-        ("a negative interval", "B 1/{f}/1/1/a/-1000000/5000000/1/1"),
-        ("a negative capacity", "B 1/{f}/1/1/a/1000000/-1/1/1"),
-        ("an infinite capacity", "B 1/{f}/1/1/a/1/inf/1/1"),
-        ("a capacity of 1e300", "B 1/{f}/1/1/a/1/1e300/1/1"),
-        ("a capacity of 2^53", "B 1/{f}/1/1/a/1/9007199254740992/1/1"),
+        ("no nonce", "B 1/{h}"),
+        ("no limit sets", "B 1/{h}/7"),
+        ("a negative nonce", "B 1/{h}/-7/1/{set}/1/1"),
+        ("an infinite nonce", "B 1/{h}/inf/1/{set}/1/1"),
+        ("a key without its entry", "B 2/{h}/{f}/7/1/{set}/1/1"),
+        ("an entry without its count", "B 2/{h}/{f}/7/1/{set}/1/1/1"),
+        ("an argument too many", "B 1/{h}/7/1/{set}/1/1/1"),
+        (
+            "a set one limit short",
+            "B 1/{h}/7/1/2/a/1000000/5000000/1/1",
+        ),
+        ("set 0", "B 2/{h}/{f}/7/1/{set}/1/1/0/1"),
+        ("a set past the last", "B 2/{h}/{f}/7/1/{set}/1/1/2/1"),
+        ("a fractional set", "B 1/{f}/7/1/{set}/1%2E5/1"),
+        ("a negative set", "B 1/{f}/7/1/{set}/-1/1"),
+        ("a non-numeric count", "B 2/{h}/{f}/7/1/{set}/1/1/1/x"),
+        ("a negative count", "B 1/{f}/7/1/{set}/1/-1"),
+        ("a fractional count", "B 1/{f}/7/1/{set}/1/0%2E5"),
+        ("an infinite count", "B 1/{f}/7/1/{set}/1/inf"),
+        ("a NaN count", "B 1/{f}/7/1/{set}/1/nan"),
+        ("a count past 2^52, no limit", "B 1/{f}/7/1/0/1/1e300"),
+        ("a negative number of sets", "B 1/{f}/7/-1/1/1"),
+        ("a negative number of limits", "B 1/{f}/7/1/-1/1/1"),
+        ("a non-numeric interval", "B 1/{f}/7/1/1/a/x/5000000/1/1"),
+        ("a zero interval", "B 1/{f}/7/1/1/a/0/5000000/1/1"),
+        (
+            "a negative interval",
+            "B 1/{f}/7/1/1/a/-1000000/5000000/1/1",
+        ),
+        ("a negative capacity", "B 1/{f}/7/1/1/a/1000000/-1/1/1"),
+        ("an infinite capacity", "B 1/{f}/7/1/1/a/1/inf/1/1"),
+        ("a capacity of 1e300", "B 1/{f}/7/1/1/a/1/1e300/1/1"),
+        (
+            "a capacity of 2^53",
+            "B 1/{f}/7/1/1/a/1/9007199254740992/1/1",
+        ),
         ("gcra on two keys", "G 2/{h}/{f}/0"),
         ("gcra without limits", "G 1/{f}"),
         ("gcra without a capacity", "G 1/{f}/1/a/1000000"),

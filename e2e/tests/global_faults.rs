@@ -571,7 +571,6 @@ fn a_misconfigured_cluster_is_counted_and_follows_the_failure_mode() {
 /// mismatch is a transport failure); `cargo test -p e2e --test
 /// global_faults -- --ignored` runs it.
 #[test]
-#[ignore = "fails today: webdis 0.1.9 hands replies of abandoned calls to later calls"]
 fn replies_of_calls_envoy_gave_up_on_never_decide_other_requests() {
     let global = GlobalEnvoy::start(Some(&plugin_config(FailureMode::Deny, "webdis")), 2);
     let addr = global.addr();

@@ -7,7 +7,7 @@
 --
 -- The filter calls one function per batch of waiting requests:
 --
---   FCALL apikey_ratelimit_batch <m> <key_1> ... <key_m>
+--   FCALL apikey_ratelimit_batch <m> <key_1> ... <key_m> <nonce>
 --         <s> [<n> (<name> <T> <C>) x n] x s     -- the limit sets, once each
 --         [<set> <count>] x m                    -- per key: its set (1-based), its requests
 --
@@ -17,12 +17,15 @@
 -- <name>     a limit's name; T its emission interval and C its capacity
 --            (burst x interval), in microseconds
 -- <count>    how many requests of that key arrived, in arrival order
+-- <nonce>    the call's own number, answered first: webdis 0.1.9 can hand the
+--            reply of a call Envoy gave up on to a later call, which must
+--            then see that the reply is not its own
 --
 -- Every key is decided at one Redis TIME, in order, exactly as if its
 -- requests had reached Redis back to back: the first ones fit, and once one
 -- is denied the rest are too (a denial changes nothing and the clock does
 -- not move). Returns a flat array of integers (what webdis can carry):
---   {now_us, [admitted_j, debt_j_1, ..., debt_j_n] x m}
+--   {nonce, now_us, [admitted_j, debt_j_1, ..., debt_j_n] x m}
 -- where admitted_j is how many of key j's requests were admitted and
 -- debt_j_i = max(TAT - now, 0) of its limit i *before* them: the filter
 -- replays the same arithmetic to give each request its own decision,
@@ -132,12 +135,16 @@ end
 
 local function batch(keys, args)
   local what = 'apikey_ratelimit_batch'
-  local s = tonumber(args[1])
+  local nonce = tonumber(args[1])
+  if not is_count(nonce) then
+    return redis.error_reply('ERR ' .. what .. ': expected the call\'s nonce')
+  end
+  local s = tonumber(args[2])
   if not is_count(s) then
     return redis.error_reply('ERR ' .. what .. ': expected the number of limit sets')
   end
   local sets = {}
-  local pos = 2
+  local pos = 3
   for j = 1, s do
     local set, next_or_error = read_set(args, pos, what)
     if set == nil then
@@ -160,7 +167,7 @@ local function batch(keys, args)
     pos = pos + 2
   end
   local now = clock()
-  local out = {now}
+  local out = {nonce, now}
   for j = 1, #keys do
     local set, count = entries[j][1], entries[j][2]
     local admitted, debts = decide(keys[j], set, count, now)

@@ -69,12 +69,15 @@ fuzz_target!(|data: &[u8]| {
         // webdis reads '.', '+' and ' ' in a path specially: none may appear
         // in a call for this set (here a batch of one key, one request).
         let redis_key = "apikey_ratelimit:k";
-        let path = wire::path(&[Entry {
-            redis_key,
-            set: index,
-            limits: &set.limits,
-            count: 1,
-        }]);
+        let path = wire::path(
+            wire::NONCE_LIMIT - 1,
+            &[Entry {
+                redis_key,
+                set: index,
+                limits: &set.limits,
+                count: 1,
+            }],
+        );
         assert!(path
             .bytes()
             .all(|b| b.is_ascii_graphic() && b != b'.' && b != b'+'));

@@ -43,13 +43,19 @@ fuzz_target!(|data: &[u8]| {
         .map(|i| (first + i) % (MAX_LIMITS + 2))
         .collect();
 
-    let parsed = parse(status, body, &limits);
-    assert_eq!(parsed, parse(status, body, &limits), "not deterministic");
+    // The call's nonce: a reply must echo it first.
+    const NONCE: u64 = 1;
+    let parsed = parse(status, body, NONCE, &limits);
+    assert_eq!(
+        parsed,
+        parse(status, body, NONCE, &limits),
+        "not deterministic"
+    );
     let integers = fcall_integers(status, body);
     assert_eq!(integers, fcall_integers(status, body), "not deterministic");
     if status != Some(200) {
         // Not a 200: the body is never looked at.
-        assert_eq!(parsed, parse(status, b"", &limits));
+        assert_eq!(parsed, parse(status, b"", NONCE, &limits));
         assert_eq!(integers, fcall_integers(status, b""));
     }
 
@@ -59,7 +65,16 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(parsed.as_ref().err(), Some(error));
             check_failure(error, status, &[FailureClass::Redis, FailureClass::Parse]);
         }
-        (Ok(_), Err(error)) => check_failure(error, status, &[FailureClass::Parse]),
+        (Ok(numbers), Err(error)) => {
+            // Another call's reply is a transport failure, whatever its shape.
+            let foreign = numbers.first().is_some_and(|first| *first != NONCE);
+            assert_eq!(error.class == FailureClass::Transport, foreign);
+            check_failure(
+                error,
+                status,
+                &[FailureClass::Parse, FailureClass::Transport],
+            );
+        }
         (Ok(numbers), Ok(reply)) => {
             assert_eq!(status, Some(200));
             assert!(serde_json::from_slice::<serde_json::Value>(body).is_ok());
@@ -68,9 +83,10 @@ fuzz_target!(|data: &[u8]| {
                 assert!(entry.debts_us.len() <= MAX_LIMITS, "too many limits");
                 assert_eq!(entry.debts_us.len(), *asked, "one debt per limit");
             }
-            let read = 1 + limits.iter().map(|n| 1 + n).sum::<usize>();
+            let read = 2 + limits.iter().map(|n| 1 + n).sum::<usize>();
             assert_eq!(numbers.len(), read, "integers left unread");
-            assert_eq!(numbers.first(), Some(&reply.now_us));
+            assert_eq!(numbers.first(), Some(&NONCE));
+            assert_eq!(numbers.get(1), Some(&reply.now_us));
         }
     }
 });

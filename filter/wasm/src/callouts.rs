@@ -60,9 +60,13 @@ impl Callouts {
                 s.0
             )
         })?;
+        // Every worker's calls share webdis: nonces start at random.
+        let seed = host::random_bytes::<8>()
+            .map(u64::from_le_bytes)
+            .map_err(|s| format!("cannot draw a nonce seed (host status {})", s.0))?;
         self.queue.set(Some(queue));
         self.root_id.set(root_id);
-        *self.batcher.borrow_mut() = Some(Batcher::new(webdis.batch_settings()));
+        *self.batcher.borrow_mut() = Some(Batcher::new(webdis.batch_settings(), seed));
         Ok(())
     }
 

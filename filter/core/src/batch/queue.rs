@@ -104,6 +104,7 @@ pub struct Learnt {
 /// A call's requests, kept until its answer.
 #[derive(Debug)]
 pub struct Call {
+    nonce: u64,
     sent_at: u64,
     entries: Vec<CallEntry>,
 }
@@ -178,11 +179,15 @@ pub struct Batcher<T> {
     wake_pending: bool,
     /// The host asked to delete the root while requests were waiting.
     closing: bool,
+    /// The next call's nonce (see [`wire`]).
+    next_nonce: u64,
     counts: Counts,
 }
 
 impl<T> Batcher<T> {
-    pub fn new(settings: Settings) -> Batcher<T> {
+    /// `nonce_seed` should be random: calls of every worker share webdis,
+    /// and no two of them may carry one nonce.
+    pub fn new(settings: Settings, nonce_seed: u64) -> Batcher<T> {
         Batcher {
             settings,
             next_id: 1,
@@ -193,6 +198,7 @@ impl<T> Batcher<T> {
             epoch: 0,
             wake_pending: false,
             closing: false,
+            next_nonce: nonce_seed % wire::NONCE_LIMIT,
             counts: Counts::default(),
         }
     }
@@ -340,7 +346,9 @@ impl<T> Batcher<T> {
                 count: u32::try_from(e.requests.len()).unwrap_or(u32::MAX),
             })
             .collect();
-        let path = wire::path(&wire_entries);
+        let nonce = self.next_nonce;
+        self.next_nonce = (nonce + 1) % wire::NONCE_LIMIT;
+        let path = wire::path(nonce, &wire_entries);
         let left = deadline
             .saturating_sub(now)
             .div_ceil(NANOS_PER_MILLI)
@@ -352,6 +360,7 @@ impl<T> Batcher<T> {
             timeout_ms: u32::try_from(left).unwrap_or(u32::MAX),
             requests,
             call: Call {
+                nonce,
                 sent_at: now,
                 entries,
             },
@@ -436,7 +445,7 @@ impl<T> Batcher<T> {
             .iter()
             .map(|e| policy.limits(e.set).len())
             .collect();
-        let reply = match wire::parse(status, body, &limits_per_entry) {
+        let reply = match wire::parse(status, body, call.nonce, &limits_per_entry) {
             Ok(reply) => reply,
             Err(error) => {
                 self.fail(call, &error, finished);
@@ -563,6 +572,9 @@ mod tests {
     use std::collections::BTreeMap;
 
     const MS: u64 = S / 1_000;
+    /// The first call's nonce, and its answer: one key, 1 admitted, no debt.
+    const NONCE: u64 = 40;
+    const ANSWER_1_0: &[u8] = br#"{"FCALL":[40,5,1,0]}"#;
 
     fn settings() -> Settings {
         Settings {
@@ -612,6 +624,7 @@ mod tests {
         let mut next = || it.next().unwrap().clone();
         let m: usize = next().parse().unwrap();
         let keys: Vec<String> = (0..m).map(|_| next()).collect();
+        let nonce: u64 = next().parse().unwrap();
         let s: usize = next().parse().unwrap();
         let sets: Vec<Vec<(String, u64, u64)>> = (0..s)
             .map(|_| {
@@ -621,7 +634,7 @@ mod tests {
                     .collect()
             })
             .collect();
-        let mut out = vec![now_us];
+        let mut out = vec![nonce, now_us];
         for key in keys {
             let set = &sets[next().parse::<usize>().unwrap() - 1];
             let count: usize = next().parse().unwrap();
@@ -663,7 +676,7 @@ mod tests {
     #[test]
     fn an_idle_worker_sends_at_once_and_gathers_while_a_call_is_out() {
         let p = policy(r#"{"limits": ["2/s"], "store": {"webdis": {}}}"#);
-        let mut batcher = Batcher::new(settings());
+        let mut batcher = Batcher::new(settings(), NONCE);
         let mut finished = Vec::new();
         let first = batcher.enqueue(ticket(1, "a"), (), 0).unwrap();
         assert!(first.wake, "idle: the root is woken");
@@ -681,7 +694,7 @@ mod tests {
         assert!(batcher.answered(
             4,
             Some(200),
-            br#"{"FCALL":[5,1,0]}"#,
+            ANSWER_1_0,
             2 * MS,
             &p,
             &mut finished,
@@ -694,7 +707,7 @@ mod tests {
         assert_eq!(next.requests, 3);
         assert!(
             next.path
-                .ends_with("/2/rl%3Aa/rl%3Ab/1/1/2%2Fs/500000/1000000/1/2/1/1"),
+                .ends_with("/2/rl%3Aa/rl%3Ab/41/1/1/2%2Fs/500000/1000000/1/2/1/1"),
             "{}",
             next.path
         );
@@ -704,7 +717,7 @@ mod tests {
     #[test]
     fn a_full_call_goes_out_while_another_is_in_flight_up_to_the_cap() {
         let p = policy(r#"{"limits": ["2/s"], "store": {"webdis": {}}}"#);
-        let mut batcher = Batcher::new(settings());
+        let mut batcher = Batcher::new(settings(), NONCE);
         let mut finished = Vec::new();
         batcher.enqueue(ticket(0, "k0"), (), 0).unwrap();
         batcher.woken();
@@ -733,11 +746,14 @@ mod tests {
     #[test]
     fn a_call_never_outgrows_its_byte_budget() {
         let p = policy(r#"{"limits": ["2/s"], "store": {"webdis": {}}}"#);
-        let mut batcher = Batcher::new(Settings {
-            max_keys: 100,
-            max_path_bytes: 300,
-            ..settings()
-        });
+        let mut batcher = Batcher::new(
+            Settings {
+                max_keys: 100,
+                max_path_bytes: 300,
+                ..settings()
+            },
+            NONCE,
+        );
         let mut finished = Vec::new();
         for i in 0..20u32 {
             batcher
@@ -762,7 +778,7 @@ mod tests {
     #[test]
     fn a_request_that_left_is_never_sent_and_one_in_flight_is_dropped() {
         let p = policy(r#"{"limits": ["5/s"], "store": {"webdis": {}}}"#);
-        let mut batcher = Batcher::new(settings());
+        let mut batcher = Batcher::new(settings(), NONCE);
         let mut finished = Vec::new();
         let sent = batcher.enqueue(ticket(1, "a"), (), 0).unwrap().id;
         let call = batcher.next_call(0, &p, none, &mut finished).unwrap();
@@ -772,15 +788,7 @@ mod tests {
         batcher.release(sent);
         assert_eq!(batcher.waiting(), 0);
         let mut learnt = Vec::new();
-        assert!(batcher.answered(
-            4,
-            Some(200),
-            br#"{"FCALL":[5,1,0]}"#,
-            MS,
-            &p,
-            &mut finished,
-            &mut learnt
-        ));
+        assert!(batcher.answered(4, Some(200), ANSWER_1_0, MS, &p, &mut finished, &mut learnt));
         assert!(finished.is_empty());
         assert!(
             batcher.next_call(MS, &p, none, &mut finished).is_none(),
@@ -796,7 +804,7 @@ mod tests {
     #[test]
     fn every_request_ends_by_its_deadline() {
         let p = policy(r#"{"limits": ["5/s"], "store": {"webdis": {}}}"#);
-        let mut batcher = Batcher::new(settings());
+        let mut batcher = Batcher::new(settings(), NONCE);
         let mut finished = Vec::new();
         batcher.enqueue(ticket(1, "a"), (), 0).unwrap();
         let call = batcher.next_call(0, &p, none, &mut finished).unwrap();
@@ -824,10 +832,13 @@ mod tests {
 
     #[test]
     fn a_full_queue_turns_requests_away() {
-        let mut batcher = Batcher::new(Settings {
-            max_waiting: 2,
-            ..settings()
-        });
+        let mut batcher = Batcher::new(
+            Settings {
+                max_waiting: 2,
+                ..settings()
+            },
+            NONCE,
+        );
         assert!(batcher.enqueue(ticket(1, "a"), 1, 0).is_ok());
         assert!(batcher.enqueue(ticket(2, "a"), 2, 0).is_ok());
         assert_eq!(batcher.enqueue(ticket(3, "a"), 3, 0).err(), Some(3));
@@ -838,7 +849,7 @@ mod tests {
     #[test]
     fn a_learnt_denial_answers_the_waiting_requests_of_that_key_from_the_cache() {
         let p = policy(r#"{"limits": ["1/s"], "store": {"webdis": {}}}"#);
-        let mut batcher = Batcher::new(settings());
+        let mut batcher = Batcher::new(settings(), NONCE);
         let mut finished = Vec::new();
         batcher.enqueue(ticket(1, "a"), (), 0).unwrap();
         // Nothing learnt since it arrived (it asked the cache itself then).
@@ -848,15 +859,7 @@ mod tests {
         batcher.enqueue(ticket(2, "a"), (), MS).unwrap();
         batcher.enqueue(ticket(3, "b"), (), MS).unwrap();
         let mut learnt = Vec::new();
-        batcher.answered(
-            4,
-            Some(200),
-            br#"{"FCALL":[5,1,0]}"#,
-            MS,
-            &p,
-            &mut finished,
-            &mut learnt,
-        );
+        batcher.answered(4, Some(200), ANSWER_1_0, MS, &p, &mut finished, &mut learnt);
         assert_eq!(learnt.len(), 1, "key a has nothing left");
         assert_eq!(learnt[0].resets_us.as_slice(), &[1_000_000]);
         let mut asked = Vec::new();
@@ -891,10 +894,20 @@ mod tests {
                 FailureClass::Redis,
             ),
             (Some(504), b"", FailureClass::Timeout),
-            (Some(200), br#"{"FCALL":[5,3,0,0,0]}"#, FailureClass::Parse),
+            (
+                Some(200),
+                br#"{"FCALL":[40,5,3,0,0,0]}"#,
+                FailureClass::Parse,
+            ),
+            // Another call's reply, handed on by webdis.
+            (
+                Some(200),
+                br#"{"FCALL":[39,5,1,0,1,0]}"#,
+                FailureClass::Transport,
+            ),
             (None, b"", FailureClass::Transport),
         ] {
-            let mut batcher = Batcher::new(settings());
+            let mut batcher = Batcher::new(settings(), NONCE);
             let mut finished = Vec::new();
             batcher.enqueue(ticket(1, "a"), (), 0).unwrap();
             batcher.enqueue(ticket(2, "a"), (), 0).unwrap();
@@ -916,10 +929,13 @@ mod tests {
     #[test]
     fn a_reused_token_fails_the_call_it_displaces_and_the_root_closes_after_the_last_answer() {
         let p = policy(r#"{"limits": ["1/s"], "store": {"webdis": {}}}"#);
-        let mut batcher = Batcher::new(Settings {
-            max_keys: 1,
-            ..settings()
-        });
+        let mut batcher = Batcher::new(
+            Settings {
+                max_keys: 1,
+                ..settings()
+            },
+            NONCE,
+        );
         let mut finished = Vec::new();
         batcher.enqueue(ticket(1, "a"), (), 0).unwrap();
         batcher.enqueue(ticket(2, "b"), (), 0).unwrap();
@@ -940,7 +956,7 @@ mod tests {
         batcher.answered(
             4,
             Some(200),
-            br#"{"FCALL":[5,1,0]}"#,
+            br#"{"FCALL":[41,5,1,0]}"#,
             MS,
             &p,
             &mut finished,
@@ -952,7 +968,7 @@ mod tests {
         batcher.answered(
             8,
             Some(200),
-            br#"{"FCALL":[5,1,0]}"#,
+            br#"{"FCALL":[42,5,1,0]}"#,
             MS,
             &p,
             &mut finished,
@@ -978,11 +994,14 @@ mod tests {
             rng ^= rng << 17;
             rng % n
         };
-        let mut batcher = Batcher::new(Settings {
-            max_keys: 3,
-            timeout_nanos: 3_600 * S,
-            ..settings()
-        });
+        let mut batcher = Batcher::new(
+            Settings {
+                max_keys: 3,
+                timeout_nanos: 3_600 * S,
+                ..settings()
+            },
+            NONCE,
+        );
         let mut store = BTreeMap::new();
         let mut model: BTreeMap<String, Vec<u64>> = BTreeMap::new();
         let mut in_flight: Vec<(u32, String)> = Vec::new();

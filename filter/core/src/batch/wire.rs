@@ -1,7 +1,11 @@
 //! What one batch call carries to the Redis function, and what it answers
 //! (the function's own description is at the top of `gcra.lua`):
 //!
-//! `GET /FCALL/apikey_ratelimit_batch/<m>/<key_1>/.../<key_m>/<s>/<sets>/<set_1>/<count_1>/...`
+//! `GET /FCALL/apikey_ratelimit_batch/<m>/<key_1>/.../<key_m>/<nonce>/<s>/<sets>/<set_1>/<count_1>/...`
+//!
+//! The nonce comes back first in the answer: webdis 0.1.9 can hand the reply
+//! of a call Envoy gave up on to a later call on the same file descriptor,
+//! and a call must never be decided by another call's reply.
 //!
 //! Each limit set is written once however many keys use it, so a call of
 //! many keys on one policy is mostly the keys themselves.
@@ -11,13 +15,17 @@ use std::fmt::Write;
 use crate::gcra::Limit;
 use crate::per_limit::{PerLimit, MAX_LIMITS};
 use crate::time::nanos_to_micros;
-use crate::webdis::{encode_into, fcall_integers, parse_error, BackendError};
+use crate::webdis::{encode_into, fcall_integers, parse_error, BackendError, FailureClass};
 
 /// The function a batch calls (registered by the library, checked by a test).
 pub const FUNCTION: &str = "apikey_ratelimit_batch";
 
 /// Bytes of the path outside its keys, sets and entries, at most.
-pub const FIXED_BYTES: usize = "/FCALL/".len() + FUNCTION.len() + 2 * (1 + 10);
+pub const FIXED_BYTES: usize = "/FCALL/".len() + FUNCTION.len() + 3 * (1 + 20);
+
+/// Nonces stay below this: the function reads numbers as Lua doubles and
+/// refuses any above 2^52.
+pub const NONCE_LIMIT: u64 = 1 << 48;
 
 /// One key of a batch.
 #[derive(Debug, Clone, Copy)]
@@ -44,8 +52,8 @@ pub fn set_bytes(limits: &[Limit]) -> usize {
     out.len()
 }
 
-/// The `:path` of one call deciding `entries`.
-pub fn path(entries: &[Entry<'_>]) -> String {
+/// The `:path` of call `nonce` (below [`NONCE_LIMIT`]) deciding `entries`.
+pub fn path(nonce: u64, entries: &[Entry<'_>]) -> String {
     let mut keys = String::new();
     let mut sets = String::new();
     let mut refs = String::new();
@@ -67,7 +75,7 @@ pub fn path(entries: &[Entry<'_>]) -> String {
     let mut path = String::with_capacity(FIXED_BYTES + keys.len() + sets.len() + refs.len());
     let _ = write!(path, "/FCALL/{FUNCTION}/{}", entries.len());
     path.push_str(&keys);
-    let _ = write!(path, "/{}", numbered.len());
+    let _ = write!(path, "/{nonce}/{}", numbered.len());
     path.push_str(&sets);
     path.push_str(&refs);
     path
@@ -110,21 +118,35 @@ pub struct EntryReply {
 /// What the function answered for a whole call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
+    /// The call's nonce, as the function echoed it.
+    pub nonce: u64,
     /// Redis's clock when it decided, microseconds.
     pub now_us: u64,
     /// One per entry, in the call's order.
     pub entries: Vec<EntryReply>,
 }
 
-/// Reads an answer to a call whose entries carried `limits_per_entry`
-/// limits each: `status` is `None` when the call came back with no headers.
+/// Reads an answer to call `nonce`, whose entries carried
+/// `limits_per_entry` limits each: `status` is `None` when the call came back
+/// with no headers. Another call's reply is a transport failure.
 pub fn parse(
     status: Option<u32>,
     body: &[u8],
+    nonce: u64,
     limits_per_entry: &[usize],
 ) -> Result<Reply, BackendError> {
     let numbers = fcall_integers(status, body)?;
-    let expected = 1 + limits_per_entry.iter().map(|n| 1 + n).sum::<usize>();
+    if let Some(other) = numbers.first().filter(|first| **first != nonce) {
+        return Err(BackendError::new(
+            FailureClass::Transport,
+            true,
+            format!(
+                "webdis answered call {nonce} with the reply of call {other} \
+                 (one Envoy gave up on; webdis 0.1.9 hands such replies on)"
+            ),
+        ));
+    }
+    let expected = 2 + limits_per_entry.iter().map(|n| 1 + n).sum::<usize>();
     if numbers.len() != expected || limits_per_entry.iter().any(|n| *n > MAX_LIMITS) {
         return Err(parse_error(format!(
             "the function answered {} integers for {} key(s) where {expected} were due; \
@@ -134,6 +156,7 @@ pub fn parse(
         )));
     }
     let mut numbers = numbers.into_iter();
+    let nonce = numbers.next().unwrap_or(0);
     let now_us = numbers.next().unwrap_or(0);
     let entries = limits_per_entry
         .iter()
@@ -142,7 +165,11 @@ pub fn parse(
             debts_us: numbers.by_ref().take(*n).collect(),
         })
         .collect();
-    Ok(Reply { now_us, entries })
+    Ok(Reply {
+        nonce,
+        now_us,
+        entries,
+    })
 }
 
 #[cfg(test)]
@@ -181,9 +208,9 @@ mod tests {
             },
         ];
         assert_eq!(
-            path(&entries),
+            path(77, &entries),
             "/FCALL/apikey_ratelimit_batch/3/rl%3Aapi%3Aab12/rl%3Aapi%3Acd34/rl%3Aapi%3Aef56\
-             /2/2/1%2F1s/1000000/1000000/per-day%2Ev2%2Fa%3Ab/86400000/8640000000\
+             /77/2/2/1%2F1s/1000000/1000000/per-day%2Ev2%2Fa%3Ab/86400000/8640000000\
              /1/gold/100000/1000000\
              /1/3/2/1/1/12"
         );
@@ -208,8 +235,8 @@ mod tests {
         let estimate = FIXED_BYTES
             + 3 * set_bytes(&limits)
             + keys.iter().map(|k| entry_bytes(k)).sum::<usize>();
-        assert!(path(&entries).len() <= estimate);
-        assert_eq!(path(&[]), "/FCALL/apikey_ratelimit_batch/0/0");
+        assert!(path(NONCE_LIMIT - 1, &entries).len() <= estimate);
+        assert_eq!(path(3, &[]), "/FCALL/apikey_ratelimit_batch/0/3/0");
     }
 
     #[test]
@@ -225,6 +252,7 @@ mod tests {
             .expect("gcra.lua bounds the numbers it takes");
         let largest_sent = [
             u64::from(u32::MAX),
+            NONCE_LIMIT - 1,
             MAX_CAPACITY_NANOS / 1_000,
             MAX_WINDOW_SECONDS * 1_000_000,
         ];
@@ -235,8 +263,9 @@ mod tests {
 
     #[test]
     fn replies_are_split_per_entry() {
-        let body = br#"{"FCALL":[1764000000000000,2,0,5,0,1,7000]}"#;
-        let reply = parse(Some(200), body, &[2, 0, 1]).unwrap();
+        let body = br#"{"FCALL":[77,1764000000000000,2,0,5,0,1,7000]}"#;
+        let reply = parse(Some(200), body, 77, &[2, 0, 1]).unwrap();
+        assert_eq!(reply.nonce, 77);
         assert_eq!(reply.now_us, 1_764_000_000_000_000);
         let parts: Vec<(u64, Vec<u64>)> = reply
             .entries
@@ -249,29 +278,46 @@ mod tests {
     #[test]
     fn a_reply_of_the_wrong_shape_is_a_parse_failure() {
         let class =
-            |body: &[u8], limits: &[usize]| parse(Some(200), body, limits).unwrap_err().class;
+            |body: &[u8], limits: &[usize]| parse(Some(200), body, 7, limits).unwrap_err().class;
         // Too few, too many, the one-request function's answer, too many limits.
-        assert_eq!(class(br#"{"FCALL":[5,1]}"#, &[1]), FailureClass::Parse);
-        assert_eq!(class(br#"{"FCALL":[5,1,0,0]}"#, &[1]), FailureClass::Parse);
+        assert_eq!(class(br#"{"FCALL":[7,5,1]}"#, &[1]), FailureClass::Parse);
+        assert_eq!(
+            class(br#"{"FCALL":[7,5,1,0,0]}"#, &[1]),
+            FailureClass::Parse
+        );
         assert_eq!(class(br#"{"FCALL":[]}"#, &[]), FailureClass::Parse);
-        let nine = format!(r#"{{"FCALL":[5,1{}]}}"#, ",0".repeat(9));
+        assert_eq!(class(br#"{"FCALL":[7]}"#, &[]), FailureClass::Parse);
+        let nine = format!(r#"{{"FCALL":[7,5,1{}]}}"#, ",0".repeat(9));
         assert_eq!(class(nine.as_bytes(), &[9]), FailureClass::Parse);
         // The failures every call shares come through unchanged.
         assert_eq!(
-            parse(Some(504), b"", &[1]).unwrap_err().class,
+            parse(Some(504), b"", 7, &[1]).unwrap_err().class,
             FailureClass::Timeout
         );
         assert_eq!(
-            parse(None, b"", &[1]).unwrap_err().class,
+            parse(None, b"", 7, &[1]).unwrap_err().class,
             FailureClass::Transport
         );
-        // An empty batch (a health check) is just the clock.
+        // An empty batch (a health check) is the nonce and the clock.
         assert_eq!(
-            parse(Some(200), br#"{"FCALL":[9]}"#, &[]).unwrap(),
+            parse(Some(200), br#"{"FCALL":[7,9]}"#, 7, &[]).unwrap(),
             Reply {
+                nonce: 7,
                 now_us: 9,
                 entries: vec![]
             }
         );
+    }
+
+    #[test]
+    fn another_calls_reply_never_decides_this_one() {
+        // The same shape, another nonce: what webdis 0.1.9 hands on from a
+        // call Envoy gave up on.
+        let error = parse(Some(200), br#"{"FCALL":[8,5,1,0]}"#, 7, &[1]).unwrap_err();
+        assert_eq!(
+            (error.class, error.transient),
+            (FailureClass::Transport, true)
+        );
+        assert!(error.detail.contains("call 8"), "{}", error.detail);
     }
 }
