@@ -566,13 +566,19 @@ fn a_misconfigured_cluster_is_counted_and_follows_the_failure_mode() {
 /// slower than that (here: webdis frozen, then thawed), a later call for
 /// another key can get that reply, and the filter decides on it: a fresh
 /// key admitted with another key's quota, admitted twice, or denied for
-/// another key's debt. Ignored until the filter checks that a reply is for
-/// its call (for instance the function echoes a per-call nonce, and a
-/// mismatch is a transport failure); `cargo test -p e2e --test
-/// global_faults -- --ignored` runs it.
+/// another key's debt. Each call carries a nonce the function echoes, and
+/// a reply with another is a transport failure. Without that check this
+/// test failed 2 runs of 2 (with `max_keys_per_call: 1`, so that stray
+/// replies have the shape of the calls they reach); with it, it passes.
 #[test]
 fn replies_of_calls_envoy_gave_up_on_never_decide_other_requests() {
-    let global = GlobalEnvoy::start(Some(&plugin_config(FailureMode::Deny, "webdis")), 2);
+    // One key per call and many calls at once: every call has the shape of
+    // every other, so only the nonce tells a stray reply from the call's own.
+    let config = plugin_config(FailureMode::Deny, "webdis").replace(
+        r#""timeout_ms""#,
+        r#""max_keys_per_call": 1, "max_calls_in_flight": 64, "timeout_ms""#,
+    );
+    let global = GlobalEnvoy::start(Some(&config), 2);
     let addr = global.addr();
     wait_recovered(&addr, "at start");
     let webdis = global.backend.webdis.proc();
