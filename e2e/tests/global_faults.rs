@@ -22,11 +22,11 @@
 //! bounded by one timeout, which is why [`TIMEOUT_MS`] is long enough that
 //! two in a row would break the bound.
 //!
-//! After webdis is thawed, limiting is checked only once webdis has worked
+//! After webdis is thawed, limiting is checked once webdis has worked
 //! through the calls Envoy gave up on while it was frozen: webdis 0.1.9
-//! hands their replies to later calls. The ignored test
-//! `replies_of_calls_envoy_gave_up_on_never_decide_other_requests` shows
-//! it; it should pass once the filter checks that a reply is for its call.
+//! hands their replies to later calls, which the call's nonce turns into
+//! transport failures (under the failure mode), never into decisions
+//! (`replies_of_calls_envoy_gave_up_on_never_decide_other_requests`).
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
