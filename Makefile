@@ -162,6 +162,7 @@ test: lint unit e2e bench-smoke compose-e2e
 ## compose-e2e: envoy/docker-compose.yaml run for real in a Docker engine (started if none
 ## answers); last in `make test`, so its engine and 13 containers never load the timed e2e tests
 compose-e2e: build envoy backend deploy-tools
+	@command -v curl >/dev/null || $(MAKE) --no-print-directory apt PKG=curl
 	$(CARGO) test --locked -p e2e --test compose -- --ignored
 
 lint: wasm-target
@@ -176,6 +177,7 @@ unit:
 	$(CARGO) test --locked -p apikey-ratelimit-core -p upstream -p bench
 
 e2e: build envoy backend deploy-tools
+	@command -v curl >/dev/null || $(MAKE) --no-print-directory apt PKG=curl
 	$(CARGO) test --locked -p e2e
 
 clean:

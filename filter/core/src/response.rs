@@ -12,6 +12,11 @@
 //!   contradict the policy it names.
 //! - Legacy `X-RateLimit-Limit/Remaining/Reset`, opt-in, describe the most
 //!   restrictive limit (fewest remaining).
+//! - gRPC: every reply also names its gRPC status ([`LocalReply::grpc_status`]).
+//!   Envoy uses it only for a gRPC request (it tells those by their content
+//!   type) and answers trailers-only, with the body as `grpc-message` and
+//!   the headers above beside `grpc-status`. Without it, Envoy would map the
+//!   429 to `UNAVAILABLE`, which gRPC clients retry at once.
 
 use std::fmt::Write;
 
@@ -28,6 +33,22 @@ pub struct LocalReply {
     pub status: u32,
     pub headers: Vec<(&'static str, String)>,
     pub body: String,
+}
+
+impl LocalReply {
+    /// The gRPC status of this reply for a gRPC request (`-1`: let Envoy map
+    /// the HTTP status): throttled is `RESOURCE_EXHAUSTED` (8), a missing key
+    /// `UNAUTHENTICATED` (16), a bad key `INVALID_ARGUMENT` (3), and an
+    /// unavailable store `UNAVAILABLE` (14).
+    pub fn grpc_status(&self) -> i32 {
+        match self.status {
+            429 => 8,
+            401 => 16,
+            400 => 3,
+            503 => 14,
+            _ => -1,
+        }
+    }
 }
 
 /// `RateLimit-Policy` for a set of limits, computed once per set.
@@ -283,6 +304,31 @@ mod tests {
         );
         assert_eq!(header(&reply.headers, "ratelimit"), Some("\"1/s\";r=0;t=1"));
         assert_eq!(header(&reply.headers, "x-ratelimit-limit"), None);
+    }
+
+    #[test]
+    fn each_reply_names_the_grpc_status_clients_expect() {
+        let p = policy(r#"{"limits": ["1/s"]}"#);
+        let set = &p.sets[0];
+        let denied = gcra::Decision::denied_for(1);
+        let replies = Replies::new(&[], 16);
+        let statuses: Vec<(u32, i32)> = [
+            throttled(&p.headers, set, &denied),
+            missing_key(&replies),
+            unavailable(),
+        ]
+        .iter()
+        .map(|r| (r.status, r.grpc_status()))
+        .collect();
+        // RESOURCE_EXHAUSTED, UNAUTHENTICATED, UNAVAILABLE; not UNAVAILABLE
+        // for a 429, which gRPC clients would retry at once.
+        assert_eq!(statuses, [(429, 8), (401, 16), (503, 14)]);
+        let bad = LocalReply {
+            status: 400,
+            headers: vec![],
+            body: String::new(),
+        };
+        assert_eq!(bad.grpc_status(), 3, "INVALID_ARGUMENT");
     }
 
     #[test]

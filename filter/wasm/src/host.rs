@@ -246,8 +246,14 @@ pub fn add_response_header(name: &str, value: &str) -> Result<(), Status> {
     })
 }
 
-/// Answers the request here. `headers` are serialized by the caller.
-pub fn send_local_response(status: u32, headers: &[u8], body: &[u8]) -> Result<(), Status> {
+/// Answers the request here. `headers` are serialized by the caller;
+/// `grpc_status` is used by Envoy for a gRPC request only (`-1`: none).
+pub fn send_local_response(
+    status: u32,
+    headers: &[u8],
+    body: &[u8],
+    grpc_status: i32,
+) -> Result<(), Status> {
     check(unsafe {
         proxy_send_local_response(
             status,
@@ -257,7 +263,7 @@ pub fn send_local_response(status: u32, headers: &[u8], body: &[u8]) -> Result<(
             body.len(),
             headers.as_ptr(),
             headers.len(),
-            -1,
+            grpc_status,
         )
     })
 }

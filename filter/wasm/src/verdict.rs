@@ -74,7 +74,13 @@ pub fn respond(reply: &LocalReply) -> Action {
         .map(|(name, value)| (name.as_bytes(), value.as_bytes()))
         .collect();
     let headers = header_map::serialize(&pairs);
-    if let Err(status) = host::send_local_response(reply.status, &headers, reply.body.as_bytes()) {
+    let sent = host::send_local_response(
+        reply.status,
+        &headers,
+        reply.body.as_bytes(),
+        reply.grpc_status(),
+    );
+    if let Err(status) = sent {
         host::log(
             LOG_ERROR,
             &format!(
