@@ -92,7 +92,7 @@ fn hmac_sha256(secret: &[u8], message: &[u8]) -> [u8; 32] {
 pub fn encode_into(out: &mut String, bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for &b in bytes {
-        if b.is_ascii_alphanumeric() || b == b'_' || b == b'~' || b == b'-' {
+        if kept_plain(b) {
             out.push(char::from(b));
         } else {
             out.push('%');
@@ -104,6 +104,20 @@ pub fn encode_into(out: &mut String, bytes: &[u8]) {
             ));
         }
     }
+}
+
+/// The bytes [`encode_into`] writes for `bytes`.
+pub fn encoded_len(bytes: &[u8]) -> usize {
+    bytes
+        .iter()
+        .map(|&b| if kept_plain(b) { 1 } else { 3 })
+        .sum()
+}
+
+/// A byte a URL argument carries as itself: webdis reads none of these
+/// specially.
+fn kept_plain(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'~' || b == b'-'
 }
 
 /// Why a call gave no decision. Each class has its own metric and its own

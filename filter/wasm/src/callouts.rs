@@ -25,7 +25,6 @@ use ratelimit_core::batch::queue::{
     queue_full_error, Batcher, Finished, Learnt, Outgoing, RequestId, Ticket, Verdict,
 };
 use ratelimit_core::deny_cache;
-use ratelimit_core::pipeline::StoreFailure;
 use ratelimit_core::webdis::BackendError;
 use ratelimit_core::Event;
 
@@ -251,10 +250,7 @@ impl Callouts {
                 events.insert(Event::BackendCacheHit);
                 Ok(verdict::decided(decision))
             }
-            Verdict::Failed(error) => {
-                filter.log_backend_error(&error);
-                Err(StoreFailure::Backend(error.class))
-            }
+            Verdict::Failed(error) => Err(filter.backend_failure(&error)),
         };
         let now = host::now_nanos().ok();
         let (action, events) =

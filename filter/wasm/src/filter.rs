@@ -3,6 +3,7 @@
 //! Built once, in the root context's `on_configure` ([`configure`]), and
 //! shared by every request of that root.
 
+use ratelimit_core::pipeline::StoreFailure;
 use ratelimit_core::slots::SlotTable;
 use ratelimit_core::webdis::{BackendError, FailureClass};
 use ratelimit_core::{plugin_name, Event, Events, Policy};
@@ -38,8 +39,14 @@ impl Filter {
         &self.plugin_name
     }
 
+    /// A failed backend call as the pipeline's store failure, logged.
+    pub fn backend_failure(&self, error: &BackendError) -> StoreFailure {
+        self.log_backend_error(error);
+        StoreFailure::Backend(error.class)
+    }
+
     /// Logs a failed backend call, at most once per class per 10 s.
-    pub fn log_backend_error(&self, error: &BackendError) {
+    fn log_backend_error(&self, error: &BackendError) {
         if !self
             .backend_logs
             .allow(error.class.index(), host::now_nanos().unwrap_or(0))

@@ -98,8 +98,7 @@ impl Request {
                 Action::Pause
             }
             Err((pending, error)) => {
-                filter.log_backend_error(&error);
-                let failure = Err(StoreFailure::Backend(error.class));
+                let failure = Err(filter.backend_failure(&error));
                 let (action, events) = pipeline::finish(policy, set, pending.events, failure);
                 self.apply(filter, action, events)
             }

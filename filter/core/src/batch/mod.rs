@@ -11,7 +11,7 @@ pub mod replay;
 pub mod wire;
 
 use crate::config::WebdisStoreConfig;
-use crate::time::NANOS_PER_SECOND;
+use crate::time::NANOS_PER_MILLI;
 
 /// Bytes of a call's `:path` at most: webdis reads at most
 /// `http_max_request_size` (16,384 in the shipped `webdis.json`) bytes of a
@@ -26,6 +26,6 @@ pub fn settings(config: &WebdisStoreConfig) -> queue::Settings {
         max_path_bytes: MAX_PATH_BYTES,
         max_in_flight: widen(config.max_calls_in_flight),
         max_waiting: widen(config.max_waiting),
-        timeout_nanos: u64::from(config.timeout_ms).saturating_mul(NANOS_PER_SECOND / 1_000),
+        timeout_nanos: u64::from(config.timeout_ms).saturating_mul(NANOS_PER_MILLI),
     }
 }

@@ -33,13 +33,11 @@ use crate::gcra::Decision;
 use crate::hash::KeyHash;
 use crate::per_limit::PerLimit;
 use crate::policy::Policy;
-use crate::time::NANOS_PER_SECOND;
+use crate::time::NANOS_PER_MILLI;
 use crate::webdis::{BackendError, FailureClass};
 
 /// Our id for a waiting request: never reused while the VM lives.
 pub type RequestId = u64;
-
-const NANOS_PER_MILLI: u64 = NANOS_PER_SECOND / 1_000;
 
 /// The bounds of one worker's queue and calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,12 +281,11 @@ impl<T> Batcher<T> {
             };
             match step {
                 Step::Expire => {
-                    self.counts.expired += 1;
-                    self.end_queued(id, Verdict::Failed(expired_error()), finished);
+                    self.expire_one(id, finished);
                     continue;
                 }
                 Step::Cached(decision) => {
-                    self.end_queued(id, Verdict::Cached(decision), finished);
+                    self.end(id, Verdict::Cached(decision), finished);
                     continue;
                 }
                 Step::Send => {}
@@ -367,7 +364,9 @@ impl<T> Batcher<T> {
         })
     }
 
-    fn end_queued(&mut self, id: RequestId, verdict: Verdict, finished: &mut Vec<Finished<T>>) {
+    /// Request `id` ends with `verdict`, queued or in a call. One already
+    /// released is gone: counted then, dropped now.
+    fn end(&mut self, id: RequestId, verdict: Verdict, finished: &mut Vec<Finished<T>>) {
         if let Some(waiting) = self.waiting.remove(&id) {
             if waiting.queued {
                 self.queued = self.queued.saturating_sub(1);
@@ -406,20 +405,8 @@ impl<T> Batcher<T> {
     fn fail(&mut self, call: Call, error: &BackendError, finished: &mut Vec<Finished<T>>) {
         for entry in call.entries {
             for id in entry.requests {
-                self.end_sent(id, Verdict::Failed(error.clone()), finished);
+                self.end(id, Verdict::Failed(error.clone()), finished);
             }
-        }
-    }
-
-    fn end_sent(&mut self, id: RequestId, verdict: Verdict, finished: &mut Vec<Finished<T>>) {
-        // A request already released is gone: counted then, dropped now.
-        if let Some(waiting) = self.waiting.remove(&id) {
-            finished.push(Finished {
-                context_id: waiting.ticket.context_id,
-                set: waiting.ticket.set,
-                payload: waiting.payload,
-                verdict,
-            });
         }
     }
 
@@ -458,7 +445,7 @@ impl<T> Batcher<T> {
                 Ok(replayed) => replayed,
                 Err(error) => {
                     for id in entry.requests {
-                        self.end_sent(id, Verdict::Failed(error.clone()), finished);
+                        self.end(id, Verdict::Failed(error.clone()), finished);
                     }
                     continue;
                 }
@@ -474,7 +461,7 @@ impl<T> Batcher<T> {
                 self.epoch = self.epoch.wrapping_add(1);
             }
             for (id, decision) in entry.requests.into_iter().zip(replayed.decisions) {
-                self.end_sent(id, Verdict::Decided(decision), finished);
+                self.end(id, Verdict::Decided(decision), finished);
             }
         }
         true
@@ -492,8 +479,7 @@ impl<T> Batcher<T> {
             .filter(|id| self.waiting.get(id).is_some_and(|w| now >= w.deadline))
             .collect();
         for id in due {
-            self.counts.expired += 1;
-            self.end_queued(id, Verdict::Failed(expired_error()), finished);
+            self.expire_one(id, finished);
         }
         let waiting = &self.waiting;
         self.queue.retain(|id| waiting.contains_key(id));
@@ -501,6 +487,11 @@ impl<T> Batcher<T> {
 
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    fn expire_one(&mut self, id: RequestId, finished: &mut Vec<Finished<T>>) {
+        self.counts.expired += 1;
+        self.end(id, Verdict::Failed(expired_error()), finished);
     }
 
     /// The counts since the last call, reset.

@@ -15,7 +15,9 @@ use std::fmt::Write;
 use crate::gcra::Limit;
 use crate::per_limit::{PerLimit, MAX_LIMITS};
 use crate::time::nanos_to_micros;
-use crate::webdis::{encode_into, fcall_integers, parse_error, BackendError, FailureClass};
+use crate::webdis::{
+    encode_into, encoded_len, fcall_integers, parse_error, BackendError, FailureClass,
+};
 
 /// The function a batch calls (registered by the library, checked by a test).
 pub const FUNCTION: &str = "apikey_ratelimit_batch";
@@ -91,19 +93,6 @@ fn write_set(out: &mut String, limits: &[Limit]) {
         let capacity = nanos_to_micros(limit.capacity_nanos);
         let _ = write!(out, "/{interval}/{capacity}");
     }
-}
-
-fn encoded_len(bytes: &[u8]) -> usize {
-    bytes
-        .iter()
-        .map(|&b| {
-            if b.is_ascii_alphanumeric() || b == b'_' || b == b'~' || b == b'-' {
-                1
-            } else {
-                3
-            }
-        })
-        .sum()
 }
 
 /// What the function answered for one key.
