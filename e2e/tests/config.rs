@@ -71,8 +71,10 @@ fn every_shipped_envoy_config_is_valid_for_envoy_and_for_the_filter() {
         }
         let policy = common::plugin_policy(name, &config);
         // The tutorial's throttle, keyed on api_key first.
-        assert_eq!(policy.sets[0].limits[0].rate.count, 1, "{name}");
-        assert_eq!(policy.sets[0].limits[0].rate.window_seconds, 1, "{name}");
+        let default = policy.plans[0].limits[0];
+        let limit = policy.instance(default).unwrap();
+        assert_eq!(limit.rate.count, 1, "{name}");
+        assert_eq!(limit.rate.window_seconds, 1, "{name}");
         assert_eq!(
             policy.sources[0],
             ratelimit_core::key::KeySource::Query {

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use e2e::backend::{Redis, RedisWebdis};
 use e2e::http;
+use ratelimit_core::applied::Applied;
 use ratelimit_core::batch::replay::replay;
 use ratelimit_core::batch::wire::{self, Entry, Reply};
 use ratelimit_core::gcra::{self, Decision, Limit};
@@ -48,12 +49,20 @@ impl Rng {
     }
 }
 
+/// Entries of one plan share their limits' description in a call.
+fn plan(plan: usize) -> Applied {
+    Applied {
+        plan: u16::try_from(plan).unwrap(),
+        ..Applied::default()
+    }
+}
+
 fn named(name: &str, count: u64, window_seconds: u64, burst: u64) -> Limit {
     let rate = Rate {
         count,
         window_seconds,
     };
-    Limit::new(name.into(), rate, burst).unwrap()
+    Limit::new(name, rate, burst).unwrap()
 }
 
 /// The Rust side: each key's TATs (ns) by limit name, as Redis keeps them.
@@ -67,7 +76,7 @@ impl Model {
 
     fn tats(&self, key: &str, limits: &[Limit]) -> Vec<u64> {
         let fields = self.fields(key);
-        let tat = |l: &Limit| fields.get(&l.name).copied().unwrap_or(0);
+        let tat = |l: &Limit| fields.get(l.name.as_str()).copied().unwrap_or(0);
         limits.iter().map(tat).collect()
     }
 
@@ -88,7 +97,7 @@ impl Model {
         if decisions.iter().any(|d| d.allowed) {
             let fields = self.0.entry(key.to_string()).or_default();
             for (limit, tat) in limits.iter().zip(tats) {
-                fields.insert(limit.name.clone(), tat);
+                fields.insert(limit.name.as_str().to_string(), tat);
             }
         }
         decisions
@@ -147,7 +156,7 @@ fn gcra_path(key: &str, limits: &[Limit]) -> String {
     );
     for limit in limits {
         let (t, c) = (limit.interval_nanos / US, limit.capacity_nanos / US);
-        path += &format!("/{}/{t}/{c}", enc(&limit.name));
+        path += &format!("/{}/{t}/{c}", enc(limit.name.as_str()));
     }
     path
 }
@@ -270,7 +279,7 @@ fn subset(pool: &[Limit], mask: usize) -> Vec<Limit> {
         .iter()
         .enumerate()
         .filter(|(i, _)| mask & (1 << i) != 0);
-    chosen.map(|(_, limit)| limit.clone()).collect()
+    chosen.map(|(_, limit)| *limit).collect()
 }
 
 /// What a scenario exercised.
@@ -305,8 +314,11 @@ impl Tally {
     fn count_batch(&mut self, entries: &[Entry<'_>], reply: &Reply) {
         self.batches += 1;
         let keys: BTreeSet<&str> = entries.iter().map(|e| e.redis_key).collect();
-        let sets: BTreeSet<usize> = entries.iter().map(|e| e.set).collect();
-        let pairs: BTreeSet<(usize, &str)> = entries.iter().map(|e| (e.set, e.redis_key)).collect();
+        let sets: BTreeSet<u16> = entries.iter().map(|e| e.applied.plan).collect();
+        let pairs: BTreeSet<(u16, &str)> = entries
+            .iter()
+            .map(|e| (e.applied.plan, e.redis_key))
+            .collect();
         self.repeated_keys += usize::from(keys.len() < entries.len());
         self.shared_sets += usize::from(pairs.len() > sets.len());
         self.mixed_sets += usize::from(sets.len() > 1);
@@ -361,7 +373,7 @@ fn scenario(webdis: &str, redis: &Redis, scenario: u64, steps: usize) -> Tally {
                     let most = [3, 20][rng.below(2)];
                     Entry {
                         redis_key: &keys[rng.below(4)],
-                        set,
+                        applied: plan(set),
                         limits: &sets[set],
                         count: 1 + rng.below(most) as u32,
                     }
@@ -445,7 +457,7 @@ fn edge_values_decide_alike_a_burst_filled_a_debt_at_the_tolerance_capacities_at
     let t_us = 100_000_000;
     let entry = |redis_key, limits, count| Entry {
         redis_key,
-        set: 0,
+        applied: plan(0),
         limits,
         count,
     };
@@ -482,10 +494,13 @@ fn edge_values_decide_alike_a_burst_filled_a_debt_at_the_tolerance_capacities_at
     assert_eq!(fifty.capacity_nanos, MAX_CAPACITY_NANOS);
     assert!(year.capacity_nanos <= MAX_CAPACITY_NANOS);
     assert_eq!(fast.interval_nanos, US);
-    let large = [year.clone(), fifty.clone(), dense, fast];
+    let large = [year, fifty, dense, fast];
     let fifty = [fifty];
     let mut entries = vec![entry(&c, &large[..], 20); 3];
-    entries.extend([entry(&d, &fifty[..], 20); 3].map(|e| Entry { set: 1, ..e }));
+    entries.extend([entry(&d, &fifty[..], 20); 3].map(|e| Entry {
+        applied: plan(1),
+        ..e
+    }));
     let reply = batch_alike(&webdis, &mut model, &entries, "large");
     let admitted: Vec<u64> = reply.entries.iter().map(|e| e.admitted).collect();
     // 49 fit under 1/366d, 50 under 1/365d.
@@ -526,7 +541,7 @@ fn malformed_calls_are_refused_with_a_redis_error_and_write_nothing() {
     let long = [named("a", 1, 366 * DAY, 3)];
     let entry = |redis_key| Entry {
         redis_key,
-        set: 0,
+        applied: plan(0),
         limits: &long,
         count: 1,
     };

@@ -40,7 +40,7 @@ fn allowed_and_throttled_responses_carry_exact_quota_headers() {
     json_header(&r);
     assert_eq!(
         r.body_str(),
-        r#"{"detail":"Request was throttled. Expected available in 12 seconds."}"#
+        r#"{"detail":"Request was throttled. Expected available in 12 seconds.","limit":"5/min"}"#
     );
     assert_eq!(r.header("retry-after"), Some("12"));
     assert_eq!(r.header("ratelimit-policy"), Some("\"5/min\";q=5;w=60"));
@@ -57,7 +57,7 @@ fn one_per_second_says_one_second_in_the_singular() {
     assert_eq!(r.status, 429);
     assert_eq!(
         r.body_str(),
-        r#"{"detail":"Request was throttled. Expected available in 1 second."}"#
+        r#"{"detail":"Request was throttled. Expected available in 1 second.","limit":"1/s"}"#
     );
     assert_eq!(r.header("retry-after"), Some("1"));
     assert_eq!(r.header("ratelimit"), Some("\"1/s\";r=0;t=1"));

@@ -15,8 +15,27 @@ use crate::rate::Rate;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Limits applied to every key without an override. Required.
-    pub limits: Vec<LimitConfig>,
+    /// Key-wide limits of keys on no plan (the plan named `default`).
+    /// Required unless `default_plan` names another plan.
+    #[serde(default)]
+    pub limits: Option<Vec<LimitConfig>>,
+    /// Rules by route, method, host and header: each matching rule adds its
+    /// limits to the key-wide ones (see `docs/design.md#rules`).
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+    /// Named plans: each a list of key-wide limits.
+    #[serde(default)]
+    pub plans: std::collections::BTreeMap<String, Vec<LimitConfig>>,
+    /// The key registry: plan name -> keys on it (plain or `sha256:<hex>`).
+    #[serde(default)]
+    pub keys: std::collections::BTreeMap<String, Vec<String>>,
+    /// What a key in no plan gets.
+    #[serde(default)]
+    pub unknown_keys: UnknownKeys,
+    /// The plan of unregistered keys under `unknown_keys: default_plan`;
+    /// unset, the top-level `limits`.
+    #[serde(default)]
+    pub default_plan: Option<String>,
     /// Where the key is looked for; every source is read.
     #[serde(default = "default_key_sources")]
     pub key_sources: Vec<KeySourceConfig>,
@@ -54,6 +73,85 @@ pub struct LimitConfig {
     /// Requests admitted at once from a fresh state; defaults to the count.
     pub burst: Option<u64>,
     pub name: Option<String>,
+}
+
+/// One rule: what it matches, the limits it adds, what a request costs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matches: MatchConfig,
+    pub limits: Vec<LimitConfig>,
+    /// What one request charges each of this rule's limits (default 1).
+    #[serde(default)]
+    pub cost: Option<CostConfig>,
+}
+
+/// A rule's conditions; all given ones must hold.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    /// Any of these methods (`GET`, `POST`...).
+    #[serde(default)]
+    pub methods: Option<Vec<String>>,
+    /// The path, exactly (after normalization).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// The path, by whole segments (`/v1` matches `/v1` and `/v1/x`).
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// The path, by a template such as `/orders/{id}`.
+    #[serde(default)]
+    pub path_template: Option<String>,
+    /// Any of these hosts (`api.example.com`, `*.example.com`).
+    #[serde(default)]
+    pub hosts: Option<Vec<String>>,
+    /// Every one of these header conditions.
+    #[serde(default)]
+    pub headers: Option<Vec<HeaderMatchConfig>>,
+    /// Keys on any of these plans (`default` is the top-level `limits`).
+    #[serde(default)]
+    pub plans: Option<Vec<String>>,
+}
+
+/// `{"name": "x-tier", "exact": "gold"}`, or `{"name": "x-model", "present": true}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatchConfig {
+    pub name: String,
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub present: Option<bool>,
+}
+
+/// `10`, or `{"header": "x-tokens", "default": 1, "max": 10000}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CostConfig {
+    Fixed(u64),
+    Header(HeaderCostConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderCostConfig {
+    pub header: String,
+    /// When the header is absent.
+    pub default: u64,
+    /// A larger value is refused (400) and consumes nothing.
+    pub max: u64,
+}
+
+/// What happens to a key that no plan lists.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownKeys {
+    /// The default plan's limits (today's behaviour).
+    #[default]
+    DefaultPlan,
+    /// 401, so that fresh keys cannot escape a limit.
+    Reject,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -347,6 +445,31 @@ fn limit_from<E: de::Error>(
     })
 }
 
+impl<'de> Deserialize<'de> for CostConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(CostVisitor)
+    }
+}
+
+struct CostVisitor;
+
+impl<'de> Visitor<'de> for CostVisitor {
+    type Value = CostConfig;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a whole number such as 10, or {\"header\": \"x-tokens\", \"default\": 1, \"max\": 10000}")
+    }
+
+    fn visit_u64<E: de::Error>(self, cost: u64) -> Result<CostConfig, E> {
+        Ok(CostConfig::Fixed(cost))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<CostConfig, A::Error> {
+        HeaderCostConfig::deserialize(de::value::MapAccessDeserializer::new(map))
+            .map(CostConfig::Header)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,8 +481,9 @@ mod tests {
     #[test]
     fn minimal_config_gets_envoy_style_defaults() {
         let c = parse(r#"{"limits": ["1/s"]}"#).unwrap();
-        assert_eq!(c.limits.len(), 1);
-        assert_eq!(c.limits[0].rate, Rate::parse("1/s").unwrap());
+        let limits = c.limits.unwrap();
+        assert_eq!(limits.len(), 1);
+        assert_eq!(limits[0].rate, Rate::parse("1/s").unwrap());
         assert_eq!(c.key_sources, default_key_sources());
         assert_eq!(c.max_key_length, 256);
         assert_eq!(c.missing_key, MissingKey::Reject);
@@ -386,9 +510,10 @@ mod tests {
             }"#,
         )
         .unwrap();
-        assert_eq!(c.limits[1].burst, Some(100));
-        assert_eq!(c.limits[1].name.as_deref(), Some("daily"));
-        assert_eq!(c.limits[0].rate_text, "10/s");
+        let limits = c.limits.as_ref().unwrap();
+        assert_eq!(limits[1].burst, Some(100));
+        assert_eq!(limits[1].name.as_deref(), Some("daily"));
+        assert_eq!(limits[0].rate_text, "10/s");
         assert_eq!(c.missing_key, MissingKey::Anonymous);
         assert_eq!(c.overrides[0].key, "gold");
         assert_eq!(
@@ -404,7 +529,6 @@ mod tests {
     fn errors_name_the_field() {
         let cases = [
             (r#"{"limts": ["1/s"]}"#, "limts", "unknown field `limts`"),
-            (r#"{}"#, ".", "missing field `limits`"),
             (
                 r#"{"limits": ["1/x"]}"#,
                 "limits[0]",
@@ -467,6 +591,6 @@ mod tests {
         assert!(parse("  \n").is_err());
         assert!(parse("{").is_err());
         assert!(parse(r#"{"limits": ["1/s"]} x"#).is_err());
-        assert!(parse("[]").is_err());
+        assert!(crate::Policy::from_json(b"[]").is_err());
     }
 }

@@ -184,7 +184,7 @@ mod tests {
         assert!(lookup(&limits, &e, key_hash(b"other"), 1).is_none());
         // A configuration that adds a limit still sees the first one's debt.
         let daily = named_limit("daily", 1000, 86_400, 1000);
-        let two = [limits.clone(), vec![daily.clone()]].concat();
+        let two = [limits.clone(), vec![daily]].concat();
         assert!(lookup(&two, &e, key, 1).is_some());
         assert!(lookup(&[daily], &e, key, 1).is_none());
         assert!(lookup(&limits, &[], key, 1).is_none());

@@ -7,15 +7,79 @@
 //! A denied request changes nothing. Several limits on one key are decided
 //! together: the request is admitted only if every limit admits it, and only
 //! then do all their TATs move. Time is always passed in.
+//!
+//! A request may cost more than one (`cost`, per limit): it is admitted when
+//! `max(TAT, now) - now + cost * T <= b * T`, and then moves the TAT by
+//! `cost * T`. For `cost = 1` that is the rule above. A cost above the burst
+//! can never fit; the policy answers such a request before it gets here.
+
+use std::fmt;
 
 use crate::per_limit::PerLimit;
 use crate::rate::Rate;
 
-/// One compiled limit.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The longest limit name (configuration checks it).
+pub const MAX_NAME_LENGTH: usize = 64;
+
+/// A limit's name, held inline so that a [`Limit`] is `Copy` and a
+/// request's limits are gathered without allocating.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LimitName {
+    bytes: [u8; MAX_NAME_LENGTH],
+    len: u8,
+}
+
+impl LimitName {
+    /// `None` for a name longer than [`MAX_NAME_LENGTH`].
+    pub fn new(name: &str) -> Option<LimitName> {
+        let mut bytes = [0; MAX_NAME_LENGTH];
+        bytes
+            .get_mut(..name.len())?
+            .copy_from_slice(name.as_bytes());
+        Some(LimitName {
+            bytes,
+            len: u8::try_from(name.len()).ok()?,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        let bytes = self.bytes.get(..usize::from(self.len)).unwrap_or(&[]);
+        std::str::from_utf8(bytes).unwrap_or_default()
+    }
+}
+
+impl Default for LimitName {
+    fn default() -> LimitName {
+        LimitName {
+            bytes: [0; MAX_NAME_LENGTH],
+            len: 0,
+        }
+    }
+}
+
+impl fmt::Debug for LimitName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for LimitName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<str> for LimitName {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+/// One compiled limit, and what the request at hand costs under it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct Limit {
     /// The policy name shown in the `RateLimit` headers.
-    pub name: String,
+    pub name: LimitName,
     /// The limit's identity in a stored state: a hash of its name, so a
     /// key's debt under this limit survives other limits being added or
     /// removed (see [`crate::state`]).
@@ -26,31 +90,56 @@ pub struct Limit {
     pub interval_nanos: u64,
     /// `b * T`: how far ahead of `now` the TAT may run after an admission.
     pub capacity_nanos: u64,
+    /// What the request being decided costs under this limit (1 unless a
+    /// rule charges more); at most `burst` for a request that can fit.
+    pub cost: u64,
+    /// The limit's place in the policy's table of limits (its counters).
+    pub index: u16,
 }
 
 impl Limit {
     /// Builds a limit; `None` when `burst * T` overflows (config validation
     /// reports that as an error before this is ever reached).
-    pub fn new(name: String, rate: Rate, burst: u64) -> Option<Limit> {
+    /// Builds a limit costing 1 per request; `None` when `burst * T`
+    /// overflows or the name is too long (config validation reports both
+    /// before this is ever reached).
+    pub fn new(name: &str, rate: Rate, burst: u64) -> Option<Limit> {
         let interval_nanos = rate.interval_nanos();
         let capacity_nanos = interval_nanos.checked_mul(burst)?;
         if burst == 0 || interval_nanos == 0 {
             return None;
         }
         Some(Limit {
-            id: limit_id(&name),
-            name,
+            id: limit_id(name),
+            name: LimitName::new(name)?,
             rate,
             burst,
             interval_nanos,
             capacity_nanos,
+            cost: 1,
+            index: 0,
         })
     }
 
-    /// `(b - 1) * T`: how far the TAT may run ahead of `now` for a request
-    /// to be admitted.
+    /// The same limit, charging `cost` for the request at hand.
+    pub fn costing(self, cost: u64) -> Limit {
+        Limit { cost, ..self }
+    }
+
+    /// `cost * T`: how far an admitted request moves the TAT.
+    pub fn step_nanos(&self) -> u64 {
+        self.interval_nanos.saturating_mul(self.cost)
+    }
+
+    /// `b * T - cost * T`: how far the TAT may run ahead of `now` for the
+    /// request to be admitted (`(b - 1) * T` at cost 1).
     pub fn tolerance_nanos(&self) -> u64 {
-        self.capacity_nanos.saturating_sub(self.interval_nanos)
+        self.capacity_nanos.saturating_sub(self.step_nanos())
+    }
+
+    /// Whether a request of this cost can ever be admitted.
+    pub fn fits_at_all(&self) -> bool {
+        self.cost <= self.burst
     }
 
     /// Requests that fit right now with this TAT.
@@ -61,16 +150,6 @@ impl Limit {
             .checked_div(self.interval_nanos)
             .unwrap_or(0)
     }
-}
-
-/// A set of limits that apply together to one key, with what the
-/// `RateLimit-Policy` header says about it computed once (by the policy,
-/// with [`crate::response::policy_header`]).
-#[derive(Debug, Clone)]
-pub struct LimitSet {
-    pub limits: Vec<Limit>,
-    /// The `RateLimit-Policy` header value.
-    pub policy_header: String,
 }
 
 /// The identity of the limit named `name` in stored states. Stable across
@@ -95,6 +174,10 @@ pub struct Decision {
     pub allowed: bool,
     /// Zero when allowed; else the exact wait until every limit admits.
     pub retry_after_nanos: u64,
+    /// Bit `i` set: limit `i` denied the request.
+    pub denied_by: u32,
+    /// Of those, the one with the longest wait.
+    binding: u8,
     states: PerLimit<LimitState>,
 }
 
@@ -104,6 +187,8 @@ impl Decision {
         Decision {
             allowed: true,
             retry_after_nanos: 0,
+            denied_by: 0,
+            binding: 0,
             states: PerLimit::new(),
         }
     }
@@ -129,6 +214,8 @@ impl Decision {
         Decision {
             allowed,
             retry_after_nanos: if allowed { 0 } else { retry_after_nanos },
+            denied_by: 0,
+            binding: 0,
             states: limits
                 .iter()
                 .zip(resets_nanos)
@@ -144,6 +231,11 @@ impl Decision {
     pub fn states(&self) -> &[LimitState] {
         self.states.as_slice()
     }
+
+    /// The limit that denied with the longest wait: the one a 429 names.
+    pub fn binding(&self) -> Option<usize> {
+        (self.denied_by != 0).then_some(usize::from(self.binding))
+    }
 }
 
 /// Decides one request at `now` against `limits`, updating `tats` in place
@@ -153,20 +245,25 @@ impl Decision {
 pub fn decide(limits: &[Limit], tats: &mut [u64], now: u64) -> Decision {
     let mut decision = Decision::unlimited();
 
-    for (limit, tat) in limits.iter().zip(tats.iter()) {
+    for (i, (limit, tat)) in limits.iter().zip(tats.iter()).enumerate() {
         let start = (*tat).max(now);
         let tolerance = limit.tolerance_nanos();
         let debt = start.saturating_sub(now);
-        if debt > tolerance {
+        if debt > tolerance || !limit.fits_at_all() {
+            let wait = debt.saturating_sub(tolerance);
+            if decision.allowed || wait > decision.retry_after_nanos {
+                decision.binding = u8::try_from(i).unwrap_or(u8::MAX);
+            }
             decision.allowed = false;
-            decision.retry_after_nanos = decision
-                .retry_after_nanos
-                .max(debt.saturating_sub(tolerance));
+            decision.retry_after_nanos = decision.retry_after_nanos.max(wait);
+            decision.denied_by |= 1u32
+                .checked_shl(u32::try_from(i).unwrap_or(u32::MAX))
+                .unwrap_or(0);
         }
     }
     if decision.allowed {
         for (limit, tat) in limits.iter().zip(tats.iter_mut()) {
-            *tat = (*tat).max(now).saturating_add(limit.interval_nanos);
+            *tat = (*tat).max(now).saturating_add(limit.step_nanos());
         }
     }
     decision.states = limits
@@ -314,7 +411,7 @@ mod tests {
             lim in arb_limit(),
             gaps in prop::collection::vec(0u64..400_000_000, 1..300),
         ) {
-            let limits = [lim.clone()];
+            let limits = [lim];
             let mut tats = [0];
             let mut admitted = Vec::new();
             for now in schedule(gaps) {

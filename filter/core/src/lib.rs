@@ -12,6 +12,8 @@
 //! - [`policy`]: the validated, compiled configuration; key → limits lookup.
 //! - [`header_map`]: reads the header map the host serializes.
 //! - [`key`]: finds the API key in the query string or a header.
+//! - [`matching`]: a request's normalized method, path and host, and rule patterns.
+//! - [`applied`]: the limits that apply to one request (plan and rules).
 //! - [`hash`]: the keyed hash of API keys (fingerprints, slot choice).
 //! - [`time`]: time units and their conversions.
 //! - [`per_limit`]: one value per limit of a key, without allocating.
@@ -33,6 +35,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 #![deny(clippy::panic, clippy::indexing_slicing)]
 
+pub mod applied;
 pub mod batch;
 pub mod calls;
 pub mod config;
@@ -41,6 +44,7 @@ pub mod gcra;
 pub mod hash;
 pub mod header_map;
 pub mod key;
+pub mod matching;
 pub mod per_limit;
 pub mod pipeline;
 pub mod plugin_name;

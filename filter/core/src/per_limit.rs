@@ -5,7 +5,7 @@
 use std::fmt;
 
 /// How many limits one key may carry at once (`["10/s", "1000/day"]` is two).
-pub const MAX_LIMITS: usize = 8;
+pub const MAX_LIMITS: usize = 16;
 
 /// Up to [`MAX_LIMITS`] values, in the order of the limits they belong to.
 #[derive(Clone, Copy)]
@@ -96,6 +96,12 @@ impl<T: PartialEq> PartialEq for PerLimit<T> {
 
 impl<T: Eq> Eq for PerLimit<T> {}
 
+impl<T: std::hash::Hash> std::hash::Hash for PerLimit<T> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_slice().hash(state);
+    }
+}
+
 impl<T: fmt::Debug> fmt::Debug for PerLimit<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list().entries(self.as_slice()).finish()
@@ -115,7 +121,7 @@ mod tests {
         }
         assert!(!list.push(99), "a full list refuses more");
         assert_eq!(list.len(), MAX_LIMITS);
-        assert_eq!(list.as_slice(), &[0, 1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(list.as_slice(), (0..MAX_LIMITS as u64).collect::<Vec<_>>());
         list.as_mut_slice()[0] = 10;
         assert_eq!(list.iter().next(), Some(&10));
     }

@@ -7,9 +7,11 @@
 
 use std::borrow::Cow;
 
+use crate::applied::Applied;
 use crate::gcra::Decision;
 use crate::hash::KeyHash;
 use crate::key::RequestHeaders;
+use crate::per_limit::PerLimit;
 use crate::policy::{Identity, Policy};
 use crate::response::{self, LocalReply};
 use crate::slots::{Outcome, Placement};
@@ -17,6 +19,9 @@ use crate::webdis::FailureClass;
 
 /// What the filter does with the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// A decision carries one state per limit (up to 16) by value: boxing it
+// would allocate on every request.
+#[allow(clippy::large_enum_variant)]
 pub enum Action {
     /// Forward it; the response gets these quota headers, if any.
     Continue(Option<Quota>),
@@ -27,7 +32,7 @@ pub enum Action {
 /// Enough to write the quota headers on the upstream's response later.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quota {
-    pub set: usize,
+    pub applied: Applied,
     pub decision: Decision,
 }
 
@@ -62,11 +67,17 @@ pub enum Event {
     /// Shadow mode let through a store failure that `failure_mode: deny`
     /// would have answered 503.
     ShadowFailureDenied,
+    /// A key no plan lists, under `unknown_keys: reject`.
+    UnknownKey,
+    /// Shadow mode let through a request with an unregistered key.
+    ShadowUnknownKey,
+    /// A 400 for the request's cost or path (the rules could not apply).
+    BadRequest,
 }
 
 impl Event {
     /// Every event that is not a backend error (a new event goes here too).
-    const PLAIN: [Event; 17] = [
+    const PLAIN: [Event; 20] = [
         Event::Allowed,
         Event::Throttled,
         Event::ShadowThrottled,
@@ -84,6 +95,9 @@ impl Event {
         Event::ShadowMissingKey,
         Event::ShadowInvalidKey,
         Event::ShadowFailureDenied,
+        Event::UnknownKey,
+        Event::ShadowUnknownKey,
+        Event::BadRequest,
     ];
 
     /// Every event, each at its [`Event::index`]: the plain ones, then one
@@ -137,13 +151,23 @@ impl Event {
             Event::ShadowMissingKey => "shadow_missing_key",
             Event::ShadowInvalidKey => "shadow_invalid_key",
             Event::ShadowFailureDenied => "shadow_failure_denied",
+            Event::UnknownKey => "unknown_key",
+            Event::ShadowUnknownKey => "shadow_unknown_key",
+            Event::BadRequest => "bad_request",
         })
     }
 }
 
-/// A small set of events, without allocating: one bit per [`Event::index`].
+/// A small set of events, without allocating: one bit per [`Event::index`],
+/// and which rules matched and which limits denied (their counters).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Events(u32);
+pub struct Events {
+    bits: u32,
+    /// Bit `i`: rule `i` matched the request.
+    pub rules: u32,
+    /// The limits that denied it, by [`crate::gcra::Limit::index`].
+    pub denied_limits: PerLimit<u16>,
+}
 
 const _: () = assert!(Event::ALL.len() <= u32::BITS as usize);
 
@@ -157,11 +181,24 @@ impl Events {
     }
 
     pub fn insert(&mut self, event: Event) {
-        self.0 |= 1 << event.index();
+        self.bits |= 1 << event.index();
     }
 
     pub fn contains(&self, event: Event) -> bool {
-        self.0 & (1 << event.index()) != 0
+        self.bits & (1 << event.index()) != 0
+    }
+
+    /// Whether the request was throttled (or would have been, in shadow).
+    pub fn throttled(&self) -> bool {
+        self.contains(Event::Throttled) || self.contains(Event::ShadowThrottled)
+    }
+
+    /// The events alone, without which rules and limits they concern.
+    pub fn plain(&self) -> Events {
+        Events {
+            bits: self.bits,
+            ..Events::default()
+        }
     }
 
     /// The events held, in the order of [`Event::ALL`].
@@ -169,7 +206,7 @@ impl Events {
         Event::ALL
             .into_iter()
             .enumerate()
-            .filter(move |(i, _)| self.0 & (1 << i) != 0)
+            .filter(move |(i, _)| self.bits & (1 << i) != 0)
             .map(|(_, event)| event)
     }
 }
@@ -184,24 +221,27 @@ pub enum Subject<'a> {
 
 /// The first step: either the answer, or a key for the store to decide on.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// A decision carries one state per limit (up to 16) by value: boxing it
+// would allocate on every request.
+#[allow(clippy::large_enum_variant)]
 pub enum Start<'a> {
     Done(Action, Events),
     /// Ask the store; pass `events` on to [`finish`].
     Decide {
         subject: Subject<'a>,
         hash: KeyHash,
-        set: usize,
+        applied: Applied,
         events: Events,
     },
 }
 
 pub fn start<'a>(policy: &Policy, headers: &impl RequestHeaders<'a>) -> Start<'a> {
-    let (subject, hash, set, mut events) = match policy.identify(headers) {
-        Identity::Key { key, hash, set } => (Subject::Key(key), hash, set, Events::default()),
-        Identity::Anonymous { hash, set } => (
+    let (subject, hash, plan, mut events) = match policy.identify(headers) {
+        Identity::Key { key, hash, plan } => (Subject::Key(key), hash, plan, Events::default()),
+        Identity::Anonymous { hash, plan } => (
             Subject::Anonymous,
             hash,
-            set,
+            plan,
             Events::of(&[Event::MissingKey]),
         ),
         Identity::MissingAllowed => {
@@ -233,18 +273,43 @@ pub fn start<'a>(policy: &Policy, headers: &impl RequestHeaders<'a>) -> Start<'a
                 Events::of(&[Event::InvalidKey]),
             )
         }
+        Identity::Unknown if policy.shadow_mode => {
+            return Start::Done(
+                Action::Continue(None),
+                Events::of(&[Event::UnknownKey, Event::ShadowUnknownKey]),
+            )
+        }
+        Identity::Unknown => {
+            return Start::Done(
+                Action::Respond(response::unknown_key()),
+                Events::of(&[Event::UnknownKey]),
+            )
+        }
     };
-    match policy.set(set) {
-        Some(limits) if !limits.limits.is_empty() => Start::Decide {
+    match policy.applied(plan, headers) {
+        Ok(applied) if !applied.is_empty() => Start::Decide {
             subject,
             hash,
-            set,
+            applied,
             events,
         },
-        // An override with no limits: this key is unlimited.
-        _ => {
+        // A plan without limits that no rule adds to: unlimited.
+        Ok(_) => {
             events.insert(Event::Allowed);
             Start::Done(Action::Continue(None), events)
+        }
+        // Shadow mode never denies, but a cost it cannot read cannot be
+        // counted either: the request goes on, uncounted.
+        Err(_) if policy.shadow_mode => {
+            events.insert(Event::BadRequest);
+            Start::Done(Action::Continue(None), events)
+        }
+        Err(error) => {
+            events.insert(Event::BadRequest);
+            Start::Done(
+                Action::Respond(response::bad_request(policy, &error)),
+                events,
+            )
         }
     }
 }
@@ -261,14 +326,10 @@ pub enum StoreFailure {
 /// The last step: the store's outcome (or failure) becomes the action.
 pub fn finish(
     policy: &Policy,
-    set: usize,
+    applied: &Applied,
     mut events: Events,
     outcome: Result<Outcome, StoreFailure>,
 ) -> (Action, Events) {
-    let Some(limits) = policy.set(set) else {
-        events.insert(Event::Allowed);
-        return (Action::Continue(None), events);
-    };
     let decision = match outcome {
         Ok(Outcome::Decided {
             decision,
@@ -313,7 +374,20 @@ pub fn finish(
             };
         }
     };
-    let quota = Quota { set, decision };
+    let quota = Quota {
+        applied: *applied,
+        decision,
+    };
+    events.rules = applied.rules;
+    if !decision.allowed {
+        let limits = policy.limits(applied);
+        events.denied_limits = limits
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| decision.denied_by & 1u32.checked_shl(*i as u32).unwrap_or(0) != 0)
+            .map(|(_, l)| l.index)
+            .collect();
+    }
     if decision.allowed {
         events.insert(Event::Allowed);
         (Action::Continue(Some(quota)), events)
@@ -323,7 +397,11 @@ pub fn finish(
     } else {
         events.insert(Event::Throttled);
         (
-            Action::Respond(response::throttled(&policy.headers, limits, &decision)),
+            Action::Respond(response::throttled(
+                &policy.headers,
+                policy.limits(applied).as_slice(),
+                &decision,
+            )),
             events,
         )
     }
@@ -337,15 +415,30 @@ pub fn write_response_headers(
     buf: &mut String,
     emit: impl FnMut(&'static str, &str),
 ) {
-    if let Some(set) = policy.set(quota.set) {
-        response::write_quota_headers(&policy.headers, set, &quota.decision, buf, emit);
-    }
+    let limits = policy.limits(&quota.applied);
+    response::write_quota_headers(
+        &policy.headers,
+        limits.as_slice(),
+        &quota.decision,
+        buf,
+        emit,
+    );
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{policy, Headers, MemStore, S};
+    use crate::testing::{default_applied, policy, Headers, MemStore, S};
+
+    /// `finish` on the default plan, its events without their detail.
+    fn finish_default(
+        p: &Policy,
+        events: Events,
+        outcome: Result<Outcome, StoreFailure>,
+    ) -> (Action, Events) {
+        let (action, events) = finish(p, &default_applied(p), events, outcome);
+        (action, events.plain())
+    }
 
     /// The whole local path, as the glue runs it.
     fn run(p: &Policy, store: &mut MemStore, path: &str, now: u64) -> (Action, Events) {
@@ -353,13 +446,17 @@ mod tests {
         match start(p, &headers.map()) {
             Start::Done(action, events) => (action, events),
             Start::Decide {
-                hash, set, events, ..
+                hash,
+                applied,
+                events,
+                ..
             } => {
                 let table = p.slot_table().unwrap();
                 let outcome = table
-                    .decide(store, hash, &p.sets[set].limits, now)
+                    .decide(store, hash, p.limits(&applied).as_slice(), now)
                     .map_err(|()| StoreFailure::Host);
-                finish(p, set, events, outcome)
+                let (action, events) = finish(p, &applied, events, outcome);
+                (action, events.plain())
             }
         }
     }
@@ -452,7 +549,7 @@ mod tests {
             )
         );
         assert_eq!(
-            finish(&p, 0, Events::default(), Err(StoreFailure::Host)),
+            finish_default(&p, Events::default(), Err(StoreFailure::Host)),
             (
                 Action::Continue(None),
                 Events::of(&[Event::StoreError, Event::ShadowFailureDenied])
@@ -466,7 +563,7 @@ mod tests {
                 retry_after_nanos: S,
             },
         ] {
-            let (a, _) = finish(&p, 0, Events::default(), Ok(outcome));
+            let (a, _) = finish_default(&p, Events::default(), Ok(outcome));
             assert!(matches!(a, Action::Continue(_)), "{outcome:?}");
         }
     }
@@ -513,9 +610,8 @@ mod tests {
         let p = policy(r#"{"limits": ["10/s", "100/min"]}"#);
         // The state read after the last conflict would deny for 61.5 s.
         let exhausted = |retry_after_nanos| {
-            finish(
+            finish_default(
                 &p,
-                0,
                 Events::default(),
                 Ok(Outcome::RetriesExhausted { retry_after_nanos }),
             )
@@ -545,16 +641,15 @@ mod tests {
     fn store_failures_follow_the_failure_mode() {
         let allow = policy(r#"{"limits": ["1/s"]}"#);
         assert_eq!(
-            finish(&allow, 0, Events::default(), Err(StoreFailure::Host)),
+            finish_default(&allow, Events::default(), Err(StoreFailure::Host)),
             (
                 Action::Continue(None),
                 Events::of(&[Event::StoreError, Event::FailureModeAllowed])
             )
         );
         let deny = policy(r#"{"limits": ["1/s"], "failure_mode": "deny"}"#);
-        let (action, events) = finish(
+        let (action, events) = finish_default(
             &deny,
-            0,
             Events::default(),
             Err(StoreFailure::Backend(FailureClass::Timeout)),
         );
@@ -599,6 +694,7 @@ mod tests {
             "backend_errors_status",
             "backend_errors_timeout",
             "backend_errors_transport",
+            "bad_request",
             "cas_conflicts",
             "cas_retries_exhausted",
             "failure_mode_allowed",
@@ -609,10 +705,12 @@ mod tests {
             "shadow_invalid_key",
             "shadow_missing_key",
             "shadow_throttled",
+            "shadow_unknown_key",
             "slot_evictions",
             "slot_table_full",
             "store_errors",
             "throttled",
+            "unknown_key",
         ];
         assert_eq!(names, expected);
     }

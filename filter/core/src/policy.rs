@@ -1,49 +1,85 @@
 //! The compiled policy: a validated configuration in the shape the hot path
 //! needs. Built once in `on_configure`; per request it only looks things up.
+//!
+//! A request's limits are its key's plan's (the top-level `limits` for the
+//! `default` plan, a named plan, or an override) plus those of every rule it
+//! matches. All of a key's limits, across plans and rules, share one stored
+//! state, each under its own name, so one CAS (or one Redis call) decides
+//! all that apply and a request on one route never touches another route's.
 
 use std::borrow::Cow;
 use std::cell::Cell;
-use std::collections::HashMap;
 
-use sha2::{Digest, Sha256};
-use xxhash_rust::xxh3::xxh3_128;
-
+use crate::applied::{Applied, LimitRef};
 use crate::config::{
     Config, ConfigError, FailureMode, KeySourceConfig, LimitConfig, LocalStoreConfig, MissingKey,
-    ResponseHeadersConfig, StoreConfig, WebdisStoreConfig,
+    ResponseHeadersConfig, StoreConfig, UnknownKeys, WebdisStoreConfig,
 };
-use crate::gcra::{Limit, LimitSet};
+use crate::gcra::{Limit, MAX_NAME_LENGTH};
 use crate::hash::{KeyHash, KeyHasher};
 use crate::key::{self, KeyError, KeySource, RequestHeaders};
-use crate::per_limit::MAX_LIMITS;
+use crate::per_limit::{PerLimit, MAX_LIMITS};
 use crate::rate::{MAX_CAPACITY_NANOS, MAX_CAPACITY_SECONDS, MAX_COUNT};
-use crate::response::{self, Replies};
+use crate::response::Replies;
 use crate::slots::{SlotTable, PROBES};
 use crate::time::SECONDS_PER_YEAR;
+
+mod registry;
+pub mod rules;
+
+use registry::Registry;
+use rules::{CostError, Needs, Rule, View, MAX_RULES};
 
 /// Bounds on user-supplied sizes.
 pub const MAX_KEY_LENGTH: usize = 4096;
 pub const MAX_SLOTS: u32 = 1 << 22;
 pub const MAX_CAS_RETRIES: u32 = 1000;
-const MAX_NAME_LENGTH: usize = 64;
+/// Most plans (named ones, overrides and the built-in ones together).
+pub const MAX_PLANS: usize = 4096;
 
-/// Which limit set applies to a request, or why none does.
+/// The name of the plan made of the top-level `limits`.
+pub const DEFAULT_PLAN_NAME: &str = "default";
+const DEFAULT_PLAN: u16 = 0;
+
+/// Which plan applies to a request, or why none does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity<'a> {
-    /// A key, its hash, and the index of its limit set.
+    /// A key, its hash, and its plan.
     Key {
         key: Cow<'a, [u8]>,
         hash: KeyHash,
-        set: usize,
+        plan: u16,
     },
     /// No key, counted in the shared anonymous bucket.
-    Anonymous { hash: KeyHash, set: usize },
+    Anonymous { hash: KeyHash, plan: u16 },
     /// No key, and `missing_key: allow`.
     MissingAllowed,
     /// No key, and `missing_key: reject` (the default): answer 401.
     MissingRejected,
     /// A key that cannot be used: answer 400.
     Invalid(KeyError),
+    /// A key no plan lists, and `unknown_keys: reject`: answer 401.
+    Unknown,
+}
+
+/// Why a request's limits cannot be decided: a 400, nothing consumed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestError {
+    /// Path rules are configured and the path cannot be read.
+    BadPath,
+    Cost(CostError),
+    /// The cost is above what limit `instance` admits even when full.
+    NeverFits {
+        instance: u16,
+        cost: u64,
+    },
+}
+
+/// A plan: key-wide limits, as indices into [`Policy::instances`].
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub name: String,
+    pub limits: Vec<u16>,
 }
 
 #[derive(Debug, Clone)]
@@ -55,12 +91,20 @@ pub struct Policy {
     pub headers: ResponseHeadersConfig,
     pub failure_mode: FailureMode,
     pub store: StoreConfig,
-    pub sets: Vec<LimitSet>,
-    anonymous_set: usize,
-    /// Plain-text overrides by 128-bit hash, with the key to confirm a match.
-    plain_overrides: HashMap<u128, (Box<[u8]>, usize)>,
-    /// `sha256:` overrides; hashing a key with SHA-256 happens only if any.
-    sha256_overrides: HashMap<[u8; 32], usize>,
+    /// Every compiled limit of every plan and rule (cost 1).
+    pub instances: Vec<Limit>,
+    /// Distinct limit names, by [`Limit::index`] (one counter each).
+    pub limit_names: Vec<String>,
+    pub plans: Vec<Plan>,
+    pub rules: Vec<Rule>,
+    /// Each rule's limits, as indices into `instances`.
+    rule_limits: Vec<Vec<u16>>,
+    needs: Needs,
+    /// What header-free matching can skip: no rule at all.
+    registry: Registry,
+    unknown_keys: UnknownKeys,
+    default_plan: u16,
+    anonymous_plan: u16,
     /// The keyed hash of keys in the stores; the filter seeds it with the
     /// process's secret after compiling (see `hash`).
     hasher: Cell<KeyHasher>,
@@ -68,7 +112,95 @@ pub struct Policy {
     pub replies: Replies,
 }
 
-const DEFAULT_SET: usize = 0;
+/// What compiling builds up: the limits and their names.
+#[derive(Default)]
+struct Limits {
+    instances: Vec<Limit>,
+    names: Vec<String>,
+}
+
+impl Limits {
+    /// Compiles `limits` at `field`; `default_name` names a limit without a
+    /// `name`. Returns their instance indices.
+    fn compile(
+        &mut self,
+        field: &str,
+        limits: &[LimitConfig],
+        may_be_empty: bool,
+        default_name: impl Fn(&LimitConfig) -> String,
+    ) -> Result<Vec<u16>, ConfigError> {
+        if limits.len() > MAX_LIMITS || (limits.is_empty() && !may_be_empty) {
+            let least = if may_be_empty { 0 } else { 1 };
+            return Err(ConfigError::new(
+                field,
+                format!("must list {least} to {MAX_LIMITS} rates, e.g. [\"10/s\", \"1000/day\"]"),
+            ));
+        }
+        let mut out: Vec<u16> = Vec::with_capacity(limits.len());
+        for (i, l) in limits.iter().enumerate() {
+            let at = format!("{field}[{i}]");
+            let name = l.name.clone().unwrap_or_else(|| default_name(l));
+            if name.is_empty()
+                || name.len() > MAX_NAME_LENGTH
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_./:".contains(&b))
+            {
+                return Err(ConfigError::new(
+                    format!("{at}.name"),
+                    format!(
+                        "\"{name}\" must be 1 to {MAX_NAME_LENGTH} characters of A-Z a-z 0-9 - _ . / :"
+                    ),
+                ));
+            }
+            if out.iter().any(|o| self.name_of(*o) == name) {
+                return Err(ConfigError::new(
+                    at,
+                    format!("two limits are named \"{name}\"; give each a distinct \"name\""),
+                ));
+            }
+            let burst = l.burst.unwrap_or(l.rate.count);
+            let mut limit = (1..=MAX_COUNT)
+                .contains(&burst)
+                .then(|| Limit::new(&name, l.rate, burst))
+                .flatten()
+                .filter(|limit| limit.capacity_nanos <= MAX_CAPACITY_NANOS)
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        format!("{at}.burst"),
+                        format!(
+                            "must be from 1 to {MAX_COUNT}, and burst x (window / count) at most {} years, the longest both stores compute exactly; got {burst}",
+                            MAX_CAPACITY_SECONDS / SECONDS_PER_YEAR
+                        ),
+                    )
+                })?;
+            let index = match self.names.iter().position(|n| *n == name) {
+                Some(index) => index,
+                None => {
+                    self.names.push(name);
+                    self.names.len() - 1
+                }
+            };
+            limit.index = u16::try_from(index).map_err(|_| too_many(field))?;
+            self.instances.push(limit);
+            out.push(u16::try_from(self.instances.len() - 1).map_err(|_| too_many(field))?);
+        }
+        Ok(out)
+    }
+
+    fn name_of(&self, instance: u16) -> &str {
+        self.instances
+            .get(usize::from(instance))
+            .map_or("", |l| l.name.as_str())
+    }
+}
+
+fn too_many(field: &str) -> ConfigError {
+    ConfigError::new(
+        field,
+        "too many limits in one configuration (at most 65535)",
+    )
+}
 
 impl Policy {
     /// Parses and validates JSON configuration bytes.
@@ -85,65 +217,184 @@ impl Policy {
         )?;
         let sources = compile_sources(&config.key_sources)?;
         check_store(&config.store)?;
+        let mut limits = Limits::default();
+        let rate_name = |l: &LimitConfig| l.rate_text.clone();
 
-        let mut sets = vec![compile_set("limits", &config.limits, false)?];
-        let anonymous_set = match &config.anonymous_limits {
-            Some(limits) => {
+        // Plans: `default` first, then the named ones, then the anonymous
+        // bucket and the overrides.
+        let default_limits = match &config.limits {
+            Some(list) => limits.compile("limits", list, false, rate_name)?,
+            None if config.default_plan.is_some() || config.unknown_keys == UnknownKeys::Reject => {
+                Vec::new()
+            }
+            None => {
+                return Err(ConfigError::new(
+                    "limits",
+                    "missing field `limits` (the key-wide limits; required unless `default_plan` names a plan or `unknown_keys` is \"reject\")",
+                ))
+            }
+        };
+        let mut plans = vec![Plan {
+            name: DEFAULT_PLAN_NAME.into(),
+            limits: default_limits,
+        }];
+        for (name, list) in &config.plans {
+            let field = format!("plans.{name}");
+            if name == DEFAULT_PLAN_NAME {
+                return Err(ConfigError::new(
+                    field,
+                    "\"default\" is the plan of the top-level `limits`; give it there",
+                ));
+            }
+            if !rules::is_name(name) {
+                return Err(ConfigError::new(
+                    field,
+                    format!(
+                        "the plan name \"{name}\" must be 1 to 64 characters of A-Z a-z 0-9 - _ ."
+                    ),
+                ));
+            }
+            let compiled = limits.compile(&field, list, true, rate_name)?;
+            plans.push(Plan {
+                name: name.clone(),
+                limits: compiled,
+            });
+        }
+        let plan_names: Vec<String> = plans.iter().map(|p| p.name.clone()).collect();
+        let plan_index = |name: &str| plan_names.iter().position(|p| p == name);
+        let default_plan = match &config.default_plan {
+            None => DEFAULT_PLAN,
+            Some(name) => plan_index(name)
+                .and_then(|p| u16::try_from(p).ok())
+                .ok_or_else(|| {
+                    ConfigError::new("default_plan", format!("no plan is named \"{name}\""))
+                })?,
+        };
+        if config.limits.is_none() && config.keys.contains_key(DEFAULT_PLAN_NAME) {
+            return Err(ConfigError::new(
+                "keys.default",
+                "keys are put on the default plan, but there are no top-level `limits`",
+            ));
+        }
+
+        // Rules, which may name plans.
+        if config.rules.len() > MAX_RULES {
+            return Err(ConfigError::new(
+                "rules",
+                format!("at most {MAX_RULES} rules, got {}", config.rules.len()),
+            ));
+        }
+        let mut rules = Vec::with_capacity(config.rules.len());
+        let mut rule_limits = Vec::with_capacity(config.rules.len());
+        for (i, rule) in config.rules.iter().enumerate() {
+            let field = format!("rules[{i}]");
+            if config.rules.iter().take(i).any(|r| r.name == rule.name) {
+                return Err(ConfigError::new(
+                    format!("{field}.name"),
+                    format!("two rules are named \"{}\"", rule.name),
+                ));
+            }
+            let compiled = rules::compile(i, rule, plan_index)?;
+            let prefix = rule.name.clone();
+            let ids = limits.compile(&format!("{field}.limits"), &rule.limits, false, |l| {
+                format!("{prefix}:{}", l.rate_text)
+            })?;
+            if let rules::Cost::Fixed(cost) = compiled.cost {
+                if let Some((k, l)) = ids
+                    .iter()
+                    .enumerate()
+                    .map(|(k, id)| (k, limits.instances.get(usize::from(*id))))
+                    .find(|(_, l)| l.is_some_and(|l| l.burst < cost))
+                {
+                    return Err(ConfigError::new(
+                        format!("{field}.cost"),
+                        format!(
+                            "a request costing {cost} can never fit limits[{k}] (burst {}); raise its burst",
+                            l.map_or(0, |l| l.burst)
+                        ),
+                    ));
+                }
+            }
+            rules.push(compiled);
+            rule_limits.push(ids);
+        }
+
+        let anonymous_plan = match &config.anonymous_limits {
+            Some(list) => {
                 if config.missing_key != MissingKey::Anonymous {
                     return Err(ConfigError::new(
                         "anonymous_limits",
                         "only applies with \"missing_key\": \"anonymous\"",
                     ));
                 }
-                sets.push(compile_set("anonymous_limits", limits, false)?);
-                sets.len() - 1
+                let compiled = limits.compile("anonymous_limits", list, false, rate_name)?;
+                plans.push(Plan {
+                    name: "anonymous".into(),
+                    limits: compiled,
+                });
+                plans.len() - 1
             }
-            None => DEFAULT_SET,
+            None if config.missing_key == MissingKey::Anonymous && config.limits.is_none() => {
+                return Err(ConfigError::new(
+                    "anonymous_limits",
+                    "required with \"missing_key\": \"anonymous\" when there are no top-level `limits`",
+                ))
+            }
+            None => usize::from(DEFAULT_PLAN),
         };
 
-        let mut plain_overrides = HashMap::new();
-        let mut sha256_overrides = HashMap::new();
-        // Every override by the SHA-256 of its key, whichever way it was
-        // given: a key twice would leave which limits apply to chance.
-        let mut seen: HashMap<[u8; 32], usize> = HashMap::new();
-        for (i, o) in config.overrides.iter().enumerate() {
-            let field = format!("overrides[{i}]");
-            sets.push(compile_set(&format!("{field}.limits"), &o.limits, true)?);
-            let set = sets.len() - 1;
-            let digest = match o.key.strip_prefix("sha256:") {
-                Some(hex) => {
-                    let digest = parse_sha256(hex).ok_or_else(|| {
-                        ConfigError::new(
-                            format!("{field}.key"),
-                            "a \"sha256:\" key must be followed by 64 hexadecimal digits",
-                        )
-                    })?;
-                    sha256_overrides.insert(digest, set);
-                    digest
-                }
-                None => {
-                    let key = o.key.as_bytes();
-                    if key.is_empty() || key.len() > config.max_key_length {
-                        return Err(ConfigError::new(
-                            format!("{field}.key"),
-                            format!(
-                                "must be 1 to {} bytes (max_key_length), or \"sha256:<hex>\"",
-                                config.max_key_length
-                            ),
-                        ));
-                    }
-                    plain_overrides.insert(xxh3_128(key), (key.into(), set));
-                    Sha256::digest(key).into()
-                }
-            };
-            if let Some(first) = seen.insert(digest, i) {
-                return Err(ConfigError::new(
-                    format!("{field}.key"),
-                    format!("this key already has an override, overrides[{first}] (as plain text or \"sha256:\")"),
-                ));
+        // The registry: `keys`, then each override as a plan of its own.
+        let mut registry = Registry::default();
+        for (plan_name, keys) in &config.keys {
+            let plan = plan_index(plan_name)
+                .and_then(|p| u16::try_from(p).ok())
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        format!("keys.{plan_name}"),
+                        format!("no plan is named \"{plan_name}\""),
+                    )
+                })?;
+            for (i, key) in keys.iter().enumerate() {
+                registry.add(
+                    &format!("keys.{plan_name}[{i}]"),
+                    key,
+                    plan,
+                    config.max_key_length,
+                )?;
             }
         }
+        for (i, o) in config.overrides.iter().enumerate() {
+            let field = format!("overrides[{i}]");
+            let compiled =
+                limits.compile(&format!("{field}.limits"), &o.limits, true, rate_name)?;
+            plans.push(Plan {
+                name: field.clone(),
+                limits: compiled,
+            });
+            let plan = u16::try_from(plans.len() - 1)
+                .ok()
+                .filter(|_| plans.len() <= MAX_PLANS)
+                .ok_or_else(|| {
+                    ConfigError::new(&field, format!("at most {MAX_PLANS} plans and overrides"))
+                })?;
+            registry.add(&format!("{field}.key"), &o.key, plan, config.max_key_length)?;
+        }
+        if config.unknown_keys == UnknownKeys::Reject && registry.is_empty() {
+            return Err(ConfigError::new(
+                "unknown_keys",
+                "\"reject\" needs registered keys (`keys`), or every key would be refused",
+            ));
+        }
+        check_state_bound(&plans, &rules, &rule_limits, &limits)?;
 
+        let needs = rules.iter().fold(Needs::default(), |acc, r| {
+            let n = r.needs();
+            Needs {
+                method: acc.method || n.method,
+                path: acc.path || n.path,
+                host: acc.host || n.host,
+            }
+        });
         let replies = Replies::new(&sources, config.max_key_length);
         Ok(Policy {
             sources,
@@ -153,50 +404,109 @@ impl Policy {
             headers: config.response_headers,
             failure_mode: config.failure_mode,
             store: config.store,
-            sets,
-            anonymous_set,
-            plain_overrides,
-            sha256_overrides,
+            instances: limits.instances,
+            limit_names: limits.names,
+            plans,
+            rules,
+            rule_limits,
+            needs,
+            registry,
+            unknown_keys: config.unknown_keys,
+            default_plan,
+            anonymous_plan: u16::try_from(anonymous_plan).unwrap_or(DEFAULT_PLAN),
             hasher: Cell::new(KeyHasher::unseeded()),
             replies,
         })
     }
 
-    /// Finds the key in the request headers and the limits that apply to it.
+    /// Finds the key in the request headers and the plan it is on.
     pub fn identify<'a>(&self, headers: &impl RequestHeaders<'a>) -> Identity<'a> {
         match key::extract(&self.sources, headers, self.max_key_length) {
             Err(e) => Identity::Invalid(e),
             Ok(Some(key)) => {
+                let plan = match self.registry.plan_of(&key) {
+                    Some(plan) => plan,
+                    None if self.unknown_keys == UnknownKeys::Reject => return Identity::Unknown,
+                    None => self.default_plan,
+                };
                 let hash = self.hasher.get().hash(&key);
-                let set = self.set_for(&key);
-                Identity::Key { key, hash, set }
+                Identity::Key { key, hash, plan }
             }
             Ok(None) => match self.missing_key {
                 MissingKey::Reject => Identity::MissingRejected,
                 MissingKey::Allow => Identity::MissingAllowed,
                 MissingKey::Anonymous => Identity::Anonymous {
                     hash: self.hasher.get().anonymous(),
-                    set: self.anonymous_set,
+                    plan: self.anonymous_plan,
                 },
             },
         }
     }
 
-    fn set_for(&self, key: &[u8]) -> usize {
-        if !self.plain_overrides.is_empty() {
-            if let Some((stored, set)) = self.plain_overrides.get(&xxh3_128(key)) {
-                if **stored == *key {
-                    return *set;
+    /// The limits that apply to a request of a key on `plan`: the plan's
+    /// and those of every rule the request matches, with their costs.
+    pub fn applied<'a>(
+        &self,
+        plan: u16,
+        headers: &impl RequestHeaders<'a>,
+    ) -> Result<Applied, RequestError> {
+        let mut applied = Applied {
+            plan,
+            ..Applied::default()
+        };
+        for instance in self.plan_limits(plan) {
+            applied.limits.push(LimitRef {
+                instance: *instance,
+                cost: 1,
+            });
+        }
+        if self.rules.is_empty() {
+            return Ok(applied);
+        }
+        let view = View::read(self.needs, headers).map_err(|_| RequestError::BadPath)?;
+        for (i, (rule, ids)) in self.rules.iter().zip(&self.rule_limits).enumerate() {
+            if !rule.matches(&view, plan, headers) {
+                continue;
+            }
+            let cost = rule.cost(i, headers).map_err(RequestError::Cost)?;
+            applied.rules |= 1 << i;
+            for instance in ids {
+                let limit = self.instance(*instance);
+                if limit.is_some_and(|l| cost > l.burst) {
+                    return Err(RequestError::NeverFits {
+                        instance: *instance,
+                        cost,
+                    });
                 }
+                // Room was checked at load (`check_state_bound`).
+                applied.limits.push(LimitRef {
+                    instance: *instance,
+                    cost: u32::try_from(cost).unwrap_or(u32::MAX),
+                });
             }
         }
-        if !self.sha256_overrides.is_empty() {
-            let digest: [u8; 32] = Sha256::digest(key).into();
-            if let Some(set) = self.sha256_overrides.get(&digest) {
-                return *set;
-            }
-        }
-        DEFAULT_SET
+        Ok(applied)
+    }
+
+    fn plan_limits(&self, plan: u16) -> &[u16] {
+        self.plans.get(usize::from(plan)).map_or(&[], |p| &p.limits)
+    }
+
+    /// A compiled limit by its instance index.
+    pub fn instance(&self, instance: u16) -> Option<&Limit> {
+        self.instances.get(usize::from(instance))
+    }
+
+    /// The limits of `applied`, each charging the request's cost.
+    pub fn limits(&self, applied: &Applied) -> PerLimit<Limit> {
+        applied
+            .limits
+            .iter()
+            .filter_map(|r| {
+                self.instance(r.instance)
+                    .map(|l| l.costing(u64::from(r.cost)))
+            })
+            .collect()
     }
 
     /// Keys the store hashes with `hasher` from now on.
@@ -209,13 +519,9 @@ impl Policy {
         self.hasher.get()
     }
 
-    pub fn set(&self, index: usize) -> Option<&LimitSet> {
-        self.sets.get(index)
-    }
-
-    /// The limits of a set (none for an index no set has).
-    pub fn limits(&self, index: usize) -> &[Limit] {
-        self.sets.get(index).map_or(&[], |s| &s.limits)
+    /// Registered keys.
+    pub fn registered_keys(&self) -> usize {
+        self.registry.len()
     }
 
     /// The local store's table, when the store is local.
@@ -236,6 +542,51 @@ impl Policy {
             StoreConfig::Local(_) => None,
         }
     }
+}
+
+/// A key's state holds every limit a key on one plan can meet: its plan's
+/// and every rule's that may apply to that plan. That many must fit one
+/// state ([`MAX_LIMITS`]), under distinct names, so that no request ever
+/// pushes another route's debt out of it.
+fn check_state_bound(
+    plans: &[Plan],
+    rules: &[Rule],
+    rule_limits: &[Vec<u16>],
+    limits: &Limits,
+) -> Result<(), ConfigError> {
+    for (p, plan) in plans.iter().enumerate() {
+        let plan_id = u16::try_from(p).unwrap_or(u16::MAX);
+        let mut names: Vec<&str> = plan.limits.iter().map(|i| limits.name_of(*i)).collect();
+        for (r, (rule, ids)) in rules.iter().zip(rule_limits).enumerate() {
+            if !rule.may_apply_to(plan_id) {
+                continue;
+            }
+            for id in ids {
+                let name = limits.name_of(*id);
+                if names.contains(&name) {
+                    return Err(ConfigError::new(
+                        format!("rules[{r}].limits"),
+                        format!(
+                            "the limit name \"{name}\" is also used by another limit of plan \"{}\" or another rule; names are how a key's state tells its limits apart",
+                            plan.name
+                        ),
+                    ));
+                }
+                names.push(name);
+            }
+        }
+        if names.len() > MAX_LIMITS {
+            return Err(ConfigError::new(
+                "rules",
+                format!(
+                    "a key on plan \"{}\" can meet {} limits (its plan's and the rules'); one key's state holds at most {MAX_LIMITS}",
+                    plan.name,
+                    names.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn compile_sources(sources: &[KeySourceConfig]) -> Result<Vec<KeySource>, ConfigError> {
@@ -280,69 +631,7 @@ fn compile_sources(sources: &[KeySourceConfig]) -> Result<Vec<KeySource>, Config
 }
 
 fn is_header_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-}
-
-fn compile_set(
-    field: &str,
-    limits: &[LimitConfig],
-    may_be_empty: bool,
-) -> Result<LimitSet, ConfigError> {
-    if limits.len() > MAX_LIMITS || (limits.is_empty() && !may_be_empty) {
-        let least = if may_be_empty { 0 } else { 1 };
-        return Err(ConfigError::new(
-            field,
-            format!("must list {least} to {MAX_LIMITS} rates, e.g. [\"10/s\", \"1000/day\"]"),
-        ));
-    }
-    let mut compiled: Vec<Limit> = Vec::with_capacity(limits.len());
-    for (i, l) in limits.iter().enumerate() {
-        let at = format!("{field}[{i}]");
-        let name = l.name.clone().unwrap_or_else(|| l.rate_text.clone());
-        if name.is_empty()
-            || name.len() > MAX_NAME_LENGTH
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_./:".contains(&b))
-        {
-            return Err(ConfigError::new(
-                format!("{at}.name"),
-                format!(
-                    "\"{name}\" must be 1 to {MAX_NAME_LENGTH} characters of A-Z a-z 0-9 - _ . / :"
-                ),
-            ));
-        }
-        if compiled.iter().any(|c| c.name == name) {
-            return Err(ConfigError::new(
-                at,
-                format!("two limits are named \"{name}\"; give each a distinct \"name\""),
-            ));
-        }
-        let burst = l.burst.unwrap_or(l.rate.count);
-        let limit = (1..=MAX_COUNT)
-            .contains(&burst)
-            .then(|| Limit::new(name, l.rate, burst))
-            .flatten()
-            .filter(|limit| limit.capacity_nanos <= MAX_CAPACITY_NANOS)
-            .ok_or_else(|| {
-                ConfigError::new(
-                    format!("{at}.burst"),
-                    format!(
-                        "must be from 1 to {MAX_COUNT}, and burst x (window / count) at most {} years, the longest both stores compute exactly; got {burst}",
-                        MAX_CAPACITY_SECONDS / SECONDS_PER_YEAR
-                    ),
-                )
-            })?;
-        compiled.push(limit);
-    }
-    let policy_header = response::policy_header(&compiled);
-    Ok(LimitSet {
-        limits: compiled,
-        policy_header,
-    })
+    rules::is_header_name(name)
 }
 
 /// Longest accepted Redis key prefix.
@@ -465,19 +754,6 @@ fn in_range<T: PartialOrd + std::fmt::Display>(
     ))
 }
 
-fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
-    let bytes = hex.as_bytes();
-    if bytes.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (byte, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-        let text = std::str::from_utf8(pair).ok()?;
-        *byte = u8::from_str_radix(text, 16).ok()?;
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod load_refusals;
 
@@ -493,32 +769,36 @@ mod tests {
 
     fn identify(p: &Policy, path: &str) -> Identity<'static> {
         match p.identify(&Headers::path(path).map()) {
-            Identity::Key { key, hash, set } => Identity::Key {
+            Identity::Key { key, hash, plan } => Identity::Key {
                 key: Cow::Owned(key.into_owned()),
                 hash,
-                set,
+                plan,
             },
-            Identity::Anonymous { hash, set } => Identity::Anonymous { hash, set },
+            Identity::Anonymous { hash, plan } => Identity::Anonymous { hash, plan },
             Identity::MissingAllowed => Identity::MissingAllowed,
             Identity::MissingRejected => Identity::MissingRejected,
             Identity::Invalid(e) => Identity::Invalid(e),
+            Identity::Unknown => Identity::Unknown,
         }
     }
 
-    fn set_of(identity: Identity) -> usize {
-        match identity {
-            Identity::Key { set, .. } | Identity::Anonymous { set, .. } => set,
+    /// The key-wide limits of the plan the request's key is on.
+    fn limits_of(p: &Policy, path: &str) -> Vec<Limit> {
+        let plan = match identify(p, path) {
+            Identity::Key { plan, .. } | Identity::Anonymous { plan, .. } => plan,
             other => panic!("{other:?}"),
-        }
+        };
+        let applied = p.applied(plan, &Headers::path(path).map()).unwrap();
+        p.limits(&applied).as_slice().to_vec()
     }
 
     #[test]
     fn tutorial_policy_compiles() {
         let p = policy(r#"{"limits": ["1/s"]}"#);
-        assert_eq!(p.sets.len(), 1);
-        assert_eq!(p.sets[0].limits[0].burst, 1);
-        assert_eq!(p.sets[0].limits[0].name, "1/s");
-        assert_eq!(p.sets[0].policy_header, "\"1/s\";q=1;w=1");
+        assert_eq!(p.plans.len(), 1);
+        let limits = limits_of(&p, "/?api_key=a");
+        assert_eq!(limits[0].burst, 1);
+        assert_eq!(limits[0].name.as_str(), "1/s");
         assert_eq!(p.slot_table().unwrap().slots(), 65_536);
     }
 
@@ -532,13 +812,10 @@ mod tests {
                 {{"key": "internal", "limits": []}}]}}"#,
             digest.to_uppercase()
         ));
-        let gold = set_of(identify(&p, "/?api_key=gold"));
-        assert_eq!(p.sets[gold].limits[0].rate.count, 100);
-        let hashed = set_of(identify(&p, "/?api_key=1234"));
-        assert_eq!(p.sets[hashed].limits[0].rate.count, 5);
-        let internal = set_of(identify(&p, "/?api_key=internal"));
-        assert!(p.sets[internal].limits.is_empty());
-        assert_eq!(set_of(identify(&p, "/?api_key=other")), DEFAULT_SET);
+        assert_eq!(limits_of(&p, "/?api_key=gold")[0].rate.count, 100);
+        assert_eq!(limits_of(&p, "/?api_key=1234")[0].rate.count, 5);
+        assert!(limits_of(&p, "/?api_key=internal").is_empty());
+        assert_eq!(limits_of(&p, "/?api_key=other")[0].rate.count, 1);
     }
 
     #[test]
@@ -558,9 +835,9 @@ mod tests {
             r#"{"limits": ["1/s"], "missing_key": "anonymous", "anonymous_limits": ["5/min"]}"#,
         );
         match identify(&anon, "/") {
-            Identity::Anonymous { hash, set } => {
+            Identity::Anonymous { hash, .. } => {
                 assert_eq!(hash, KeyHasher::unseeded().anonymous());
-                assert_eq!(anon.sets[set].limits[0].rate.count, 5);
+                assert_eq!(limits_of(&anon, "/")[0].rate.count, 5);
             }
             other => panic!("{other:?}"),
         }
@@ -578,7 +855,7 @@ mod tests {
         let cases = [
             (r#"{"limits": []}"#, "limits"),
             (
-                r#"{"limits": ["1/s","2/s","3/s","4/s","5/s","6/s","7/s","8/s","9/s"]}"#,
+                r#"{"limits": ["1/s","2/s","3/s","4/s","5/s","6/s","7/s","8/s","9/s","10/s","11/s","12/s","13/s","14/s","15/s","16/s","17/s"]}"#,
                 "limits",
             ),
             (r#"{"limits": ["1/s", "1/s"]}"#, "limits[1]"),

@@ -27,7 +27,7 @@ pub const MAX_COUNT: u64 = 1_000_000_000;
 pub const MAX_PER_SECOND: u64 = MICROS_PER_SECOND;
 
 /// A parsed rate: `count` requests per `window_seconds`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct Rate {
     pub count: u64,
     pub window_seconds: u64,

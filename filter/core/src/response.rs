@@ -21,8 +21,10 @@
 use std::fmt::Write;
 
 use crate::config::ResponseHeadersConfig;
-use crate::gcra::{Decision, Limit, LimitSet};
+use crate::gcra::{Decision, Limit};
 use crate::key::{KeyError, KeyErrorKind, KeySource};
+use crate::policy::rules::{Cost, CostError};
+use crate::policy::{Policy, RequestError};
 use crate::time::ceil_seconds;
 
 const JSON: (&str, &str) = ("content-type", "application/json");
@@ -51,9 +53,8 @@ impl LocalReply {
     }
 }
 
-/// `RateLimit-Policy` for a set of limits, computed once per set.
-pub fn policy_header(limits: &[Limit]) -> String {
-    let mut out = String::new();
+/// Writes `RateLimit-Policy` for the limits that applied into `out`.
+pub fn write_policy_header(out: &mut String, limits: &[Limit]) {
     for (i, limit) in limits.iter().enumerate() {
         let sep = if i == 0 { "" } else { ", " };
         let _ = write!(
@@ -62,7 +63,6 @@ pub fn policy_header(limits: &[Limit]) -> String {
             limit.name, limit.rate.count, limit.rate.window_seconds
         );
     }
-    out
 }
 
 /// Writes the quota headers of a decision, as configured, through `emit`;
@@ -71,7 +71,7 @@ pub fn policy_header(limits: &[Limit]) -> String {
 /// store could not decide).
 pub fn write_quota_headers(
     headers: &ResponseHeadersConfig,
-    set: &LimitSet,
+    limits: &[Limit],
     decision: &Decision,
     buf: &mut String,
     mut emit: impl FnMut(&'static str, &str),
@@ -81,9 +81,11 @@ pub fn write_quota_headers(
         return;
     }
     if headers.ratelimit {
-        emit("ratelimit-policy", &set.policy_header);
         buf.clear();
-        for (i, (limit, state)) in set.limits.iter().zip(states).enumerate() {
+        write_policy_header(buf, limits);
+        emit("ratelimit-policy", buf);
+        buf.clear();
+        for (i, (limit, state)) in limits.iter().zip(states).enumerate() {
             let sep = if i == 0 { "" } else { ", " };
             let _ = write!(
                 buf,
@@ -96,8 +98,7 @@ pub fn write_quota_headers(
         emit("ratelimit", buf);
     }
     if headers.x_ratelimit {
-        let tightest = set
-            .limits
+        let tightest = limits
             .iter()
             .zip(states)
             .min_by_key(|(_, s)| (s.remaining, std::cmp::Reverse(s.reset_nanos)));
@@ -126,20 +127,21 @@ fn shown_remaining(limit: &Limit, remaining: u64) -> u64 {
 /// The quota headers of a decision, collected (for local replies).
 pub fn quota_headers(
     headers: &ResponseHeadersConfig,
-    set: &LimitSet,
+    limits: &[Limit],
     decision: &Decision,
     out: &mut Vec<(&'static str, String)>,
 ) {
     let mut buf = String::new();
-    write_quota_headers(headers, set, decision, &mut buf, |name, value| {
+    write_quota_headers(headers, limits, decision, &mut buf, |name, value| {
         out.push((name, value.to_string()));
     });
 }
 
-/// 429 Too Many Requests, in DRF's words.
+/// 429 Too Many Requests, in DRF's words, naming the limit that denied
+/// (its name only, never the key) when one did.
 pub fn throttled(
     headers: &ResponseHeadersConfig,
-    set: &LimitSet,
+    limits: &[Limit],
     decision: &Decision,
 ) -> LocalReply {
     let wait = ceil_seconds(decision.retry_after_nanos).max(1);
@@ -148,13 +150,76 @@ pub fn throttled(
         (JSON.0, JSON.1.to_string()),
         ("retry-after", wait.to_string()),
     ];
-    quota_headers(headers, set, decision, &mut out);
+    quota_headers(headers, limits, decision, &mut out);
+    let detail = format!("Request was throttled. Expected available in {wait} {unit}.");
+    let body = match decision.binding().and_then(|i| limits.get(i)) {
+        Some(limit) => {
+            serde_json::json!({ "detail": detail, "limit": limit.name.as_str() }).to_string()
+        }
+        None => serde_json::json!({ "detail": detail }).to_string(),
+    };
     LocalReply {
         status: 429,
         headers: out,
-        body: format!(
-            "{{\"detail\":\"Request was throttled. Expected available in {wait} {unit}.\"}}"
+        body,
+    }
+}
+
+/// 401 for a key no plan lists (`unknown_keys: reject`): the shape of the
+/// missing-key 401.
+pub fn unknown_key() -> LocalReply {
+    LocalReply {
+        status: 401,
+        headers: vec![
+            (JSON.0, JSON.1.to_string()),
+            ("www-authenticate", "ApiKey".to_string()),
+        ],
+        body: detail("Invalid API key: this key is not registered."),
+    }
+}
+
+/// 400 for a request the rules cannot charge: a cost that is not a whole
+/// number, above its maximum, or that no limit can ever admit; or a path
+/// that cannot be read. Nothing was consumed.
+pub fn bad_request(policy: &Policy, error: &RequestError) -> LocalReply {
+    let rule = |index: usize| policy.rules.get(index).map_or("", |r| r.name.as_str());
+    let header = |index: usize| match policy.rules.get(index).map(|r| &r.cost) {
+        Some(Cost::Header { name, .. }) => name.as_str(),
+        _ => "",
+    };
+    let message = match error {
+        RequestError::BadPath => {
+            "Invalid request: the path is not valid percent-encoding.".to_string()
+        }
+        RequestError::Cost(CostError::Malformed { rule: r }) => format!(
+            "Invalid request cost: the {} header must be one whole number from 1 (rule {}).",
+            header(*r),
+            rule(*r)
         ),
+        RequestError::Cost(CostError::AboveMax { rule: r, cost }) => {
+            let max = match policy.rules.get(*r).map(|x| &x.cost) {
+                Some(Cost::Header { max, .. }) => *max,
+                _ => 0,
+            };
+            format!(
+                "Invalid request cost: {cost} is above the most one request may cost, {max} (header {}, rule {}).",
+                header(*r),
+                rule(*r)
+            )
+        }
+        RequestError::NeverFits { instance, cost } => {
+            let (name, burst) = policy
+                .instance(*instance)
+                .map_or(("", 0), |l| (l.name.as_str(), l.burst));
+            format!(
+                "Request cost {cost} can never be admitted: limit {name} admits at most {burst} at once."
+            )
+        }
+    };
+    LocalReply {
+        status: 400,
+        headers: vec![(JSON.0, JSON.1.to_string())],
+        body: detail(&message),
     }
 }
 
@@ -271,7 +336,7 @@ fn detail(message: &str) -> String {
 mod tests {
     use super::*;
     use crate::gcra;
-    use crate::testing::policy;
+    use crate::testing::{default_limits, policy};
 
     fn header<'a>(reply: &'a [(&'static str, String)], name: &str) -> Option<&'a str> {
         reply
@@ -283,15 +348,15 @@ mod tests {
     #[test]
     fn throttled_reply_uses_drf_wording_and_rounds_up() {
         let p = policy(r#"{"limits": ["1/s"]}"#);
-        let set = &p.sets[0];
+        let set = default_limits(&p);
         let mut tats = [0];
-        gcra::decide(&set.limits, &mut tats, 10_000_000_000);
-        let d = gcra::decide(&set.limits, &mut tats, 10_100_000_000);
-        let reply = throttled(&p.headers, set, &d);
+        gcra::decide(&set, &mut tats, 10_000_000_000);
+        let d = gcra::decide(&set, &mut tats, 10_100_000_000);
+        let reply = throttled(&p.headers, &set, &d);
         assert_eq!(reply.status, 429);
         assert_eq!(
             reply.body,
-            r#"{"detail":"Request was throttled. Expected available in 1 second."}"#
+            r#"{"detail":"Request was throttled. Expected available in 1 second.","limit":"1/s"}"#
         );
         assert_eq!(header(&reply.headers, "retry-after"), Some("1"));
         assert_eq!(
@@ -309,11 +374,11 @@ mod tests {
     #[test]
     fn each_reply_names_the_grpc_status_clients_expect() {
         let p = policy(r#"{"limits": ["1/s"]}"#);
-        let set = &p.sets[0];
+        let set = default_limits(&p);
         let denied = gcra::Decision::denied_for(1);
         let replies = Replies::new(&[], 16);
         let statuses: Vec<(u32, i32)> = [
-            throttled(&p.headers, set, &denied),
+            throttled(&p.headers, &set, &denied),
             missing_key(&replies),
             unavailable(),
         ]
@@ -337,16 +402,16 @@ mod tests {
             r#"{"limits": ["2/min", {"rate": "100/day", "name": "daily"}],
                 "response_headers": {"x_ratelimit": true}}"#,
         );
-        let set = &p.sets[0];
+        let set = default_limits(&p);
         let mut tats = [0, 0];
         let now = 1_000_000_000_000;
-        gcra::decide(&set.limits, &mut tats, now);
-        gcra::decide(&set.limits, &mut tats, now);
-        let d = gcra::decide(&set.limits, &mut tats, now);
-        let reply = throttled(&p.headers, set, &d);
+        gcra::decide(&set, &mut tats, now);
+        gcra::decide(&set, &mut tats, now);
+        let d = gcra::decide(&set, &mut tats, now);
+        let reply = throttled(&p.headers, &set, &d);
         assert_eq!(
             reply.body,
-            r#"{"detail":"Request was throttled. Expected available in 30 seconds."}"#
+            r#"{"detail":"Request was throttled. Expected available in 30 seconds.","limit":"2/min"}"#
         );
         assert_eq!(header(&reply.headers, "retry-after"), Some("30"));
         assert_eq!(
@@ -389,12 +454,12 @@ mod tests {
             let p = policy(&format!(
                 r#"{{"limits": [{{"rate": "10/min", "burst": {burst}}}, "1000/day"]}}"#
             ));
-            let set = &p.sets[0];
+            let set = default_limits(&p);
             let mut tats = [0, 0];
             for step in 0..(burst + 2) {
-                let d = gcra::decide(&set.limits, &mut tats, 1_000 + step);
+                let d = gcra::decide(&set, &mut tats, 1_000 + step);
                 let mut out = Vec::new();
-                quota_headers(&p.headers, set, &d, &mut out);
+                quota_headers(&p.headers, &set, &d, &mut out);
                 let policy_members = sf_members(header(&out, "ratelimit-policy").unwrap());
                 let members = sf_members(header(&out, "ratelimit").unwrap());
                 assert_eq!(policy_members.len(), members.len());
@@ -415,17 +480,22 @@ mod tests {
     #[test]
     fn quota_headers_follow_the_config() {
         let p = policy(r#"{"limits": ["5/s"], "response_headers": {"ratelimit": false}}"#);
-        let set = &p.sets[0];
-        let d = gcra::decide(&set.limits, &mut [0], 1);
+        let set = default_limits(&p);
+        let d = gcra::decide(&set, &mut [0], 1);
         let mut out = Vec::new();
-        quota_headers(&p.headers, set, &d, &mut out);
+        quota_headers(&p.headers, &set, &d, &mut out);
         assert!(out.is_empty());
         let p = policy(r#"{"limits": ["5/s"]}"#);
         let mut out = Vec::new();
-        quota_headers(&p.headers, &p.sets[0], &d, &mut out);
+        quota_headers(&p.headers, &default_limits(&p), &d, &mut out);
         assert_eq!(header(&out, "ratelimit"), Some("\"5/s\";r=4;t=1"));
         let mut out = Vec::new();
-        quota_headers(&p.headers, &p.sets[0], &Decision::denied_for(5), &mut out);
+        quota_headers(
+            &p.headers,
+            &default_limits(&p),
+            &Decision::denied_for(5),
+            &mut out,
+        );
         assert!(out.is_empty());
     }
 

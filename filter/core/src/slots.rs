@@ -69,6 +69,9 @@ pub enum Placement {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+// A decision carries one state per limit (up to 16) by value: boxing it
+// would allocate on every request.
+#[allow(clippy::large_enum_variant)]
 pub enum Outcome {
     Decided {
         decision: Decision,

@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::gcra::{limit_id, Limit};
+use crate::applied::Applied;
+use crate::gcra::{limit_id, Limit, LimitName};
 use crate::hash::{KeyHash, KeyHasher};
 use crate::header_map::{serialize, HeaderMap};
 use crate::policy::Policy;
@@ -19,19 +20,39 @@ pub(crate) fn policy(json: &str) -> Policy {
     Policy::from_json(json.as_bytes()).unwrap()
 }
 
+/// What applies to a request of a key on the default plan, no rule
+/// matching (`/`).
+pub(crate) fn default_applied(p: &Policy) -> Applied {
+    p.applied(0, &Headers::path("/").map()).unwrap()
+}
+
+/// What applies to `/?api_key=<key>` (a key with a plan or limits).
+pub(crate) fn applied_of(p: &Policy, key: &str) -> Applied {
+    let headers = Headers::path(&format!("/?api_key={key}"));
+    match crate::pipeline::start(p, &headers.map()) {
+        crate::pipeline::Start::Decide { applied, .. } => applied,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The default plan's limits.
+pub(crate) fn default_limits(p: &Policy) -> Vec<Limit> {
+    p.limits(&default_applied(p)).as_slice().to_vec()
+}
+
 /// `count` per `window_seconds`, burst `burst`, named `"<count>/<window>s"`.
 pub(crate) fn limit(count: u64, window_seconds: u64, burst: u64) -> Limit {
     let rate = Rate {
         count,
         window_seconds,
     };
-    Limit::new(format!("{count}/{window_seconds}s"), rate, burst).unwrap()
+    Limit::new(&format!("{count}/{window_seconds}s"), rate, burst).unwrap()
 }
 
 /// The same, under another name (and so another identity in a state).
 pub(crate) fn named_limit(name: &str, count: u64, window_seconds: u64, burst: u64) -> Limit {
     Limit {
-        name: name.into(),
+        name: LimitName::new(name).unwrap(),
         id: limit_id(name),
         ..limit(count, window_seconds, burst)
     }

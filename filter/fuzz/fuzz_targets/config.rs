@@ -7,6 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use ratelimit_core::applied::Applied;
 use ratelimit_core::batch::wire::{self, Entry};
 use ratelimit_core::config::StoreConfig;
 use ratelimit_core::header_map::HeaderMap;
@@ -14,6 +15,11 @@ use ratelimit_core::per_limit::MAX_LIMITS;
 use ratelimit_core::policy::{Identity, MAX_KEY_LENGTH};
 use ratelimit_core::rate::{MAX_COUNT, MAX_PER_SECOND, MAX_WINDOW_SECONDS};
 use ratelimit_core::Policy;
+
+/// A plan's limits, gathered.
+struct Set {
+    limits: Vec<ratelimit_core::gcra::Limit>,
+}
 
 fuzz_target!(|data: &[u8]| {
     let policy = match Policy::from_json(data) {
@@ -32,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
 
     assert!((1..=8).contains(&policy.sources.len()));
     assert!((1..=MAX_KEY_LENGTH).contains(&policy.max_key_length));
-    assert!(!policy.limits(0).is_empty(), "the default set has no limit");
+    assert!(!policy.plans.is_empty(), "no default plan");
     assert_eq!(
         policy.slot_table().is_some(),
         matches!(policy.store, StoreConfig::Local(_))
@@ -42,7 +48,17 @@ fuzz_target!(|data: &[u8]| {
         matches!(policy.store, StoreConfig::Webdis(_))
     );
 
-    for (index, set) in policy.sets.iter().enumerate() {
+    for (index, plan) in policy.plans.iter().enumerate() {
+        let limits: Vec<_> = plan
+            .limits
+            .iter()
+            .map(|i| {
+                *policy
+                    .instance(*i)
+                    .expect("a plan names a limit that exists")
+            })
+            .collect();
+        let set = Set { limits };
         assert!(set.limits.len() <= MAX_LIMITS);
         for (i, limit) in set.limits.iter().enumerate() {
             let rate = limit.rate;
@@ -56,7 +72,7 @@ fuzz_target!(|data: &[u8]| {
                 limit.interval_nanos.checked_mul(limit.burst),
                 Some(limit.capacity_nanos)
             );
-            assert!(!limit.name.is_empty());
+            assert!(!limit.name.as_str().is_empty());
             assert!(
                 set.limits
                     .iter()
@@ -73,7 +89,10 @@ fuzz_target!(|data: &[u8]| {
             wire::NONCE_LIMIT - 1,
             &[Entry {
                 redis_key,
-                set: index,
+                applied: Applied {
+                    plan: index as u16,
+                    ..Applied::default()
+                },
                 limits: &set.limits,
                 count: 1,
             }],
@@ -89,7 +108,7 @@ fuzz_target!(|data: &[u8]| {
 
     // A request with no headers at all carries no key.
     match policy.identify(&HeaderMap::empty()) {
-        Identity::Anonymous { set, .. } => assert!(policy.set(set).is_some()),
+        Identity::Anonymous { plan, .. } => assert!(policy.plans.get(usize::from(plan)).is_some()),
         Identity::MissingAllowed | Identity::MissingRejected => {}
         other => panic!("an empty request identified as {other:?}"),
     }

@@ -52,11 +52,11 @@ fn policies() -> &'static [Policy] {
 }
 
 /// The key and limit set a request is identified with, if it has a key.
-fn identified_key(policy: &Policy, pairs: &[(&[u8], &[u8])]) -> Option<(Vec<u8>, usize)> {
+fn identified_key(policy: &Policy, pairs: &[(&[u8], &[u8])]) -> Option<(Vec<u8>, u16)> {
     let bytes = serialize(pairs);
     let map = HeaderMap::parse(&bytes).expect("serialize makes a valid map");
     match policy.identify(&map) {
-        Identity::Key { key, set, .. } => Some((key.into_owned(), set)),
+        Identity::Key { key, plan, .. } => Some((key.into_owned(), plan)),
         _ => None,
     }
 }
@@ -83,13 +83,17 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(identity, policy.identify(&map), "not deterministic");
 
     match identity {
-        Identity::Key { key, hash, set } => {
+        Identity::Key { key, hash, plan } => {
             assert!(!key.is_empty(), "an empty key");
             assert!(key.len() <= policy.max_key_length, "a key over the cap");
             assert!(std::str::from_utf8(&key).is_ok(), "a key that is not UTF-8");
-            assert!(policy.set(set).is_some(), "a limit set that does not exist");
+            let on = policy.plans.get(usize::from(plan));
+            assert!(on.is_some(), "a plan that does not exist");
             if key.as_ref() == b"gold" && policy.max_key_length == 16 {
-                assert!(policy.limits(set).is_empty(), "the override was missed");
+                assert!(
+                    on.is_some_and(|p| p.limits.is_empty()),
+                    "the override was missed"
+                );
             }
             // The same key, sent alone in each plain source, is the same key.
             for source in &policy.sources {
@@ -109,7 +113,7 @@ fuzz_target!(|data: &[u8]| {
                     } => continue,
                 };
                 let again = identified_key(policy, &[(&name, &value)]);
-                assert_eq!(again, Some((key.to_vec(), set)), "{source:?} lost the key");
+                assert_eq!(again, Some((key.to_vec(), plan)), "{source:?} lost the key");
             }
             let same = policy.identify(&map);
             assert!(matches!(same, Identity::Key { hash: h, .. } if h == hash));
@@ -126,10 +130,11 @@ fuzz_target!(|data: &[u8]| {
                 ),
             }
         }
-        Identity::Anonymous { set, .. } => {
+        Identity::Anonymous { plan, .. } => {
             assert_eq!(policy.missing_key, MissingKey::Anonymous);
-            assert!(policy.set(set).is_some());
+            assert!(policy.plans.get(usize::from(plan)).is_some());
         }
+        Identity::Unknown => panic!("no fuzzed policy rejects unknown keys"),
         Identity::MissingAllowed => assert_eq!(policy.missing_key, MissingKey::Allow),
         Identity::MissingRejected => assert_eq!(policy.missing_key, MissingKey::Reject),
     }

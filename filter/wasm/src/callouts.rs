@@ -143,7 +143,11 @@ impl Callouts {
             let outgoing = match &mut *self.batcher.borrow_mut() {
                 Some(batcher) => {
                     let cached = |ticket: &Ticket| {
-                        webdis.cached_denial(ticket.hash, filter.policy.limits(ticket.set), now)
+                        webdis.cached_denial(
+                            ticket.hash,
+                            filter.policy.limits(&ticket.applied).as_slice(),
+                            now,
+                        )
                     };
                     batcher.next_call(now, &filter.policy, cached, &mut finished)
                 }
@@ -238,7 +242,7 @@ impl Callouts {
             return;
         }
         let Finished {
-            set,
+            applied,
             payload,
             verdict,
             ..
@@ -254,7 +258,7 @@ impl Callouts {
         };
         let now = host::now_nanos().ok();
         let (action, events) =
-            ratelimit_core::pipeline::finish(&filter.policy, set, events, outcome);
+            ratelimit_core::pipeline::finish(&filter.policy, &applied, events, outcome);
         if verdict::carry_out(filter, &payload.quota, now, action, events)
             == proxy_wasm::types::Action::Continue
             && !verdict::resume()
@@ -328,7 +332,8 @@ fn remember(filter: &Filter, webdis: &WebdisStore, learnt: &Learnt) {
         received_at: learnt.received_at,
         resets_us: learnt.resets_us.as_slice(),
     };
-    webdis.remember(learnt.hash, filter.policy.limits(learnt.set), answer);
+    let limits = filter.policy.limits(&learnt.applied);
+    webdis.remember(learnt.hash, limits.as_slice(), answer);
 }
 
 /// A process-wide number for a new queue: a counter in shared data.

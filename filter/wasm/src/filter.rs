@@ -131,7 +131,7 @@ pub fn configure() -> Result<Filter, String> {
     let policy = Policy::from_json(&bytes).map_err(|e| fail(e.to_string()))?;
     let seed_key = with_slot_key(&table_prefix(&plugin_name, "seed"), 0, <[u8]>::to_vec);
     policy.reseed(seed::load_or_create(&seed_key).map_err(fail)?);
-    let metrics = Metrics::define(&plugin_name)
+    let metrics = Metrics::define(&plugin_name, &policy)
         .map_err(|s| fail(format!("cannot define metrics (host status {})", s.0)))?;
     let (store, described) = match (policy.slot_table(), policy.webdis()) {
         (_, Some(webdis)) => (
@@ -160,8 +160,10 @@ pub fn configure() -> Result<Filter, String> {
     host::log(
         LOG_INFO,
         &format!(
-            "plugin '{plugin_name}' configured: {} limit set(s), {described}",
-            policy.sets.len()
+            "plugin '{plugin_name}' configured: {} plan(s), {} rule(s), {} registered key(s), {described}",
+            policy.plans.len(),
+            policy.rules.len(),
+            policy.registered_keys()
         ),
     );
     Ok(Filter {

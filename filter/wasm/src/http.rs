@@ -10,6 +10,7 @@ use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
+use ratelimit_core::applied::Applied;
 use ratelimit_core::batch::queue::{RequestId, Ticket};
 use ratelimit_core::hash::KeyHash;
 use ratelimit_core::pipeline::{self, Event, Events, Quota, Start, StoreFailure, Subject};
@@ -67,25 +68,27 @@ impl Request {
         webdis: &WebdisStore,
         subject: Subject<'_>,
         hash: KeyHash,
-        set: usize,
+        applied: Applied,
         mut events: Events,
     ) -> Action {
         let policy = &filter.policy;
-        let limits = policy.limits(set);
+        let limits = policy.limits(&applied);
         let Ok(now) = self.clock() else {
-            let (action, events) = pipeline::finish(policy, set, events, Err(StoreFailure::Host));
+            let failure = Err(StoreFailure::Host);
+            let (action, events) = pipeline::finish(policy, &applied, events, failure);
             return self.apply(filter, action, events);
         };
-        if let Some(decision) = webdis.cached_denial(hash, limits, now) {
+        if let Some(decision) = webdis.cached_denial(hash, limits.as_slice(), now) {
             events.insert(Event::BackendCacheHit);
-            let (action, events) = pipeline::finish(policy, set, events, Ok(decided(decision)));
+            let outcome = Ok(decided(decision));
+            let (action, events) = pipeline::finish(policy, &applied, events, outcome);
             return self.apply(filter, action, events);
         }
         let ticket = Ticket {
             context_id: self.context_id,
             redis_key: webdis.redis_key(&subject),
             hash,
-            set,
+            applied,
         };
         let pending = Pending {
             events,
@@ -99,7 +102,7 @@ impl Request {
             }
             Err((pending, error)) => {
                 let failure = Err(filter.backend_failure(&error));
-                let (action, events) = pipeline::finish(policy, set, pending.events, failure);
+                let (action, events) = pipeline::finish(policy, &applied, pending.events, failure);
                 self.apply(filter, action, events)
             }
         }
@@ -132,14 +135,14 @@ impl HttpContext for Request {
             Start::Decide {
                 subject,
                 hash,
-                set,
+                applied,
                 events,
             } => match &filter.store {
                 Store::Local { table, prefix } => {
-                    let limits = policy.limits(set);
+                    let limits = policy.limits(&applied);
                     let outcome = match self.clock() {
                         Ok(now) => table
-                            .decide(&mut SharedStore::new(prefix), hash, limits, now)
+                            .decide(&mut SharedStore::new(prefix), hash, limits.as_slice(), now)
                             .map_err(|status| {
                                 host::log(
                                     LOG_WARN,
@@ -149,11 +152,11 @@ impl HttpContext for Request {
                             }),
                         Err(_) => Err(StoreFailure::Host),
                     };
-                    let (action, events) = pipeline::finish(policy, set, events, outcome);
+                    let (action, events) = pipeline::finish(policy, &applied, events, outcome);
                     self.apply(&filter, action, events)
                 }
                 Store::Webdis(webdis) => {
-                    self.decide_global(&filter, webdis, subject, hash, set, events)
+                    self.decide_global(&filter, webdis, subject, hash, applied, events)
                 }
             },
         }

@@ -17,6 +17,10 @@
 //! would not let the root finish: must stay 0) and
 //! `backend_answers_orphaned` (answers to a call the root never sent).
 //!
+//! Per rule, `rule.<name>.requests` (requests it matched) and
+//! `rule.<name>.throttled` (those of them throttled); per limit name,
+//! `limit.<name>.throttled` (requests that limit denied): which limit bites.
+//!
 //! One gauge, `wasm_memory_bytes`, is the linear memory of every VM of the
 //! plugin added up (each VM adds its own growth): Wasm memory never
 //! shrinks, so a leak in the VM shows as a gauge that keeps rising.
@@ -24,7 +28,7 @@
 use std::cell::Cell;
 
 use ratelimit_core::batch::queue::Counts;
-use ratelimit_core::{Event, Events};
+use ratelimit_core::{Event, Events, Policy};
 
 use crate::host::{self, Status};
 
@@ -59,6 +63,12 @@ pub struct Metrics {
     memory_id: u32,
     call_ids: [u32; CALL_COUNTERS.len()],
     calls_pending: [Cell<u64>; CALL_COUNTERS.len()],
+    /// Per rule: (requests, throttled).
+    rule_ids: Vec<(u32, u32)>,
+    rules_pending: Vec<(Cell<u64>, Cell<u64>)>,
+    /// Per limit name: throttled.
+    limit_ids: Vec<u32>,
+    limits_pending: Vec<Cell<u64>>,
 }
 
 thread_local! {
@@ -68,7 +78,7 @@ thread_local! {
 }
 
 impl Metrics {
-    pub fn define(plugin_name: &str) -> Result<Metrics, Status> {
+    pub fn define(plugin_name: &str, policy: &Policy) -> Result<Metrics, Status> {
         let prefix = format!("apikey_ratelimit.{}.", sanitize(plugin_name));
         let mut ids = [0; Event::ALL.len()];
         for (id, event) in ids.iter_mut().zip(Event::ALL) {
@@ -79,6 +89,24 @@ impl Metrics {
         for (id, name) in call_ids.iter_mut().zip(CALL_COUNTERS) {
             *id = host::define_counter(&format!("{prefix}{name}"))?;
         }
+        let rule_ids = policy
+            .rules
+            .iter()
+            .map(|rule| {
+                let rule = format!("{prefix}rule.{}.", sanitize(&rule.name));
+                Ok((
+                    host::define_counter(&format!("{rule}requests"))?,
+                    host::define_counter(&format!("{rule}throttled"))?,
+                ))
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let limit_ids = policy
+            .limit_names
+            .iter()
+            .map(|name| {
+                host::define_counter(&format!("{prefix}limit.{}.throttled", sanitize(name)))
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
         Ok(Metrics {
             ids,
             pending: Default::default(),
@@ -86,6 +114,10 @@ impl Metrics {
             memory_id,
             call_ids,
             calls_pending: Default::default(),
+            rules_pending: rule_ids.iter().map(|_| Default::default()).collect(),
+            rule_ids,
+            limits_pending: limit_ids.iter().map(|_| Cell::default()).collect(),
+            limit_ids,
         })
     }
 
@@ -93,7 +125,22 @@ impl Metrics {
     pub fn record(&self, events: Events, now: Option<u64>) {
         for event in events.iter() {
             if let Some(pending) = self.pending.get(event.index()) {
-                pending.set(pending.get().saturating_add(1));
+                add(pending, 1);
+            }
+        }
+        if events.rules != 0 {
+            for (i, (requests, throttled)) in self.rules_pending.iter().enumerate() {
+                if events.rules & 1u32.checked_shl(i as u32).unwrap_or(0) != 0 {
+                    add(requests, 1);
+                    if events.throttled() {
+                        add(throttled, 1);
+                    }
+                }
+            }
+        }
+        for index in events.denied_limits.iter() {
+            if let Some(pending) = self.limits_pending.get(usize::from(*index)) {
+                add(pending, 1);
             }
         }
         if let Some(now) = now {
@@ -135,7 +182,13 @@ impl Metrics {
     pub fn flush(&self, now: u64) {
         let events = self.ids.iter().zip(&self.pending);
         let calls = self.call_ids.iter().zip(&self.calls_pending);
-        for (id, pending) in events.chain(calls) {
+        let rules = self
+            .rule_ids
+            .iter()
+            .zip(&self.rules_pending)
+            .flat_map(|((a, b), (x, y))| [(a, x), (b, y)]);
+        let limits = self.limit_ids.iter().zip(&self.limits_pending);
+        for (id, pending) in events.chain(calls).chain(rules).chain(limits) {
             let count = pending.replace(0);
             if count > 0 {
                 host::increment_metric(*id, i64::try_from(count).unwrap_or(i64::MAX));
@@ -153,6 +206,10 @@ impl Metrics {
             MEMORY_REPORTED.set(bytes);
         }
     }
+}
+
+fn add(counter: &Cell<u64>, by: u64) {
+    counter.set(counter.get().saturating_add(by));
 }
 
 /// The VM's linear memory, in bytes (0 off Wasm, in native tests).

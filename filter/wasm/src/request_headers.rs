@@ -16,6 +16,10 @@ use crate::host::{self, LOG_ERROR};
 
 pub struct LazyHeaders {
     path: Option<Vec<u8>>,
+    /// `:method` and `:authority`, which rules may read: pseudo-headers are
+    /// never repeated, so one small call each, when first asked.
+    method: OnceCell<Option<Vec<u8>>>,
+    authority: OnceCell<Option<Vec<u8>>>,
     all: OnceCell<Vec<u8>>,
 }
 
@@ -30,6 +34,8 @@ impl LazyHeaders {
         });
         LazyHeaders {
             path,
+            method: OnceCell::new(),
+            authority: OnceCell::new(),
             all: OnceCell::new(),
         }
     }
@@ -37,8 +43,15 @@ impl LazyHeaders {
 
 impl<'a> RequestHeaders<'a> for &'a LazyHeaders {
     fn single(&self, name: &[u8]) -> Result<Option<&'a [u8]>, KeyErrorKind> {
-        if name == b":path" {
-            return Ok(self.path.as_deref());
+        let pseudo = match name {
+            b":path" => return Ok(self.path.as_deref()),
+            b":method" => Some(&self.method),
+            b":authority" => Some(&self.authority),
+            _ => None,
+        };
+        if let Some(cell) = pseudo {
+            let value = cell.get_or_init(|| host::request_header(name).ok().flatten());
+            return Ok(value.as_deref());
         }
         // The host answers a lookup of a name given several times with its
         // first value, so absence here is absence in the map.

@@ -25,6 +25,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use crate::applied::Applied;
 use crate::batch::replay::replay;
 use crate::batch::wire::{self, Entry};
 use crate::calls::CallTable;
@@ -63,8 +64,8 @@ pub struct Ticket {
     pub context_id: u32,
     pub redis_key: String,
     pub hash: KeyHash,
-    /// The policy's index of the key's limit set.
-    pub set: usize,
+    /// The limits that apply to the request.
+    pub applied: Applied,
 }
 
 /// How a request's wait ended.
@@ -82,7 +83,7 @@ pub enum Verdict {
 #[derive(Debug)]
 pub struct Finished<T> {
     pub context_id: u32,
-    pub set: usize,
+    pub applied: Applied,
     pub payload: T,
     pub verdict: Verdict,
 }
@@ -92,7 +93,7 @@ pub struct Finished<T> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Learnt {
     pub hash: KeyHash,
-    pub set: usize,
+    pub applied: Applied,
     pub resets_us: PerLimit<u64>,
     /// When the call was sent and its answer received (monotonic clock).
     pub sent_at: u64,
@@ -111,7 +112,7 @@ pub struct Call {
 struct CallEntry {
     redis_key: String,
     hash: KeyHash,
-    set: usize,
+    applied: Applied,
     requests: Vec<RequestId>,
 }
 
@@ -148,6 +149,9 @@ pub struct Counts {
 }
 
 /// What to do with the request at the head of the queue.
+// A decision carries one state per limit (up to 16) by value: boxing it
+// would allocate on every request.
+#[allow(clippy::large_enum_variant)]
 enum Step {
     Expire,
     Cached(Decision),
@@ -264,7 +268,7 @@ impl<T> Batcher<T> {
             return None;
         }
         let mut entries: Vec<CallEntry> = Vec::new();
-        let mut sets: Vec<usize> = Vec::new();
+        let mut sets: Vec<Applied> = Vec::new();
         let mut bytes = wire::FIXED_BYTES;
         let mut deadline = u64::MAX;
         let mut requests = 0;
@@ -294,14 +298,21 @@ impl<T> Batcher<T> {
                 continue;
             };
             let ticket = &waiting.ticket;
-            let same_key = |e: &CallEntry| e.hash == ticket.hash && e.redis_key == ticket.redis_key;
+            // Requests of one key on the same limits (route, plan, cost)
+            // are one entry; the function decides entries in order, so a
+            // key's entries on different limits see each other's effect.
+            let same_key = |e: &CallEntry| {
+                e.hash == ticket.hash
+                    && e.applied == ticket.applied
+                    && e.redis_key == ticket.redis_key
+            };
             let index = match entries.iter().position(same_key) {
                 Some(index) => index,
                 None => {
-                    let new_set = !sets.contains(&ticket.set);
+                    let new_set = !sets.contains(&ticket.applied);
                     let mut extra = wire::entry_bytes(&ticket.redis_key);
                     if new_set {
-                        extra += wire::set_bytes(policy.limits(ticket.set));
+                        extra += wire::set_bytes(policy.limits(&ticket.applied).as_slice());
                     }
                     let full = entries.len() >= self.settings.max_keys
                         || bytes + extra > self.settings.max_path_bytes;
@@ -312,12 +323,12 @@ impl<T> Batcher<T> {
                     }
                     bytes += extra;
                     if new_set {
-                        sets.push(ticket.set);
+                        sets.push(ticket.applied);
                     }
                     entries.push(CallEntry {
                         redis_key: ticket.redis_key.clone(),
                         hash: ticket.hash,
-                        set: ticket.set,
+                        applied: ticket.applied,
                         requests: Vec::new(),
                     });
                     entries.len() - 1
@@ -334,12 +345,14 @@ impl<T> Batcher<T> {
         if entries.is_empty() {
             return None;
         }
+        let limits: Vec<_> = entries.iter().map(|e| policy.limits(&e.applied)).collect();
         let wire_entries: Vec<Entry<'_>> = entries
             .iter()
-            .map(|e| Entry {
+            .zip(&limits)
+            .map(|(e, limits)| Entry {
                 redis_key: &e.redis_key,
-                set: e.set,
-                limits: policy.limits(e.set),
+                applied: e.applied,
+                limits: limits.as_slice(),
                 count: u32::try_from(e.requests.len()).unwrap_or(u32::MAX),
             })
             .collect();
@@ -373,7 +386,7 @@ impl<T> Batcher<T> {
             }
             finished.push(Finished {
                 context_id: waiting.ticket.context_id,
-                set: waiting.ticket.set,
+                applied: waiting.ticket.applied,
                 payload: waiting.payload,
                 verdict,
             });
@@ -430,7 +443,7 @@ impl<T> Batcher<T> {
         let limits_per_entry: Vec<usize> = call
             .entries
             .iter()
-            .map(|e| policy.limits(e.set).len())
+            .map(|e| policy.limits(&e.applied).len())
             .collect();
         let reply = match wire::parse(status, body, call.nonce, &limits_per_entry) {
             Ok(reply) => reply,
@@ -440,8 +453,13 @@ impl<T> Batcher<T> {
             }
         };
         for (entry, answer) in call.entries.into_iter().zip(&reply.entries) {
-            let limits = policy.limits(entry.set);
-            let replayed = match replay(limits, reply.now_us, answer, entry.requests.len()) {
+            let limits = policy.limits(&entry.applied);
+            let replayed = match replay(
+                limits.as_slice(),
+                reply.now_us,
+                answer,
+                entry.requests.len(),
+            ) {
                 Ok(replayed) => replayed,
                 Err(error) => {
                     for id in entry.requests {
@@ -453,7 +471,7 @@ impl<T> Batcher<T> {
             if replayed.last().is_some_and(deny_cache::worth_remembering) {
                 learnt.push(Learnt {
                     hash: entry.hash,
-                    set: entry.set,
+                    applied: entry.applied,
                     resets_us: replayed.resets_us,
                     sent_at: call.sent_at,
                     received_at,
@@ -558,7 +576,7 @@ pub fn queue_full_error(max_waiting: usize) -> BackendError {
 mod tests {
     use super::*;
     use crate::gcra;
-    use crate::testing::{key_hash, policy, S};
+    use crate::testing::{applied_of, key_hash, policy, S};
     use crate::time::micros_to_nanos;
     use std::collections::BTreeMap;
 
@@ -582,7 +600,16 @@ mod tests {
             context_id,
             redis_key: format!("rl:{key}"),
             hash: key_hash(key.as_bytes()),
-            set: 0,
+            // The default plan's one limit, as every policy here has.
+            applied: Applied {
+                limits: [crate::applied::LimitRef {
+                    instance: 0,
+                    cost: 1,
+                }]
+                .into_iter()
+                .collect(),
+                ..Applied::default()
+            },
         }
     }
 
@@ -1004,7 +1031,7 @@ mod tests {
             for _ in 0..next(4) {
                 let key = format!("k{}", next(4));
                 let t = Ticket {
-                    set: usize::from(key == "k2"),
+                    applied: applied_of(&p, &key),
                     ..ticket(step, &key)
                 };
                 batcher.enqueue(t, key, now).unwrap();
@@ -1031,11 +1058,11 @@ mod tests {
                     let Verdict::Decided(decision) = f.verdict else {
                         panic!("{f:?}")
                     };
-                    let limits = p.limits(f.set);
+                    let limits = p.limits(&f.applied);
                     let tats = model
                         .entry(f.payload.clone())
                         .or_insert_with(|| vec![0; limits.len()]);
-                    assert_eq!(decision, gcra::decide(limits, tats, now));
+                    assert_eq!(decision, gcra::decide(limits.as_slice(), tats, now));
                     checked += 1;
                     allowed += usize::from(decision.allowed);
                 }

@@ -12,6 +12,7 @@
 
 use std::fmt::Write;
 
+use crate::applied::Applied;
 use crate::gcra::Limit;
 use crate::per_limit::{PerLimit, MAX_LIMITS};
 use crate::time::nanos_to_micros;
@@ -33,9 +34,9 @@ pub const NONCE_LIMIT: u64 = 1 << 48;
 #[derive(Debug, Clone, Copy)]
 pub struct Entry<'a> {
     pub redis_key: &'a str,
-    /// The policy's index of the key's limit set: entries with the same one
-    /// share its description in the path.
-    pub set: usize,
+    /// The limits that apply: entries with the same ones share their
+    /// description in the path.
+    pub applied: Applied,
     pub limits: &'a [Limit],
     /// How many of the key's requests the call decides.
     pub count: u32,
@@ -59,16 +60,16 @@ pub fn path(nonce: u64, entries: &[Entry<'_>]) -> String {
     let mut keys = String::new();
     let mut sets = String::new();
     let mut refs = String::new();
-    // Sets in order of first use: (policy index, number in the call).
-    let mut numbered: Vec<(usize, usize)> = Vec::new();
+    // Sets in order of first use: (limits, number in the call).
+    let mut numbered: Vec<(Applied, usize)> = Vec::new();
     for entry in entries {
         keys.push('/');
         encode_into(&mut keys, entry.redis_key.as_bytes());
-        let number = match numbered.iter().find(|(set, _)| *set == entry.set) {
+        let number = match numbered.iter().find(|(set, _)| *set == entry.applied) {
             Some((_, number)) => *number,
             None => {
                 write_set(&mut sets, entry.limits);
-                numbered.push((entry.set, numbered.len() + 1));
+                numbered.push((entry.applied, numbered.len() + 1));
                 numbered.len()
             }
         };
@@ -83,13 +84,16 @@ pub fn path(nonce: u64, entries: &[Entry<'_>]) -> String {
     path
 }
 
-/// `/<n>` then `/<name>/<T>/<C>` per limit, times in microseconds.
+/// `/<n>` then `/<name>/<T>/<C>` per limit, times in microseconds. A
+/// request costing `c` under a limit moves its TAT by `c * T` and fits when
+/// that much fits: to the function it is a request on a limit of interval
+/// `c * T`, so `T` is sent as the step.
 fn write_set(out: &mut String, limits: &[Limit]) {
     let _ = write!(out, "/{}", limits.len());
     for limit in limits {
         out.push('/');
-        encode_into(out, limit.name.as_bytes());
-        let interval = nanos_to_micros(limit.interval_nanos);
+        encode_into(out, limit.name.as_str().as_bytes());
+        let interval = nanos_to_micros(limit.step_nanos());
         let capacity = nanos_to_micros(limit.capacity_nanos);
         let _ = write!(out, "/{interval}/{capacity}");
     }
@@ -169,6 +173,13 @@ mod tests {
     use crate::time::SECONDS_PER_YEAR;
     use crate::webdis::FailureClass;
 
+    fn plan(plan: usize) -> Applied {
+        Applied {
+            plan: plan as u16,
+            ..Applied::default()
+        }
+    }
+
     #[test]
     fn a_path_names_each_key_once_and_each_set_once() {
         let day = [
@@ -179,19 +190,19 @@ mod tests {
         let entries = [
             Entry {
                 redis_key: "rl:api:ab12",
-                set: 0,
+                applied: plan(0),
                 limits: &day,
                 count: 3,
             },
             Entry {
                 redis_key: "rl:api:cd34",
-                set: 4,
+                applied: plan(4),
                 limits: &gold,
                 count: 1,
             },
             Entry {
                 redis_key: "rl:api:ef56",
-                set: 0,
+                applied: plan(0),
                 limits: &day,
                 count: 12,
             },
@@ -216,7 +227,7 @@ mod tests {
             .enumerate()
             .map(|(i, key)| Entry {
                 redis_key: key,
-                set: i % 3,
+                applied: plan(i % 3),
                 limits: &limits,
                 count: u32::MAX,
             })
@@ -276,8 +287,9 @@ mod tests {
         );
         assert_eq!(class(br#"{"FCALL":[]}"#, &[]), FailureClass::Parse);
         assert_eq!(class(br#"{"FCALL":[7]}"#, &[]), FailureClass::Parse);
-        let nine = format!(r#"{{"FCALL":[7,5,1{}]}}"#, ",0".repeat(9));
-        assert_eq!(class(nine.as_bytes(), &[9]), FailureClass::Parse);
+        let over = MAX_LIMITS + 1;
+        let too_many = format!(r#"{{"FCALL":[7,5,1{}]}}"#, ",0".repeat(over));
+        assert_eq!(class(too_many.as_bytes(), &[over]), FailureClass::Parse);
         // The failures every call shares come through unchanged.
         assert_eq!(
             parse(Some(504), b"", 7, &[1]).unwrap_err().class,

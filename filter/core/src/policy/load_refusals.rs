@@ -60,7 +60,7 @@ fn accepted_capacities_admit_exactly_their_burst_in_both_stores_until_2200() {
             continue;
         };
         accepted += 1;
-        let limits = &policy.sets[0].limits;
+        let limits = &crate::testing::default_limits(&policy);
         // Local store: u64 nanoseconds, on a wall clock up to 2200 or a
         // monotonic clock near zero.
         for now in [seconds_to_nanos(YEAR_2200_SECONDS), 1] {
