@@ -756,6 +756,8 @@ fn in_range<T: PartialOrd + std::fmt::Display>(
 
 #[cfg(test)]
 mod load_refusals;
+#[cfg(test)]
+mod rule_tests;
 
 #[cfg(test)]
 mod tests {
