@@ -15,7 +15,7 @@ use std::fmt;
 /// The parts of a request a rule can match on, normalized once per request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestView<'a> {
-    /// As received (`:method`): methods are case-sensitive.
+    /// As received (`:method`); rules compare it without regard to case.
     pub method: &'a [u8],
     /// See [`normalize_path`].
     pub path: Cow<'a, [u8]>,
@@ -358,7 +358,8 @@ impl HostMatch {
 }
 
 /// A configured method, upper-cased (`get` -> `GET`); requests' methods are
-/// compared byte for byte with it, since HTTP methods are case-sensitive.
+/// compared without regard to case by the rules (Django and others upper-case
+/// the method, so `post` must meet a `POST` rule).
 pub fn compile_method(text: &str) -> Result<Vec<u8>, String> {
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_alphabetic()) {
         return Err(format!("method {text:?} is not an HTTP method (letters)"));

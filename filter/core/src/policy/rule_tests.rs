@@ -106,16 +106,40 @@ fn each_route_admits_its_own_limit_and_the_key_wide_one_caps_the_sum() {
 fn requests_shaped_differently_still_meet_their_route() {
     let p = policy(RULES);
     let mut store = MemStore::default();
-    for path in ["/orders/", "//orders", "/./orders", "/x/../orders", "/%6Frders", "/orders?a=1"] {
+    for path in [
+        "/orders/",
+        "//orders",
+        "/./orders",
+        "/x/../orders",
+        "/%6Frders",
+        "/orders?a=1",
+    ] {
         let (_, names, _) = send(&p, &mut store, "POST", "api.test", path, &[]);
-        assert!(names.contains(&"create-order:4/min".to_string()), "{path}: {names:?}");
+        assert!(
+            names.contains(&"create-order:4/min".to_string()),
+            "{path}: {names:?}"
+        );
     }
-    for host in ["EU.Example.Test", "eu.example.test:8443", "eu.example.test."] {
+    for method in ["post", "Post"] {
+        let (_, names, _) = send(&p, &mut store, method, "api.test", "/orders", &[]);
+        assert!(
+            names.contains(&"create-order:4/min".to_string()),
+            "{method}: {names:?}"
+        );
+    }
+    for host in [
+        "EU.Example.Test",
+        "eu.example.test:8443",
+        "eu.example.test.",
+    ] {
         let (_, names, _) = send(&p, &mut store, "GET", host, "/", &[]);
         assert!(names.contains(&"eu:6/min".to_string()), "{host}: {names:?}");
     }
     let (code, _, _) = send(&p, &mut store, "GET", "api.test", "/orders%zz", &[]);
-    assert_eq!(code, 400, "a path that cannot be read cannot dodge path rules");
+    assert_eq!(
+        code, 400,
+        "a path that cannot be read cannot dodge path rules"
+    );
 }
 
 #[test]
@@ -127,7 +151,10 @@ fn a_cost_from_a_header_is_charged_and_a_bad_one_consumes_nothing() {
         assert_eq!(code, 400, "{bad:?}: {body}");
     }
     let repeated = [("x-cost", "1"), ("x-cost", "1")];
-    assert_eq!(send(&p, &mut store, "GET", "h", "/v1/chat", &repeated).0, 400);
+    assert_eq!(
+        send(&p, &mut store, "GET", "h", "/v1/chat", &repeated).0,
+        400
+    );
     let (code, _, body) = send(&p, &mut store, "GET", "h", "/big", &[("x-cost", "200")]);
     assert_eq!(code, 400);
     assert!(body.contains("can never be admitted"), "{body}");
@@ -179,7 +206,10 @@ fn plans_registry_and_unknown_keys() {
         }
     };
     assert_eq!(names("1234"), Ok(vec!["10/min".to_string()]));
-    assert_eq!(names("f1"), Ok(vec!["3/min".into(), "free-only:2/min".into()]));
+    assert_eq!(
+        names("f1"),
+        Ok(vec!["3/min".into(), "free-only:2/min".into()])
+    );
     assert_eq!(names("nobody"), Err(401));
 
     let p = policy(
@@ -204,31 +234,102 @@ fn refused(json: &str) -> ConfigError {
 fn bad_rules_plans_and_registries_are_refused_naming_the_field() {
     let rule = |r: &str| format!(r#"{{"limits": ["1/s"], "rules": [{r}]}}"#);
     let cases = [
-        (rule(r#"{"name": "a", "match": {}, "limits": ["1/s"]}"#), "rules[0].match"),
-        (rule(r#"{"name": "a", "match": {"path": "/a"}, "limits": ["1/s"], "x": 1}"#), "rules[0].x"),
-        (rule(r#"{"name": "a b", "match": {"path": "/a"}, "limits": ["1/s"]}"#), "rules[0].name"),
         (
-            rule(r#"{"name": "a", "match": {"path": "/a"}, "limits": ["1/s"]}, {"name": "a", "match": {"path": "/b"}, "limits": ["1/s"]}"#),
+            rule(r#"{"name": "a", "match": {}, "limits": ["1/s"]}"#),
+            "rules[0].match",
+        ),
+        (
+            rule(r#"{"name": "a", "match": {"path": "/a"}, "limits": ["1/s"], "x": 1}"#),
+            "rules[0].x",
+        ),
+        (
+            rule(r#"{"name": "a b", "match": {"path": "/a"}, "limits": ["1/s"]}"#),
+            "rules[0].name",
+        ),
+        (
+            rule(
+                r#"{"name": "a", "match": {"path": "/a"}, "limits": ["1/s"]}, {"name": "a", "match": {"path": "/b"}, "limits": ["1/s"]}"#,
+            ),
             "rules[1].name",
         ),
-        (rule(r#"{"name": "a", "match": {"path": "/a", "path_prefix": "/b"}, "limits": ["1/s"]}"#), "rules[0].match.path_prefix"),
-        (rule(r#"{"name": "a", "match": {"path_template": "/orders/{id}.json"}, "limits": ["1/s"]}"#), "rules[0].match.path_template"),
-        (rule(r#"{"name": "a", "match": {"path": "orders"}, "limits": ["1/s"]}"#), "rules[0].match.path"),
-        (rule(r#"{"name": "a", "match": {"methods": []}, "limits": ["1/s"]}"#), "rules[0].match.methods"),
-        (rule(r#"{"name": "a", "match": {"hosts": ["a:80"]}, "limits": ["1/s"]}"#), "rules[0].match.hosts[0]"),
-        (rule(r#"{"name": "a", "match": {"headers": [{"name": "x"}]}, "limits": ["1/s"]}"#), "rules[0].match.headers[0]"),
-        (rule(r#"{"name": "a", "match": {"plans": ["gold"]}, "limits": ["1/s"]}"#), "rules[0].match.plans[0]"),
-        (rule(r#"{"name": "a", "match": {"path": "/a"}, "limits": []}"#), "rules[0].limits"),
-        (rule(r#"{"name": "a", "match": {"path": "/a"}, "limits": ["1/s"], "cost": 2}"#), "rules[0].cost"),
-        (rule(r#"{"name": "a", "match": {"path": "/a"}, "limits": ["5/s"], "cost": 0}"#), "rules[0].cost"),
-        (rule(r#"{"name": "a", "match": {"path": "/a"}, "limits": ["5/s"], "cost": {"header": "x", "default": 3, "max": 2}}"#), "rules[0].cost.max"),
-        (rule(r#"{"name": "a", "match": {"path": "/a"}, "limits": [{"rate": "5/s", "name": "1/s"}]}"#), "rules[0].limits"),
+        (
+            rule(
+                r#"{"name": "a", "match": {"path": "/a", "path_prefix": "/b"}, "limits": ["1/s"]}"#,
+            ),
+            "rules[0].match.path_prefix",
+        ),
+        (
+            rule(
+                r#"{"name": "a", "match": {"path_template": "/orders/{id}.json"}, "limits": ["1/s"]}"#,
+            ),
+            "rules[0].match.path_template",
+        ),
+        (
+            rule(r#"{"name": "a", "match": {"path": "orders"}, "limits": ["1/s"]}"#),
+            "rules[0].match.path",
+        ),
+        (
+            rule(r#"{"name": "a", "match": {"methods": []}, "limits": ["1/s"]}"#),
+            "rules[0].match.methods",
+        ),
+        (
+            rule(r#"{"name": "a", "match": {"hosts": ["a:80"]}, "limits": ["1/s"]}"#),
+            "rules[0].match.hosts[0]",
+        ),
+        (
+            rule(r#"{"name": "a", "match": {"headers": [{"name": "x"}]}, "limits": ["1/s"]}"#),
+            "rules[0].match.headers[0]",
+        ),
+        (
+            rule(r#"{"name": "a", "match": {"plans": ["gold"]}, "limits": ["1/s"]}"#),
+            "rules[0].match.plans[0]",
+        ),
+        (
+            rule(r#"{"name": "a", "match": {"path": "/a"}, "limits": []}"#),
+            "rules[0].limits",
+        ),
+        (
+            rule(r#"{"name": "a", "match": {"path": "/a"}, "limits": ["1/s"], "cost": 2}"#),
+            "rules[0].cost",
+        ),
+        (
+            rule(r#"{"name": "a", "match": {"path": "/a"}, "limits": ["5/s"], "cost": 0}"#),
+            "rules[0].cost",
+        ),
+        (
+            rule(
+                r#"{"name": "a", "match": {"path": "/a"}, "limits": ["5/s"], "cost": {"header": "x", "default": 3, "max": 2}}"#,
+            ),
+            "rules[0].cost.max",
+        ),
+        (
+            rule(
+                r#"{"name": "a", "match": {"path": "/a"}, "limits": [{"rate": "5/s", "name": "1/s"}]}"#,
+            ),
+            "rules[0].limits",
+        ),
         (r#"{"plans": {"free": ["1/s"]}}"#.to_string(), "limits"),
-        (r#"{"limits": ["1/s"], "plans": {"default": ["1/s"]}}"#.to_string(), "plans.default"),
-        (r#"{"limits": ["1/s"], "keys": {"gold": ["a"]}}"#.to_string(), "keys.gold"),
-        (r#"{"limits": ["1/s"], "plans": {"p": ["2/s"]}, "keys": {"p": ["a", "a"]}}"#.to_string(), "keys.p[1]"),
-        (r#"{"limits": ["1/s"], "unknown_keys": "reject"}"#.to_string(), "unknown_keys"),
-        (r#"{"limits": ["1/s"], "default_plan": "gold"}"#.to_string(), "default_plan"),
+        (
+            r#"{"limits": ["1/s"], "plans": {"default": ["1/s"]}}"#.to_string(),
+            "plans.default",
+        ),
+        (
+            r#"{"limits": ["1/s"], "keys": {"gold": ["a"]}}"#.to_string(),
+            "keys.gold",
+        ),
+        (
+            r#"{"limits": ["1/s"], "plans": {"p": ["2/s"]}, "keys": {"p": ["a", "a"]}}"#
+                .to_string(),
+            "keys.p[1]",
+        ),
+        (
+            r#"{"limits": ["1/s"], "unknown_keys": "reject"}"#.to_string(),
+            "unknown_keys",
+        ),
+        (
+            r#"{"limits": ["1/s"], "default_plan": "gold"}"#.to_string(),
+            "default_plan",
+        ),
     ];
     for (json, field) in cases {
         let e = refused(&json);
@@ -236,9 +337,14 @@ fn bad_rules_plans_and_registries_are_refused_naming_the_field() {
     }
     // A key on one plan can meet at most 16 limits.
     let many: Vec<String> = (0..9)
-        .map(|i| format!(r#"{{"name": "r{i}", "match": {{"path": "/{i}"}}, "limits": ["1/s", "2/s"]}}"#))
+        .map(|i| {
+            format!(r#"{{"name": "r{i}", "match": {{"path": "/{i}"}}, "limits": ["1/s", "2/s"]}}"#)
+        })
         .collect();
-    let e = refused(&format!(r#"{{"limits": ["1/s"], "rules": [{}]}}"#, many.join(",")));
+    let e = refused(&format!(
+        r#"{{"limits": ["1/s"], "rules": [{}]}}"#,
+        many.join(",")
+    ));
     assert_eq!(e.field, "rules", "{e}");
     assert!(e.message.contains("at most 16"), "{e}");
 }

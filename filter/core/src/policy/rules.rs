@@ -112,7 +112,9 @@ impl Rule {
         if !self.methods.is_empty()
             && !view
                 .method
-                .is_some_and(|m| self.methods.iter().any(|want| want.as_slice() == m))
+                // Case-blind: Django and others upper-case the method, so
+                // `post` must not slip past a `POST` rule.
+                .is_some_and(|m| self.methods.iter().any(|want| want.eq_ignore_ascii_case(m)))
         {
             return false;
         }
