@@ -33,6 +33,18 @@ fn a_bad_configuration_makes_envoy_refuse_to_start_naming_the_field() {
             "field `key_sources[0].header`",
         ),
         (r#"{"limits": "1/s"}"#, "field `limits`: invalid type"),
+        // A template no request path can match: `{id}` is a whole segment.
+        (
+            r#"{"limits": ["1/s"], "rules": [{"name": "order",
+                "match": {"path_template": "/orders/{id}.json"}, "limits": ["3/min"]}]}"#,
+            "field `rules[0].match.path_template`: path template \"/orders/{id}.json\"",
+        ),
+        // A fixed cost the rule's limit can never hold.
+        (
+            r#"{"limits": ["1/s"], "rules": [{"name": "batch",
+                "match": {"path": "/batch"}, "limits": ["10/min"], "cost": 11}]}"#,
+            "field `rules[0].cost`: a request costing 11 can never fit limits[0] (burst 10)",
+        ),
         ("", "the configuration is empty"),
     ];
     for (plugin_config, expected) in cases {
