@@ -62,6 +62,9 @@ pub fn normalize_path(raw: &[u8]) -> Result<Cow<'_, [u8]>, PathError> {
     let decoded = decode(path)?;
     let mut segments: Vec<&[u8]> = Vec::new();
     for segment in decoded.split(|&b| b == b'/') {
+        // `;params` end a segment, as Tomcat and Spring read it: `/orders;x`
+        // is `/orders` and `/x/..;/orders` is `/orders` there, so here too.
+        let segment = segment.split(|&b| b == b';').next().unwrap_or_default();
         match segment {
             b"" | b"." => {}
             b".." => drop(segments.pop()),
@@ -109,7 +112,7 @@ fn clean_bytes(segment: &[u8]) -> bool {
     let mut bytes = segment.iter();
     while let Some(&b) = bytes.next() {
         match b {
-            b'\\' | 0 | b'?' | b'#' => return false,
+            b'\\' | 0 | b'?' | b'#' | b';' => return false,
             b'%' => match (bytes.next(), bytes.next()) {
                 (Some(b'2'), Some(b'5' | b'3')) | (Some(b'3'), Some(b'F')) => {}
                 _ => return false,
@@ -215,6 +218,8 @@ fn check_pattern(text: &str, is_prefix: bool) -> Result<&str, String> {
         "contains '?' or '#': request paths are matched without query or fragment"
     } else if text.contains(['%', '\\']) {
         "contains '%' or '\\': write paths decoded, with '/'"
+    } else if text.contains(';') {
+        "contains ';': request paths are matched without ';' parameters"
     } else if text.contains("//") {
         "contains \"//\": request paths have their slashes merged"
     } else if text.len() > 1 && text.ends_with('/') && !is_prefix {
@@ -392,6 +397,8 @@ mod tests {
         /orders#f              /orders           \orders                /orders
         /orders/.              /orders           /%2e%2e/orders         /orders
         /orders/..x            /orders/..x       /ORDERS                /ORDERS
+        /orders;x              /orders           /x/..;/orders          /orders
+        /orders;a=1/           /orders           /orders%3Bjsessionid=1 /orders
     ";
 
     #[test]
