@@ -56,13 +56,10 @@
 //! remaining count, `b - n` after its `n`-th admission: over all admitted
 //! responses each limit's values are `b-1, ..., 0`, each once.
 //!
-//! One known gap, global mode only: a replica's "denied until" cache knows
-//! only the limits its own answers showed spent. A request several limits
-//! deny (phase 4) may be denied from that partial view, naming a limit that
-//! does deny but not the longest-waiting one, with that limit's shorter
-//! `Retry-After` (`a_cached_denial_names_the_binding_limit_across_replicas`
-//! shows it deterministically). For those requests alone [`check`] accepts
-//! any denying limit in global mode; everything else is exact in both modes.
+//! In global mode a replica's "denied until" cache knows only the limits its
+//! own answers showed; it answers a request only when it knows every limit
+//! the request meets, so a 429 always names the longest-waiting limit
+//! (`a_cached_denial_names_the_binding_limit_across_replicas` failed before).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -409,7 +406,7 @@ fn limit_metric(name: &str) -> String {
 
 /// Every check of the module docs on `answers`, with the counters of
 /// `envoys`; returns the counters named in `more`, read with the others.
-fn check(mode: Mode, answers: &[Answer], envoys: &[&Envoy], more: &[&str]) -> Vec<u64> {
+fn check(answers: &[Answer], envoys: &[&Envoy], more: &[&str]) -> Vec<u64> {
     let first_send = answers.iter().map(|a| a.sent).min().unwrap();
     let last_answer = answers.iter().map(|a| a.answered).max().unwrap();
     let span = last_answer - first_send;
@@ -438,15 +435,7 @@ fn check(mode: Mode, answers: &[Answer], envoys: &[&Envoy], more: &[&str]) -> Ve
             "{a}"
         );
         let named = a.limit();
-        match mode {
-            // The known gap (module docs): a cached denial may name
-            // another denying limit than the longest-waiting one.
-            Mode::Global if e.denied_by.len() > 1 => assert!(
-                named.as_deref().is_some_and(|n| e.denied_by.contains(&n)),
-                "{a}"
-            ),
-            _ => assert_eq!(named.as_deref(), Some(e.binding), "{a}"),
-        }
+        assert_eq!(named.as_deref(), Some(e.binding), "{a}");
     }
 
     // Admitted per phase and route, exactly; their sum is the key-wide limit.
@@ -509,7 +498,6 @@ fn check(mode: Mode, answers: &[Answer], envoys: &[&Envoy], more: &[&str]) -> Ve
             .filter(|a| expected(a.phase, a.route).denied_by.contains(&limit))
             .count() as u64
     };
-    let first_limit_counter = names.len();
     for (limit, _) in LIMITS {
         names.push(limit_metric(limit));
         want.push(denied(limit));
@@ -522,31 +510,7 @@ fn check(mode: Mode, answers: &[Answer], envoys: &[&Envoy], more: &[&str]) -> Ve
     let named = |n: &[String], v: &[u64]| -> Vec<(String, u64)> {
         n.iter().cloned().zip(v.iter().copied()).collect()
     };
-    match mode {
-        Mode::Local => assert_eq!(named(&names, &got), named(&names, &want)),
-        Mode::Global => {
-            // Phase 4's cached denials count only the limits the cache
-            // knew spent: between the 429s naming the limit and `want`.
-            let split = first_limit_counter;
-            assert_eq!(
-                named(&names[..split], &got[..split]),
-                named(&names[..split], &want[..split])
-            );
-            for (i, (limit, _)) in LIMITS.iter().enumerate() {
-                let naming = throttled
-                    .iter()
-                    .filter(|a| a.limit().as_deref() == Some(*limit))
-                    .count() as u64;
-                let got = got[split + i];
-                assert!(
-                    (naming..=want[split + i]).contains(&got),
-                    "{}: {got}, expected from {naming} to {}",
-                    names[split + i],
-                    want[split + i]
-                );
-            }
-        }
-    }
+    assert_eq!(named(&names, &got), named(&names, &want));
 
     let mut per_route: BTreeMap<Route, (usize, usize)> = BTreeMap::new();
     for a in answers {
@@ -571,7 +535,7 @@ fn six_workers_each_route_admits_its_limit_and_the_key_wide_caps_the_sum() {
     let started = Instant::now();
     let local = OneEnvoy::local(&plugin_config(""), 6);
     let answers = run(&local.addr());
-    check(Mode::Local, &answers, &[&local.envoy], &[]);
+    check(&answers, &[&local.envoy], &[]);
     let per_worker = local.connections_per_worker();
     assert_eq!(per_worker.len(), 6, "{per_worker:?}");
     assert!(
@@ -595,7 +559,7 @@ fn six_replicas_each_route_admits_its_limit_and_the_key_wide_caps_the_sum() {
     let answers = run(&replicas.addr());
     let envoys: Vec<&Envoy> = replicas.replicas.iter().collect();
     let more = ["store_errors", "backend_calls", "backend_cache_hits"];
-    let more = check(Mode::Global, &answers, &envoys, &more);
+    let more = check(&answers, &envoys, &more);
     let (store_errors, calls, cache_hits) = (more[0], more[1], more[2]);
     assert_eq!(store_errors, 0);
     let per_replica = replicas.requests_per_replica();
@@ -607,7 +571,7 @@ fn six_replicas_each_route_admits_its_limit_and_the_key_wide_caps_the_sum() {
     );
 }
 
-/// The known gap of the module docs, deterministically, on two replicas
+/// A cached denial names the binding limit, on two replicas
 /// addressed directly. Through replica 0, create-order is spent (4
 /// admitted, the 5th denied by Redis: replica 0's cache learns it spent).
 /// Through replica 1, plain requests spend the key-wide limit (8 admitted,
@@ -619,7 +583,6 @@ fn six_replicas_each_route_admits_its_limit_and_the_key_wide_caps_the_sum() {
 /// `RateLimit` saying create-order has all 4 left): a client that waits
 /// that long is denied again.
 #[test]
-#[ignore = "known gap: a replica's deny cache names the limit it saw spent, not the binding one"]
 fn a_cached_denial_names_the_binding_limit_across_replicas() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let config =

@@ -47,6 +47,16 @@ pub fn lookup(limits: &[Limit], entry: &[u8], key: KeyHash, now: u64) -> Option<
     if limits.len() > MAX_LIMITS {
         return None;
     }
+    // Nor for a limit it holds nothing of: another replica may have spent
+    // it (another route of the key), so its wait, and which limit binds,
+    // are Redis's to say; a denial from the others alone could promise a
+    // Retry-After that comes too early.
+    if !limits
+        .iter()
+        .all(|l| state.entries().iter().any(|(id, _)| *id == l.id))
+    {
+        return None;
+    }
     let mut tats = state.tats_for(limits);
     let mut decision = gcra::decide(limits, tats.as_mut_slice(), now);
     if decision.allowed {
@@ -182,13 +192,37 @@ mod tests {
         let key = key_hash(b"k");
         let e = write(&[], key, &limits, answer(0, &[10_000_000]));
         assert!(lookup(&limits, &e, key_hash(b"other"), 1).is_none());
-        // A configuration that adds a limit still sees the first one's debt.
+        // A request that also meets a limit the entry knows nothing of
+        // (another route's, spent on another replica) goes to Redis.
         let daily = named_limit("daily", 1000, 86_400, 1000);
         let two = [limits.clone(), vec![daily]].concat();
-        assert!(lookup(&two, &e, key, 1).is_some());
+        assert!(lookup(&two, &e, key, 1).is_none());
         assert!(lookup(&[daily], &e, key, 1).is_none());
         assert!(lookup(&limits, &[], key, 1).is_none());
         assert!(slot(key, 7) < 7);
+    }
+
+    #[test]
+    fn a_cached_denial_never_names_a_limit_for_another_that_binds_longer() {
+        // Replica B saw the key-wide limit spent (5 s to the next request);
+        // create-order (15 s) was spent through replica A. B's entry must
+        // not answer a request that meets both: Redis names create-order.
+        let key_wide = named_limit("12/min", 12, 60, 12);
+        let create = named_limit("create-order:4/min", 4, 60, 4);
+        let key = key_hash(b"k");
+        let e = write(&[], key, &[key_wide], answer(0, &[60_000_000]));
+        assert!(lookup(&[key_wide], &e, key, S).is_some());
+        assert!(lookup(&[key_wide, create], &e, key, S).is_none());
+        // Once Redis answered for both, the entry knows both and names the
+        // binding one.
+        let e = write(
+            &e,
+            key,
+            &[key_wide, create],
+            answer(S, &[59_000_000, 60_000_000]),
+        );
+        let d = lookup(&[key_wide, create], &e, key, S).unwrap();
+        assert_eq!(d.binding(), Some(1));
     }
 
     #[test]
