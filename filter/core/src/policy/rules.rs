@@ -214,23 +214,9 @@ pub fn compile(
     }
     let m: &MatchConfig = &rule.matches;
     let at = |what: &str| format!("{field}.match.{what}");
-    let methods = match &m.methods {
-        None => Vec::new(),
-        Some(list) if list.is_empty() => {
-            return Err(ConfigError::new(
-                at("methods"),
-                "must list at least one method",
-            ))
-        }
-        Some(list) => list
-            .iter()
-            .enumerate()
-            .map(|(i, text)| {
-                compile_method(text)
-                    .map_err(|why| ConfigError::new(format!("{}[{i}]", at("methods")), why))
-            })
-            .collect::<Result<_, _>>()?,
-    };
+    let methods = compile_list(&at("methods"), m.methods.as_deref(), "method", |t| {
+        compile_method(t)
+    })?;
     let paths = [
         (
             "path",
@@ -255,37 +241,15 @@ pub fn compile(
         }
         path = Some(compile_path(text).map_err(|why| ConfigError::new(at(what), why))?);
     }
-    let hosts = match &m.hosts {
-        None => Vec::new(),
-        Some(list) if list.is_empty() => {
-            return Err(ConfigError::new(at("hosts"), "must list at least one host"))
-        }
-        Some(list) => list
-            .iter()
-            .enumerate()
-            .map(|(i, text)| {
-                HostMatch::compile(text)
-                    .map_err(|why| ConfigError::new(format!("{}[{i}]", at("hosts")), why))
-            })
-            .collect::<Result<_, _>>()?,
-    };
-    let headers = match &m.headers {
-        None => Vec::new(),
-        Some(list) if list.is_empty() => {
-            return Err(ConfigError::new(
-                at("headers"),
-                "must list at least one header condition",
-            ))
-        }
-        Some(list) => list
-            .iter()
-            .enumerate()
-            .map(|(i, h)| {
-                header_condition(h)
-                    .map_err(|why| ConfigError::new(format!("{}[{i}]", at("headers")), why))
-            })
-            .collect::<Result<_, _>>()?,
-    };
+    let hosts = compile_list(&at("hosts"), m.hosts.as_deref(), "host", |t| {
+        HostMatch::compile(t)
+    })?;
+    let headers = compile_list(
+        &at("headers"),
+        m.headers.as_deref(),
+        "header condition",
+        header_condition,
+    )?;
     let plans = match &m.plans {
         None => None,
         Some(list) if list.is_empty() => {
@@ -367,6 +331,30 @@ pub fn compile(
         plans,
         cost,
     })
+}
+
+/// An optional list of conditions: absent is none; present, at least one,
+/// each compiled by `compile`, an error naming `field[i]`.
+fn compile_list<C, T>(
+    field: &str,
+    list: Option<&[C]>,
+    what: &str,
+    compile: impl Fn(&C) -> Result<T, String>,
+) -> Result<Vec<T>, ConfigError> {
+    match list {
+        None => Ok(Vec::new()),
+        Some([]) => Err(ConfigError::new(
+            field,
+            format!("must list at least one {what}"),
+        )),
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                compile(item).map_err(|why| ConfigError::new(format!("{field}[{i}]"), why))
+            })
+            .collect(),
+    }
 }
 
 fn header_condition(h: &HeaderMatchConfig) -> Result<HeaderCondition, String> {
