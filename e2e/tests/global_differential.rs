@@ -16,6 +16,10 @@
 //! values (a burst exactly filled, a debt exactly at the tolerance,
 //! capacities at the 50-year bound) have a test of their own, and malformed
 //! calls are refused with a Redis error and write nothing.
+//!
+//! `plans.rs` does the same for `apikey_ratelimit_batch2`, the call of
+//! `plans_from_redis`: keys' plans moved in Redis between calls, and rules'
+//! limits at random costs.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -28,6 +32,9 @@ use ratelimit_core::batch::wire::{self, Entry, Reply};
 use ratelimit_core::gcra::{self, Decision, Limit};
 use ratelimit_core::rate::{Rate, MAX_CAPACITY_NANOS};
 use ratelimit_core::webdis::{self, FailureClass};
+
+#[path = "global_differential/plans.rs"]
+mod plans;
 
 /// Nanoseconds per microsecond: the model counts in the first, Redis in the second.
 const US: u64 = 1_000;

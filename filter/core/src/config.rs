@@ -281,6 +281,11 @@ pub struct WebdisStoreConfig {
     /// failure mode applies.
     #[serde(default = "default_max_waiting")]
     pub max_waiting: u32,
+    /// Read each key's plan from the Redis hash `<key_prefix>plans` at
+    /// decision time (in the same call); the configuration's plan is the
+    /// fallback. Off: no extra work, and the calls are those of before.
+    #[serde(default)]
+    pub plans_from_redis: bool,
 }
 
 impl Default for WebdisStoreConfig {
@@ -295,6 +300,7 @@ impl Default for WebdisStoreConfig {
             max_keys_per_call: default_max_keys_per_call(),
             max_calls_in_flight: default_max_calls_in_flight(),
             max_waiting: default_max_waiting(),
+            plans_from_redis: false,
         }
     }
 }

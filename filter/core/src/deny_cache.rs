@@ -70,7 +70,17 @@ pub fn lookup(limits: &[Limit], entry: &[u8], key: KeyHash, now: u64) -> Option<
 /// with nothing to spend can make a later lookup deny. The others would cost
 /// a shared-data write for nothing.
 pub fn worth_remembering(decision: &Decision) -> bool {
-    decision.states().iter().any(|state| state.remaining == 0)
+    worth_remembering_from(decision, 0)
+}
+
+/// The same, for a cache that decides only on the limits from `first` on
+/// (with plans from Redis, the rules' limits: `Policy::cacheable`).
+pub fn worth_remembering_from(decision: &Decision, first: usize) -> bool {
+    decision
+        .states()
+        .iter()
+        .skip(first)
+        .any(|state| state.remaining == 0)
 }
 
 /// When an answer reached the filter: the times it was sent and received,
@@ -246,6 +256,8 @@ mod tests {
         let denied = gcra::decide(&limits, &mut tats, S);
         assert!(!denied.allowed && worth_remembering(&denied));
         assert!(!worth_remembering(&Decision::unlimited()));
+        // Past the limits the cache decides on: nothing to remember.
+        assert!(!worth_remembering_from(&second, 1));
     }
 
     #[test]

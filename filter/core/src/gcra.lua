@@ -32,6 +32,29 @@
 -- Retry-After and quota headers, and checks it agrees on admitted_j.
 -- A denial writes nothing; m = 0 writes nothing either.
 --
+-- apikey_ratelimit_batch2 is the same when keys' plans are read from Redis
+-- (store.webdis.plans_from_redis): an operator puts a key on a plan with
+-- HSET <prefix>plans <field> <plan>, and its next request is decided on it.
+--
+--   FCALL apikey_ratelimit_batch2 <1+m> <prefix>plans <key_1> ... <key_m> <nonce>
+--         <p> <q> [<plan> <n> (<name> <T> <C>) x n] x p   -- plans, once each
+--         <s> [<n> (<name> <T> <C>) x n] x s             -- the rules' limit sets
+--         [<plan> <set> <count>] x m                     -- per key: its plan in the
+--                                                         -- configuration, its rules' set
+--
+-- <field>    key_j without <prefix>: the hex SHA-256 (or HMAC) of the API key
+-- <plan>     a plan's name, then its key-wide limits; Redis may name only the
+--            first q plans (the others are the configuration's own, such as
+--            overrides, given as a key's fallback)
+--
+-- One HMGET reads every key's plan. A key whose field names one of the
+-- first q plans is decided on that plan's limits and its rules' set; one
+-- without a field on its configured plan; one whose field names another
+-- plan on its configured plan too, answered as plan 0. Returns
+--   {nonce, now_us, [plan_j, admitted_j, debt_j_1, ..., debt_j_n] x m}
+-- with plan_j the plan used (1-based, or 0 as above) and the debts of its
+-- limits then its set's.
+--
 -- apikey_ratelimit_gcra is the one-request form that earlier filters call
 -- (and the health checks, with n = 0), kept so that a rolling update works:
 --
@@ -133,6 +156,21 @@ local function decide(key, set, count, now)
   return admitted, debts
 end
 
+-- Reads n sets from args[pos] on. Returns them and the position after
+-- them, or nil and an error message.
+local function read_sets(args, pos, n, what)
+  local sets = {}
+  for j = 1, n do
+    local set, next_or_error = read_set(args, pos, what)
+    if set == nil then
+      return nil, next_or_error
+    end
+    sets[j] = set
+    pos = next_or_error
+  end
+  return sets, pos
+end
+
 local function batch(keys, args)
   local what = 'apikey_ratelimit_batch'
   local nonce = tonumber(args[1])
@@ -143,15 +181,9 @@ local function batch(keys, args)
   if not is_count(s) then
     return redis.error_reply('ERR ' .. what .. ': expected the number of limit sets')
   end
-  local sets = {}
-  local pos = 3
-  for j = 1, s do
-    local set, next_or_error = read_set(args, pos, what)
-    if set == nil then
-      return redis.error_reply(next_or_error)
-    end
-    sets[j] = set
-    pos = next_or_error
+  local sets, pos = read_sets(args, 3, s, what)
+  if sets == nil then
+    return redis.error_reply(pos)
   end
   if #args ~= pos - 1 + 2 * #keys then
     return redis.error_reply('ERR ' .. what .. ': expected one (set, count) per key')
@@ -173,6 +205,113 @@ local function batch(keys, args)
     local admitted, debts = decide(keys[j], set, count, now)
     out[#out + 1] = admitted
     for i = 1, set.n do
+      out[#out + 1] = debts[i]
+    end
+  end
+  return out
+end
+
+-- A plan's limits followed by a rules' set, as one set.
+local function join(plan, rules)
+  local set = {n = plan.n + rules.n, names = {}, intervals = {}, capacities = {}}
+  for _, part in ipairs({plan, rules}) do
+    for i = 1, part.n do
+      set.names[#set.names + 1] = part.names[i]
+      set.intervals[#set.intervals + 1] = part.intervals[i]
+      set.capacities[#set.capacities + 1] = part.capacities[i]
+    end
+  end
+  return set
+end
+
+local function batch2(keys, args)
+  local what = 'apikey_ratelimit_batch2'
+  local plans_key = keys[1]
+  local suffix = 'plans'
+  if plans_key == nil or string.sub(plans_key, -#suffix) ~= suffix then
+    return redis.error_reply('ERR ' .. what .. ': expected the plans key first')
+  end
+  local prefix = string.sub(plans_key, 1, #plans_key - #suffix)
+  local m = #keys - 1
+  local nonce = tonumber(args[1])
+  if not is_count(nonce) then
+    return redis.error_reply('ERR ' .. what .. ': expected the call\'s nonce')
+  end
+  local p, q = tonumber(args[2]), tonumber(args[3])
+  if not is_count(p) or not is_count(q) or q > p then
+    return redis.error_reply('ERR ' .. what .. ': expected the number of plans, then how many Redis may name')
+  end
+  local plans, by_name = {}, {}
+  local pos = 4
+  for j = 1, p do
+    local name = args[pos]
+    local plan, next_or_error = read_set(args, pos + 1, what)
+    if name == nil or plan == nil then
+      return redis.error_reply(next_or_error or ('ERR ' .. what .. ': plan ' .. j .. ' has no name'))
+    end
+    plans[j] = plan
+    if j <= q and by_name[name] == nil then
+      by_name[name] = j
+    end
+    pos = next_or_error
+  end
+  local s = tonumber(args[pos])
+  if not is_count(s) then
+    return redis.error_reply('ERR ' .. what .. ': expected the number of limit sets')
+  end
+  local sets, after = read_sets(args, pos + 1, s, what)
+  if sets == nil then
+    return redis.error_reply(after)
+  end
+  pos = after
+  if #args ~= pos - 1 + 3 * m then
+    return redis.error_reply('ERR ' .. what .. ': expected one (plan, set, count) per key')
+  end
+  local entries, fields = {}, {}
+  for j = 1, m do
+    local key = keys[j + 1]
+    local plan = tonumber(args[pos])
+    local set = sets[tonumber(args[pos + 1])]
+    local count = tonumber(args[pos + 2])
+    if plans[plan] == nil or set == nil or not is_count(count) then
+      return redis.error_reply('ERR ' .. what .. ': key ' .. j .. ' has no valid plan, set and count')
+    end
+    if string.sub(key, 1, #prefix) ~= prefix or #key == #prefix then
+      return redis.error_reply('ERR ' .. what .. ': key ' .. j .. ' is not under the plans key\'s prefix')
+    end
+    entries[j] = {plan, set, count}
+    fields[j] = string.sub(key, #prefix + 1)
+    pos = pos + 3
+  end
+  local named = {}
+  if m > 0 then
+    named = redis.call('HMGET', plans_key, unpack(fields))
+  end
+  local now = clock()
+  local out = {nonce, now}
+  -- Each (plan, set) pair joined once.
+  local joined = {}
+  for j = 1, m do
+    local plan, set, count = entries[j][1], entries[j][2], entries[j][3]
+    local answer = plan
+    if named[j] then
+      local chosen = by_name[named[j]]
+      if chosen then
+        plan, answer = chosen, chosen
+      else
+        answer = 0
+      end
+    end
+    joined[plan] = joined[plan] or {}
+    local limits = joined[plan][set]
+    if limits == nil then
+      limits = join(plans[plan], set)
+      joined[plan][set] = limits
+    end
+    local admitted, debts = decide(keys[j + 1], limits, count, now)
+    out[#out + 1] = answer
+    out[#out + 1] = admitted
+    for i = 1, limits.n do
       out[#out + 1] = debts[i]
     end
   end
@@ -209,4 +348,5 @@ local function gcra(keys, args)
 end
 
 redis.register_function('apikey_ratelimit_batch', batch)
+redis.register_function('apikey_ratelimit_batch2', batch2)
 redis.register_function('apikey_ratelimit_gcra', gcra)

@@ -73,11 +73,14 @@ pub enum Event {
     ShadowUnknownKey,
     /// A 400 for the request's cost or path (the rules could not apply).
     BadRequest,
+    /// Redis put the key on a plan the configuration does not know
+    /// (`plans_from_redis`): the configuration's plan applied.
+    BackendUnknownPlan,
 }
 
 impl Event {
     /// Every event that is not a backend error (a new event goes here too).
-    const PLAIN: [Event; 20] = [
+    const PLAIN: [Event; 21] = [
         Event::Allowed,
         Event::Throttled,
         Event::ShadowThrottled,
@@ -98,6 +101,7 @@ impl Event {
         Event::UnknownKey,
         Event::ShadowUnknownKey,
         Event::BadRequest,
+        Event::BackendUnknownPlan,
     ];
 
     /// Every event, each at its [`Event::index`]: the plain ones, then one
@@ -154,6 +158,7 @@ impl Event {
             Event::UnknownKey => "unknown_key",
             Event::ShadowUnknownKey => "shadow_unknown_key",
             Event::BadRequest => "bad_request",
+            Event::BackendUnknownPlan => "backend_unknown_plans",
         })
     }
 }
@@ -694,6 +699,7 @@ mod tests {
             "backend_errors_status",
             "backend_errors_timeout",
             "backend_errors_transport",
+            "backend_unknown_plans",
             "bad_request",
             "cas_conflicts",
             "cas_retries_exhausted",

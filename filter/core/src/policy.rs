@@ -24,6 +24,7 @@ use crate::response::Replies;
 use crate::slots::{SlotTable, PROBES};
 use crate::time::SECONDS_PER_YEAR;
 
+mod redis_plans;
 mod registry;
 pub mod rules;
 
@@ -105,6 +106,9 @@ pub struct Policy {
     unknown_keys: UnknownKeys,
     default_plan: u16,
     anonymous_plan: u16,
+    /// With `store.webdis.plans_from_redis`, the plans Redis may name (the
+    /// named ones, and `default` when it has limits); empty when off.
+    redis_plans: Vec<u16>,
     /// The keyed hash of keys in the stores; the filter seeds it with the
     /// process's secret after compiling (see `hash`).
     hasher: Cell<KeyHasher>,
@@ -386,6 +390,12 @@ impl Policy {
             ));
         }
         check_state_bound(&plans, &rules, &rule_limits, &limits)?;
+        let redis_plans = match &config.store {
+            StoreConfig::Webdis(w) if w.plans_from_redis => {
+                redis_plans::compile(&plans, config.plans.len(), &rules, &rule_limits, &limits)?
+            }
+            _ => Vec::new(),
+        };
 
         let needs = rules.iter().fold(Needs::default(), |acc, r| {
             let n = r.needs();
@@ -414,6 +424,7 @@ impl Policy {
             unknown_keys: config.unknown_keys,
             default_plan,
             anonymous_plan: u16::try_from(anonymous_plan).unwrap_or(DEFAULT_PLAN),
+            redis_plans,
             hasher: Cell::new(KeyHasher::unseeded()),
             replies,
         })
@@ -454,7 +465,7 @@ impl Policy {
             plan,
             ..Applied::default()
         };
-        for instance in self.plan_limits(plan) {
+        for instance in self.plan_instances(plan) {
             applied.limits.push(LimitRef {
                 instance: *instance,
                 cost: 1,
@@ -488,7 +499,7 @@ impl Policy {
         Ok(applied)
     }
 
-    fn plan_limits(&self, plan: u16) -> &[u16] {
+    fn plan_instances(&self, plan: u16) -> &[u16] {
         self.plans.get(usize::from(plan)).map_or(&[], |p| &p.limits)
     }
 

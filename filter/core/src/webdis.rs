@@ -285,6 +285,8 @@ mod tests {
         assert!(LIBRARY.starts_with("#!lua name=apikey_ratelimit\n"));
         let batch = crate::batch::wire::FUNCTION;
         assert!(LIBRARY.contains(&format!("redis.register_function('{batch}', batch)")));
+        let batch2 = crate::batch::wire_plans::FUNCTION;
+        assert!(LIBRARY.contains(&format!("redis.register_function('{batch2}', batch2)")));
         // The one-request form of earlier filters and the health checks.
         assert!(LIBRARY.contains("redis.register_function('apikey_ratelimit_gcra', gcra)"));
     }

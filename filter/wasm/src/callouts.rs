@@ -65,7 +65,9 @@ impl Callouts {
             .map_err(|s| format!("cannot draw a nonce seed (host status {})", s.0))?;
         self.queue.set(Some(queue));
         self.root_id.set(root_id);
-        *self.batcher.borrow_mut() = Some(Batcher::new(webdis.batch_settings(), seed));
+        let batcher =
+            Batcher::new(webdis.batch_settings(), seed).with_plans_key(webdis.plans_key());
+        *self.batcher.borrow_mut() = Some(batcher);
         Ok(())
     }
 
@@ -143,9 +145,10 @@ impl Callouts {
             let outgoing = match &mut *self.batcher.borrow_mut() {
                 Some(batcher) => {
                     let cached = |ticket: &Ticket| {
+                        let cacheable = filter.policy.cacheable(&ticket.applied);
                         webdis.cached_denial(
                             ticket.hash,
-                            filter.policy.limits(&ticket.applied).as_slice(),
+                            filter.policy.limits(&cacheable).as_slice(),
                             now,
                         )
                     };
@@ -243,11 +246,15 @@ impl Callouts {
         }
         let Finished {
             applied,
+            unknown_plan,
             payload,
             verdict,
             ..
         } = request;
         let mut events = payload.events;
+        if unknown_plan {
+            events.insert(Event::BackendUnknownPlan);
+        }
         let outcome = match verdict {
             Verdict::Decided(decision) => Ok(verdict::decided(decision)),
             Verdict::Cached(decision) => {

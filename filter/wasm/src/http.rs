@@ -72,16 +72,19 @@ impl Request {
         mut events: Events,
     ) -> Action {
         let policy = &filter.policy;
-        let limits = policy.limits(&applied);
+        // With plans from Redis, only the rules' limits: the key's plan
+        // may have moved since the cache learnt it.
+        let cacheable = policy.cacheable(&applied);
         let Ok(now) = self.clock() else {
             let failure = Err(StoreFailure::Host);
             let (action, events) = pipeline::finish(policy, &applied, events, failure);
             return self.apply(filter, action, events);
         };
+        let limits = policy.limits(&cacheable);
         if let Some(decision) = webdis.cached_denial(hash, limits.as_slice(), now) {
             events.insert(Event::BackendCacheHit);
             let outcome = Ok(decided(decision));
-            let (action, events) = pipeline::finish(policy, &applied, events, outcome);
+            let (action, events) = pipeline::finish(policy, &cacheable, events, outcome);
             return self.apply(filter, action, events);
         }
         let ticket = Ticket {

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use ratelimit_core::batch::{self, queue::Settings};
+use ratelimit_core::batch::{self, queue::Settings, wire_plans};
 use ratelimit_core::config::WebdisStoreConfig;
 use ratelimit_core::deny_cache;
 use ratelimit_core::gcra::{Decision, Limit};
@@ -57,6 +57,12 @@ impl WebdisStore {
     /// The bounds of a worker's queue and calls.
     pub fn batch_settings(&self) -> Settings {
         self.batch
+    }
+
+    /// The Redis hash of keys' plans (read when the policy says
+    /// `plans_from_redis`).
+    pub fn plans_key(&self) -> String {
+        wire_plans::plans_key(&self.key_prefix)
     }
 
     /// The Redis key for a subject: a hash of the API key, never the key.

@@ -3,12 +3,14 @@
 //! had reached Redis one after the other.
 //!
 //! - [`wire`]: what a call carries and what it answers.
+//! - [`wire_plans`]: the same when keys' plans are read from Redis.
 //! - [`replay`]: each request's own decision from its key's answer.
 //! - [`queue`]: the waiting requests and the calls, as a state machine.
 
 pub mod queue;
 pub mod replay;
 pub mod wire;
+pub mod wire_plans;
 
 use crate::config::WebdisStoreConfig;
 use crate::time::NANOS_PER_MILLI;

@@ -27,7 +27,8 @@ use std::collections::{HashMap, VecDeque};
 
 use crate::applied::Applied;
 use crate::batch::replay::replay;
-use crate::batch::wire::{self, Entry};
+use crate::batch::wire::{self, Entry, EntryReply};
+use crate::batch::wire_plans::{self, PlanSet};
 use crate::calls::CallTable;
 use crate::deny_cache;
 use crate::gcra::Decision;
@@ -83,7 +84,12 @@ pub enum Verdict {
 #[derive(Debug)]
 pub struct Finished<T> {
     pub context_id: u32,
+    /// The limits it was decided on (with plans from Redis, those of the
+    /// plan Redis used), for its headers and counters.
     pub applied: Applied,
+    /// Redis named a plan the configuration does not know, so the
+    /// configuration's plan was used.
+    pub unknown_plan: bool,
     pub payload: T,
     pub verdict: Verdict,
 }
@@ -106,6 +112,9 @@ pub struct Call {
     nonce: u64,
     sent_at: u64,
     entries: Vec<CallEntry>,
+    /// With plans from Redis: the plans the call described, the ones Redis
+    /// may name first (empty otherwise).
+    plans: Vec<u16>,
 }
 
 #[derive(Debug)]
@@ -183,6 +192,9 @@ pub struct Batcher<T> {
     closing: bool,
     /// The next call's nonce (see [`wire`]).
     next_nonce: u64,
+    /// The Redis key of the plans hash, for policies that read plans from
+    /// Redis ([`wire_plans`]).
+    plans_key: Option<String>,
     counts: Counts,
 }
 
@@ -201,8 +213,24 @@ impl<T> Batcher<T> {
             wake_pending: false,
             closing: false,
             next_nonce: nonce_seed % wire::NONCE_LIMIT,
+            plans_key: None,
             counts: Counts::default(),
         }
+    }
+
+    /// Where keys' plans are, for a policy that reads them from Redis
+    /// (`wire_plans::plans_key` of the store's key prefix).
+    pub fn with_plans_key(mut self, plans_key: String) -> Batcher<T> {
+        self.plans_key = Some(plans_key);
+        self
+    }
+
+    /// The plans key, when `policy` reads plans from Redis: calls are then
+    /// of the [`wire_plans`] form.
+    fn plans_key<'a>(&'a self, policy: &Policy) -> Option<&'a str> {
+        self.plans_key
+            .as_deref()
+            .filter(|_| policy.plans_from_redis())
     }
 
     /// A request joins the queue at `now`; `Err` gives its payload back
@@ -267,9 +295,20 @@ impl<T> Batcher<T> {
         if !self.may_send() {
             return None;
         }
+        let plans_key = self.plans_key(policy).map(str::to_string);
         let mut entries: Vec<CallEntry> = Vec::new();
         let mut sets: Vec<Applied> = Vec::new();
-        let mut bytes = wire::FIXED_BYTES;
+        // With plans from Redis: every plan Redis may name, then the
+        // configuration's plans of keys Redis may not move.
+        let mut plans: Vec<u16> = Vec::new();
+        let mut bytes = match &plans_key {
+            Some(key) => {
+                plans.extend_from_slice(policy.redis_plans());
+                wire_plans::fixed_bytes(key)
+                    + plans.iter().map(|p| plan_bytes(policy, *p)).sum::<usize>()
+            }
+            None => wire::FIXED_BYTES,
+        };
         let mut deadline = u64::MAX;
         let mut requests = 0;
         while let Some(id) = self.queue.pop_front() {
@@ -289,7 +328,13 @@ impl<T> Batcher<T> {
                     continue;
                 }
                 Step::Cached(decision) => {
-                    self.end(id, Verdict::Cached(decision), finished);
+                    // Decided on what the cache may decide on, and so
+                    // reported (with plans from Redis, the rules' limits).
+                    let applied = self
+                        .waiting
+                        .get(&id)
+                        .map(|w| policy.cacheable(&w.ticket.applied));
+                    self.end_as(id, Verdict::Cached(decision), applied, false, finished);
                     continue;
                 }
                 Step::Send => {}
@@ -309,10 +354,18 @@ impl<T> Batcher<T> {
             let index = match entries.iter().position(same_key) {
                 Some(index) => index,
                 None => {
-                    let new_set = !sets.contains(&ticket.applied);
-                    let mut extra = wire::entry_bytes(&ticket.redis_key);
+                    let set = set_of(policy, &ticket.applied, plans_key.is_some());
+                    let new_set = !sets.contains(&set);
+                    let new_plan = plans_key.is_some() && !plans.contains(&ticket.applied.plan);
+                    let mut extra = match plans_key {
+                        Some(_) => wire_plans::entry_bytes(&ticket.redis_key),
+                        None => wire::entry_bytes(&ticket.redis_key),
+                    };
                     if new_set {
-                        extra += wire::set_bytes(policy.limits(&ticket.applied).as_slice());
+                        extra += wire::set_bytes(policy.limits(&set).as_slice());
+                    }
+                    if new_plan {
+                        extra += plan_bytes(policy, ticket.applied.plan);
                     }
                     let full = entries.len() >= self.settings.max_keys
                         || bytes + extra > self.settings.max_path_bytes;
@@ -323,7 +376,10 @@ impl<T> Batcher<T> {
                     }
                     bytes += extra;
                     if new_set {
-                        sets.push(ticket.applied);
+                        sets.push(set);
+                    }
+                    if new_plan {
+                        plans.push(ticket.applied.plan);
                     }
                     entries.push(CallEntry {
                         redis_key: ticket.redis_key.clone(),
@@ -345,20 +401,25 @@ impl<T> Batcher<T> {
         if entries.is_empty() {
             return None;
         }
-        let limits: Vec<_> = entries.iter().map(|e| policy.limits(&e.applied)).collect();
-        let wire_entries: Vec<Entry<'_>> = entries
-            .iter()
-            .zip(&limits)
-            .map(|(e, limits)| Entry {
-                redis_key: &e.redis_key,
-                applied: e.applied,
-                limits: limits.as_slice(),
-                count: u32::try_from(e.requests.len()).unwrap_or(u32::MAX),
-            })
-            .collect();
         let nonce = self.next_nonce;
         self.next_nonce = (nonce + 1) % wire::NONCE_LIMIT;
-        let path = wire::path(nonce, &wire_entries);
+        let path = match &plans_key {
+            Some(key) => plans_path(policy, nonce, key, &plans, &entries),
+            None => {
+                let limits: Vec<_> = entries.iter().map(|e| policy.limits(&e.applied)).collect();
+                let wire_entries: Vec<Entry<'_>> = entries
+                    .iter()
+                    .zip(&limits)
+                    .map(|(e, limits)| Entry {
+                        redis_key: &e.redis_key,
+                        applied: e.applied,
+                        limits: limits.as_slice(),
+                        count: count(e),
+                    })
+                    .collect();
+                wire::path(nonce, &wire_entries)
+            }
+        };
         let left = deadline
             .saturating_sub(now)
             .div_ceil(NANOS_PER_MILLI)
@@ -373,6 +434,7 @@ impl<T> Batcher<T> {
                 nonce,
                 sent_at: now,
                 entries,
+                plans,
             },
         })
     }
@@ -380,13 +442,26 @@ impl<T> Batcher<T> {
     /// Request `id` ends with `verdict`, queued or in a call. One already
     /// released is gone: counted then, dropped now.
     fn end(&mut self, id: RequestId, verdict: Verdict, finished: &mut Vec<Finished<T>>) {
+        self.end_as(id, verdict, None, false, finished);
+    }
+
+    /// The same, decided on `applied` (else on what the request came with).
+    fn end_as(
+        &mut self,
+        id: RequestId,
+        verdict: Verdict,
+        applied: Option<Applied>,
+        unknown_plan: bool,
+        finished: &mut Vec<Finished<T>>,
+    ) {
         if let Some(waiting) = self.waiting.remove(&id) {
             if waiting.queued {
                 self.queued = self.queued.saturating_sub(1);
             }
             finished.push(Finished {
                 context_id: waiting.ticket.context_id,
-                applied: waiting.ticket.applied,
+                applied: applied.unwrap_or(waiting.ticket.applied),
+                unknown_plan,
                 payload: waiting.payload,
                 verdict,
             });
@@ -440,24 +515,21 @@ impl<T> Batcher<T> {
         let Some(call) = self.calls.answered(token) else {
             return false;
         };
-        let limits_per_entry: Vec<usize> = call
-            .entries
-            .iter()
-            .map(|e| policy.limits(&e.applied).len())
-            .collect();
-        let reply = match wire::parse(status, body, call.nonce, &limits_per_entry) {
-            Ok(reply) => reply,
+        let (now_us, answers) = match read_answer(&call, status, body, policy) {
+            Ok(read) => read,
             Err(error) => {
                 self.fail(call, &error, finished);
                 return true;
             }
         };
-        for (entry, answer) in call.entries.into_iter().zip(&reply.entries) {
-            let limits = policy.limits(&entry.applied);
+        // With plans from Redis the cache decides on the rules' limits only.
+        let from_redis = !call.plans.is_empty();
+        for (entry, answer) in call.entries.into_iter().zip(answers) {
+            let limits = policy.limits(&answer.applied);
             let replayed = match replay(
                 limits.as_slice(),
-                reply.now_us,
-                answer,
+                now_us,
+                &answer.reply,
                 entry.requests.len(),
             ) {
                 Ok(replayed) => replayed,
@@ -468,10 +540,18 @@ impl<T> Batcher<T> {
                     continue;
                 }
             };
-            if replayed.last().is_some_and(deny_cache::worth_remembering) {
+            let cached_from = if from_redis {
+                policy.plan_limits(answer.applied.plan).len()
+            } else {
+                0
+            };
+            if replayed
+                .last()
+                .is_some_and(|d| deny_cache::worth_remembering_from(d, cached_from))
+            {
                 learnt.push(Learnt {
                     hash: entry.hash,
-                    applied: entry.applied,
+                    applied: answer.applied,
                     resets_us: replayed.resets_us,
                     sent_at: call.sent_at,
                     received_at,
@@ -479,7 +559,14 @@ impl<T> Batcher<T> {
                 self.epoch = self.epoch.wrapping_add(1);
             }
             for (id, decision) in entry.requests.into_iter().zip(replayed.decisions) {
-                self.end(id, Verdict::Decided(decision), finished);
+                let verdict = Verdict::Decided(decision);
+                self.end_as(
+                    id,
+                    verdict,
+                    Some(answer.applied),
+                    answer.unknown_plan,
+                    finished,
+                );
             }
         }
         true
@@ -563,6 +650,132 @@ fn expired_error() -> BackendError {
     )
 }
 
+/// What the function said of one entry, and what applied.
+struct Answered {
+    applied: Applied,
+    unknown_plan: bool,
+    reply: EntryReply,
+}
+
+/// Reads the answer to `call`: Redis's clock and, per entry, what applied
+/// (with plans from Redis, the plan the function used) and its reply.
+fn read_answer(
+    call: &Call,
+    status: Option<u32>,
+    body: &[u8],
+    policy: &Policy,
+) -> Result<(u64, Vec<Answered>), BackendError> {
+    if call.plans.is_empty() {
+        let limits_per_entry: Vec<usize> = call
+            .entries
+            .iter()
+            .map(|e| policy.limits(&e.applied).len())
+            .collect();
+        let reply = wire::parse(status, body, call.nonce, &limits_per_entry)?;
+        let answers = call.entries.iter().zip(reply.entries);
+        let answered = answers.map(|(entry, reply)| Answered {
+            applied: entry.applied,
+            unknown_plan: false,
+            reply,
+        });
+        return Ok((reply.now_us, answered.collect()));
+    }
+    let plan_limits: Vec<usize> = call
+        .plans
+        .iter()
+        .map(|p| policy.plan_limits(*p).len())
+        .collect();
+    let expected: Vec<wire_plans::Expected> = call
+        .entries
+        .iter()
+        .map(|e| wire_plans::Expected {
+            plan: call
+                .plans
+                .iter()
+                .position(|p| *p == e.applied.plan)
+                .unwrap_or(0),
+            rule_limits: policy.rules_only(&e.applied).limits.len(),
+        })
+        .collect();
+    let nameable = policy.redis_plans().len();
+    let reply = wire_plans::parse(status, body, call.nonce, &plan_limits, nameable, &expected)?;
+    let answers = call.entries.iter().zip(reply.entries);
+    let answered = answers.map(|(entry, answer)| {
+        let plan = call
+            .plans
+            .get(answer.plan)
+            .copied()
+            .unwrap_or(entry.applied.plan);
+        Answered {
+            applied: policy.on_plan(&entry.applied, plan),
+            unknown_plan: answer.unknown_plan,
+            reply: answer.reply,
+        }
+    });
+    Ok((reply.now_us, answered.collect()))
+}
+
+/// What identifies an entry's limit set in a call: all its limits, or with
+/// plans from Redis, its rules' limits alone.
+fn set_of(policy: &Policy, applied: &Applied, plans_from_redis: bool) -> Applied {
+    if plans_from_redis {
+        Applied {
+            limits: policy.rules_only(applied).limits,
+            ..Applied::default()
+        }
+    } else {
+        *applied
+    }
+}
+
+fn plan_bytes(policy: &Policy, plan: u16) -> usize {
+    wire_plans::plan_bytes(&PlanSet {
+        name: policy.plan_name(plan),
+        limits: policy.plan_limits(plan).as_slice(),
+    })
+}
+
+fn count(entry: &CallEntry) -> u32 {
+    u32::try_from(entry.requests.len()).unwrap_or(u32::MAX)
+}
+
+/// The path of a call whose keys' plans are read from Redis.
+fn plans_path(
+    policy: &Policy,
+    nonce: u64,
+    plans_key: &str,
+    plans: &[u16],
+    entries: &[CallEntry],
+) -> String {
+    let plan_limits: Vec<_> = plans.iter().map(|p| policy.plan_limits(*p)).collect();
+    let plan_sets: Vec<PlanSet<'_>> = plans
+        .iter()
+        .zip(&plan_limits)
+        .map(|(p, limits)| PlanSet {
+            name: policy.plan_name(*p),
+            limits: limits.as_slice(),
+        })
+        .collect();
+    let sets: Vec<Applied> = entries
+        .iter()
+        .map(|e| set_of(policy, &e.applied, true))
+        .collect();
+    let rule_limits: Vec<_> = sets.iter().map(|set| policy.limits(set)).collect();
+    let wire_entries: Vec<wire_plans::Entry<'_>> = entries
+        .iter()
+        .zip(sets.iter().zip(&rule_limits))
+        .map(|(e, (set, limits))| wire_plans::Entry {
+            redis_key: &e.redis_key,
+            plan: plans.iter().position(|p| *p == e.applied.plan).unwrap_or(0),
+            rules: *set,
+            rule_limits: limits.as_slice(),
+            count: count(e),
+        })
+        .collect();
+    let nameable = policy.redis_plans().len();
+    wire_plans::path(nonce, plans_key, &plan_sets, nameable, &wire_entries)
+}
+
 /// The failure of a request the full queue turned away.
 pub fn queue_full_error(max_waiting: usize) -> BackendError {
     BackendError::new(
@@ -571,6 +784,9 @@ pub fn queue_full_error(max_waiting: usize) -> BackendError {
         format!("{max_waiting} requests already wait for webdis on this worker (max_waiting)"),
     )
 }
+
+#[cfg(test)]
+mod plans_tests;
 
 #[cfg(test)]
 mod tests {

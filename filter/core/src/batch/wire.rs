@@ -88,7 +88,7 @@ pub fn path(nonce: u64, entries: &[Entry<'_>]) -> String {
 /// request costing `c` under a limit moves its TAT by `c * T` and fits when
 /// that much fits: to the function it is a request on a limit of interval
 /// `c * T`, so `T` is sent as the step.
-fn write_set(out: &mut String, limits: &[Limit]) {
+pub(crate) fn write_set(out: &mut String, limits: &[Limit]) {
     let _ = write!(out, "/{}", limits.len());
     for limit in limits {
         out.push('/');
@@ -119,6 +119,22 @@ pub struct Reply {
     pub entries: Vec<EntryReply>,
 }
 
+/// Another call's reply (its first number, the nonce, is not `nonce`) is a
+/// transport failure, never a decision.
+pub(crate) fn check_nonce(numbers: &[u64], nonce: u64) -> Result<(), BackendError> {
+    match numbers.first().filter(|first| **first != nonce) {
+        Some(other) => Err(BackendError::new(
+            FailureClass::Transport,
+            true,
+            format!(
+                "webdis answered call {nonce} with the reply of call {other} \
+                 (one Envoy gave up on; webdis 0.1.9 hands such replies on)"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Reads an answer to call `nonce`, whose entries carried
 /// `limits_per_entry` limits each: `status` is `None` when the call came back
 /// with no headers. Another call's reply is a transport failure.
@@ -129,16 +145,7 @@ pub fn parse(
     limits_per_entry: &[usize],
 ) -> Result<Reply, BackendError> {
     let numbers = fcall_integers(status, body)?;
-    if let Some(other) = numbers.first().filter(|first| **first != nonce) {
-        return Err(BackendError::new(
-            FailureClass::Transport,
-            true,
-            format!(
-                "webdis answered call {nonce} with the reply of call {other} \
-                 (one Envoy gave up on; webdis 0.1.9 hands such replies on)"
-            ),
-        ));
-    }
+    check_nonce(&numbers, nonce)?;
     let expected = 2 + limits_per_entry.iter().map(|n| 1 + n).sum::<usize>();
     if numbers.len() != expected || limits_per_entry.iter().any(|n| *n > MAX_LIMITS) {
         return Err(parse_error(format!(
