@@ -66,21 +66,22 @@ pub fn lookup(limits: &[Limit], entry: &[u8], key: KeyHash, now: u64) -> Option<
     Some(decision)
 }
 
-/// Whether an answer is worth a cache entry: only one that leaves some limit
-/// with nothing to spend can make a later lookup deny. The others would cost
-/// a shared-data write for nothing.
-pub fn worth_remembering(decision: &Decision) -> bool {
-    worth_remembering_from(decision, 0)
+/// Whether an answer on `limits` is worth a cache entry: only one that
+/// leaves some limit with less than the request's cost to spend can make a
+/// later lookup deny. The others would cost a shared-data write for nothing.
+pub fn worth_remembering(decision: &Decision, limits: &[Limit]) -> bool {
+    worth_remembering_from(decision, limits, 0)
 }
 
 /// The same, for a cache that decides only on the limits from `first` on
 /// (with plans from Redis, the rules' limits: `Policy::cacheable`).
-pub fn worth_remembering_from(decision: &Decision, first: usize) -> bool {
+pub fn worth_remembering_from(decision: &Decision, limits: &[Limit], first: usize) -> bool {
     decision
         .states()
         .iter()
+        .zip(limits)
         .skip(first)
-        .any(|state| state.remaining == 0)
+        .any(|(state, limit)| state.remaining < limit.cost.max(1))
 }
 
 /// When an answer reached the filter: the times it was sent and received,
@@ -250,14 +251,22 @@ mod tests {
         let mut tats = [0];
         let first = gcra::decide(&limits, &mut tats, S);
         assert_eq!(first.states()[0].remaining, 1);
-        assert!(!worth_remembering(&first));
+        assert!(!worth_remembering(&first, &limits));
         let second = gcra::decide(&limits, &mut tats, S);
-        assert!(worth_remembering(&second));
+        assert!(worth_remembering(&second, &limits));
         let denied = gcra::decide(&limits, &mut tats, S);
-        assert!(!denied.allowed && worth_remembering(&denied));
-        assert!(!worth_remembering(&Decision::unlimited()));
+        assert!(!denied.allowed && worth_remembering(&denied, &limits));
+        assert!(!worth_remembering(&Decision::unlimited(), &[]));
         // Past the limits the cache decides on: nothing to remember.
-        assert!(!worth_remembering_from(&second, 1));
+        assert!(!worth_remembering_from(&second, &limits, 1));
+        // At cost 8 of a 20-burst: 16 spent leaves 4, less than one request.
+        let costly = [named_limit("tokens", 20, 60, 20).costing(8)];
+        let mut tats = [0];
+        let first = gcra::decide(&costly, &mut tats, S);
+        assert!(!worth_remembering(&first, &costly), "12 left");
+        let second = gcra::decide(&costly, &mut tats, S);
+        assert_eq!(second.states()[0].remaining, 4);
+        assert!(worth_remembering(&second, &costly));
     }
 
     #[test]

@@ -545,10 +545,9 @@ impl<T> Batcher<T> {
             } else {
                 0
             };
-            if replayed
-                .last()
-                .is_some_and(|d| deny_cache::worth_remembering_from(d, cached_from))
-            {
+            if replayed.last().is_some_and(|d| {
+                deny_cache::worth_remembering_from(d, limits.as_slice(), cached_from)
+            }) {
                 learnt.push(Learnt {
                     hash: entry.hash,
                     applied: answer.applied,
