@@ -249,6 +249,13 @@ mod tests {
             admitted_per_run: 0,
             requests_per_run: 10_000,
             peak_rss_mib: 90.0,
+            vs_beside: None,
+            vs_beside_range: None,
+            cpu_us_over_beside: None,
+            ready_ms: 100.0,
+            workers_configured_ms: None,
+            wasm_memory_mib: None,
+            rule_matches_per_request: 0.0,
         }
     }
 

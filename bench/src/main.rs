@@ -14,7 +14,8 @@
 //! Layout: `options.rs` (the command line), `setups.rs` (what is measured),
 //! `measure.rs` (one run), `wrk.rs` (the load generator), `report.rs`
 //! (medians, ratios, the table), `aims.rs` (global mode against local mode,
-//! and the aims), `chart.rs` (the PNG), this file (the runs).
+//! and the aims), `policies.rs` (the registry and rules setups, and
+//! their table), `chart.rs` (the PNG), this file (the runs).
 //!
 //! Usage: see [`options::USAGE`]. `--one-connection` measures latency:
 //! local and global mode at one connection on a 2-worker Envoy.
@@ -30,6 +31,7 @@ mod aims;
 mod chart;
 mod measure;
 mod options;
+mod policies;
 mod report;
 mod setups;
 mod wrk;
@@ -108,17 +110,26 @@ fn run(options: &Options) -> Result<(), String> {
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     let script_path = out.join("many-keys.lua");
     std::fs::write(&script_path, wrk::many_keys_script(10_000)).map_err(|e| e.to_string())?;
+    let rule_mix = out.join("rule-mix.lua");
+    std::fs::write(&rule_mix, policies::rules_script()).map_err(|e| e.to_string())?;
 
-    let setups: Vec<Setup> = setups::all()
-        .into_iter()
+    let all = setups::all();
+    let chosen = |id: &str| {
+        options
+            .only
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|o| o == id))
+    };
+    let setups: Vec<Setup> = all
+        .iter()
         .filter(|s| {
-            // Every ratio is taken against the baselines: they always run.
+            // Every ratio is taken against the baselines: they always run,
+            // and so does a setup others are measured beside.
             BASELINES.contains(&s.id)
-                || options
-                    .only
-                    .as_ref()
-                    .is_none_or(|only| only.iter().any(|o| o == s.id))
+                || chosen(s.id)
+                || all.iter().any(|o| o.beside == Some(s.id) && chosen(o.id))
         })
+        .copied()
         .collect();
     if let Some(unknown) = options
         .only
@@ -140,6 +151,7 @@ fn run(options: &Options) -> Result<(), String> {
         backend: &backend,
         empty_wasm: &empty_wasm,
         many_keys: &script_path,
+        rule_mix: &rule_mix,
     };
     let mut samples = Vec::new();
     for (repeat, block, setup) in schedule(&setups, options) {
@@ -174,6 +186,7 @@ fn run(options: &Options) -> Result<(), String> {
     );
     table.push_str(&report::markdown(&rows));
     table.push_str(&aims::global_table(&rows, &setups));
+    table.push_str(&policies::table(&rows, &setups));
     table.push_str(&aims::targets(
         &rows,
         &setups,
@@ -219,14 +232,18 @@ const BASELINES: [&str; 2] = ["no-filter", "empty-wasm"];
 /// The order of the runs, as (round, block, setup). This machine's speed
 /// drifts by tens of percent within minutes, so each setup is measured in
 /// a block right after the two baselines, and compared with those: seconds
-/// apart, not minutes. Each round starts one setup later. The smoke run
-/// just runs each setup once.
+/// apart, not minutes. Each round starts one setup later. A setup measured
+/// beside another joins that one's block, and the block's order flips
+/// every round (A, B, C then C, B, A), so a drift within it favours none.
+/// The smoke run just runs each setup once.
 fn schedule<'a>(setups: &'a [Setup], options: &Options) -> Vec<(usize, usize, &'a Setup)> {
     if options.smoke {
         return setups.iter().map(|s| (0, 0, s)).collect();
     }
-    let (baselines, measured): (Vec<&Setup>, Vec<&Setup>) =
-        setups.iter().partition(|s| BASELINES.contains(&s.id));
+    let (baselines, measured): (Vec<&Setup>, Vec<&Setup>) = setups
+        .iter()
+        .filter(|s| s.beside.is_none())
+        .partition(|s| BASELINES.contains(&s.id));
     let mut runs = Vec::new();
     for repeat in 0..options.repeats {
         if measured.is_empty() {
@@ -240,7 +257,13 @@ fn schedule<'a>(setups: &'a [Setup], options: &Options) -> Vec<(usize, usize, &'
             .take(measured.len());
         for (block, setup) in rotated.enumerate() {
             runs.extend(baselines.iter().map(|s| (repeat, block, *s)));
-            runs.push((repeat, block, *setup));
+            let mut together: Vec<&Setup> = std::iter::once(*setup)
+                .chain(setups.iter().filter(|s| s.beside == Some(setup.id)))
+                .collect();
+            if repeat % 2 == 1 {
+                together.reverse();
+            }
+            runs.extend(together.into_iter().map(|s| (repeat, block, s)));
         }
     }
     runs
@@ -306,9 +329,21 @@ fn smoke_checks(samples: &[Sample]) -> Result<(), String> {
                 s.route.name()
             ));
         }
-        let global = setups::all()
-            .iter()
-            .any(|g| g.id == s.setup && g.is_global());
+        let all = setups::all();
+        let setup = all.iter().find(|g| g.id == s.setup);
+        // The rules setup's requests match its rules as meant to.
+        let matches = s.rule_matches as f64 / m.requests.max(1) as f64;
+        if setup.is_some_and(|g| g.keys == setups::Keys::RuleMix)
+            && (matches - policies::RULE_MATCHES_PER_REQUEST).abs() > 0.1
+        {
+            return Err(format!(
+                "smoke: {} on {} matched {matches:.2} rules per request, not {}",
+                s.setup,
+                s.route.name(),
+                policies::RULE_MATCHES_PER_REQUEST
+            ));
+        }
+        let global = setup.is_some_and(Setup::is_global);
         if global && s.backend_calls == 0 {
             return Err(format!(
                 "smoke: {} on {} made no backend call",

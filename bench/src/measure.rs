@@ -2,7 +2,7 @@
 //! what it cost Envoy, webdis and Redis.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use e2e::backend::RedisWebdis;
 use e2e::envoy::Envoy;
@@ -10,18 +10,21 @@ use e2e::metrics::counters;
 use e2e::upstream::Upstream;
 
 use crate::options::Options;
+use crate::policies;
 use crate::report::Sample;
 use crate::setups::{self, Keys, Route, Setup};
 use crate::wrk;
 
 /// The filter's counters a run reads. `backend_batched_requests` (requests
-/// carried by webdis calls) exists only in a filter that batches.
-const COUNTERS: [&str; 5] = [
+/// carried by webdis calls) exists only in a filter that batches;
+/// `wasm_memory_bytes` is a gauge (every VM's linear memory).
+const COUNTERS: [&str; 6] = [
     "allowed",
     "throttled",
     "backend_calls",
     "backend_cache_hits",
     "backend_batched_requests",
+    "wasm_memory_bytes",
 ];
 
 /// What every run shares: one upstream and one backend for the whole bench.
@@ -32,6 +35,8 @@ pub struct Bench<'a> {
     pub empty_wasm: &'a Path,
     /// The wrk script that cycles through many keys.
     pub many_keys: &'a Path,
+    /// The wrk script of the policy setup's requests.
+    pub rule_mix: &'a Path,
 }
 
 impl Bench<'_> {
@@ -48,13 +53,18 @@ impl Bench<'_> {
             self.backend.webdis.port(),
             self.empty_wasm,
         )?;
+        let started = Instant::now();
         let envoy = Envoy::start(&config, self.options.workers).map_err(|e| e.0)?;
+        // Up to /ready: reading the config, compiling the Wasm, configuring
+        // the plugin (polled every 20 ms).
+        let ready_ms = started.elapsed().as_secs_f64() * 1000.0;
         if let Some(cpu) = self.options.envoy_cpu {
             crate::pin(envoy.proc().pid(), cpu)?;
         }
         let (key, script) = match setup.keys {
             Keys::One(key) => (key, None),
             Keys::Many(_) => ("", Some(self.many_keys)),
+            Keys::RuleMix => ("", Some(self.rule_mix)),
         };
         let url = format!("http://{}/?api_key={key}", envoy.addr());
         let pid = envoy.proc().pid();
@@ -70,9 +80,18 @@ impl Bench<'_> {
         let cpu = cpu_nanos(pid).saturating_sub(cpu_before);
         let peak_rss_bytes = peak_rss(pid);
         let requests = measured.requests.max(1) as f64;
-        let [admitted, throttled, backend_calls, backend_cache_hits, backend_batched_requests] =
-            <[Option<u64>; COUNTERS.len()]>::try_from(counters(&envoy, &COUNTERS))
+        let rule_counters: Vec<String> = policies::RULE_NAMES
+            .iter()
+            .map(|rule| format!("rule.{rule}.requests"))
+            .collect();
+        let mut names: Vec<&str> = COUNTERS.to_vec();
+        names.extend(rule_counters.iter().map(String::as_str));
+        let read = counters(&envoy, &names);
+        let [admitted, throttled, backend_calls, backend_cache_hits, backend_batched_requests, wasm_memory_bytes] =
+            <[Option<u64>; COUNTERS.len()]>::try_from(&read[..COUNTERS.len()])
                 .map_err(|_| "the stats read returned too few counters".to_string())?;
+        let rule_matches = read[COUNTERS.len()..].iter().flatten().sum();
+        let workers_configured_ms = workers_configured_ms(&envoy.proc().log());
         Ok(Sample {
             setup: setup.id,
             route,
@@ -84,6 +103,10 @@ impl Bench<'_> {
             backend_cache_hits: backend_cache_hits.unwrap_or(0),
             backend_batched_requests,
             peak_rss_bytes,
+            ready_ms,
+            workers_configured_ms,
+            wasm_memory_bytes,
+            rule_matches,
             envoy_cpu_us_per_request: cpu as f64 / 1000.0 / requests,
             backend_cpu_us_per_request: backend_cpu.as_secs_f64() * 1e6 / requests,
             measured,
@@ -110,6 +133,31 @@ fn cpu_nanos(pid: u32) -> u64 {
         .sum()
 }
 
+/// From Envoy's "starting workers" to the last worker VM's "configured"
+/// line (our filter's, at info): each worker's VM is made and configured
+/// then, the main thread's before `/ready`. From Envoy's log timestamps
+/// (`[2026-12-03 15:06:04.611]`, ms).
+fn workers_configured_ms(log: &str) -> Option<f64> {
+    let millis = |line: &str| -> Option<f64> {
+        let time = line.strip_prefix('[')?.get(11..23)?;
+        let mut parts = time.split(':');
+        let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
+        Some(
+            (h.parse::<f64>().ok()? * 60.0 + m.parse::<f64>().ok()?) * 60_000.0
+                + s.parse::<f64>().ok()? * 1000.0,
+        )
+    };
+    let mut lines = log.lines();
+    let start = millis(lines.find(|l| l.contains("starting workers"))?)?;
+    let end = lines
+        .filter(|l| l.contains("plugin '") && l.contains("' configured:"))
+        .filter_map(millis)
+        .fold(None, |last: Option<f64>, t| {
+            Some(last.map_or(t, |l| l.max(t)))
+        })?;
+    Some(end - start)
+}
+
 /// VmHWM: the process's peak resident memory.
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -118,4 +166,21 @@ fn peak_rss(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         .map_or(0, |kib| kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_workers_configure_time_comes_from_envoy_s_log() {
+        let log = "[2026-12-03 15:06:04.351][4532][info][wasm] [context.cc:1151] wasm log apikey_ratelimit apikey_ratelimit: plugin 'api' configured: 4 plan(s)
+[2026-12-03 15:06:04.611][4532][info][config] [listener_manager_impl.cc:1149] all dependencies initialized. starting workers
+[2026-12-03 15:06:04.890][4581][info][wasm] [context.cc:1151] wasm log apikey_ratelimit apikey_ratelimit: plugin 'api' configured: 4 plan(s)
+[2026-12-03 15:06:05.002][4582][info][wasm] [context.cc:1151] wasm log apikey_ratelimit apikey_ratelimit: plugin 'api' configured: 4 plan(s)
+";
+        let ms = workers_configured_ms(log).unwrap();
+        assert!((ms - 391.0).abs() < 1e-6, "{ms}");
+        assert_eq!(workers_configured_ms("no workers"), None);
+    }
 }

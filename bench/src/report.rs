@@ -31,6 +31,15 @@ pub struct Sample {
     pub backend_batched_requests: Option<u64>,
     /// Envoy's peak resident memory (VmHWM).
     pub peak_rss_bytes: u64,
+    /// From starting Envoy to its `/ready` answering 200.
+    pub ready_ms: f64,
+    /// From Envoy starting its workers to the last worker VM configured.
+    pub workers_configured_ms: Option<f64>,
+    /// The filter's `wasm_memory_bytes` gauge after the run: every VM's
+    /// linear memory, added up.
+    pub wasm_memory_bytes: Option<u64>,
+    /// Requests the rules matched, added up over rules (`rule.*.requests`).
+    pub rule_matches: u64,
     /// Envoy's CPU time (all threads) per request, in microseconds.
     pub envoy_cpu_us_per_request: f64,
     /// webdis's and Redis's CPU time (utime + stime) per request, in µs.
@@ -106,6 +115,24 @@ pub struct Row {
     pub admitted_per_run: u64,
     pub requests_per_run: u64,
     pub peak_rss_mib: f64,
+    /// Setups measured beside another (`Setup::beside`): throughput over
+    /// that setup's in the same block, and Envoy CPU µs per request over
+    /// it, medians over rounds.
+    #[serde(default)]
+    pub vs_beside: Option<f64>,
+    /// The lowest and highest round's `vs_beside`.
+    #[serde(default)]
+    pub vs_beside_range: Option<(f64, f64)>,
+    #[serde(default)]
+    pub cpu_us_over_beside: Option<f64>,
+    #[serde(default)]
+    pub ready_ms: f64,
+    #[serde(default)]
+    pub workers_configured_ms: Option<f64>,
+    #[serde(default)]
+    pub wasm_memory_mib: Option<f64>,
+    #[serde(default)]
+    pub rule_matches_per_request: f64,
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -115,6 +142,12 @@ fn median(mut values: Vec<f64>) -> f64 {
         n if n % 2 == 1 => values[n / 2],
         n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
     }
+}
+
+/// The median of the runs that have a value, if any has.
+fn median_of_some(runs: &[&Sample], value: impl Fn(&Sample) -> Option<f64>) -> Option<f64> {
+    let values: Vec<f64> = runs.iter().filter_map(|s| value(s)).collect();
+    (!values.is_empty()).then(|| median(values))
 }
 
 /// Medians per setup and route. Ratios are taken block by block (a setup
@@ -185,6 +218,32 @@ pub fn summarize(setups: &[Setup], samples: &[Sample]) -> Vec<Row> {
                     as u64,
                 peak_rss_mib: runs.iter().map(|s| s.peak_rss_bytes).max().unwrap_or(0) as f64
                     / 1048576.0,
+                vs_beside: setup.beside.map(|b| paired(&runs, b, &ratio)),
+                vs_beside_range: setup.beside.map(|b| {
+                    let ratios: Vec<f64> = runs
+                        .iter()
+                        .filter_map(|s| Some(ratio(s, baseline(b, s)?)))
+                        .collect();
+                    (
+                        ratios.iter().copied().fold(f64::INFINITY, f64::min),
+                        ratios.iter().copied().fold(0.0, f64::max),
+                    )
+                }),
+                cpu_us_over_beside: setup.beside.map(|b| {
+                    paired(&runs, b, &|s, b| {
+                        s.envoy_cpu_us_per_request - b.envoy_cpu_us_per_request
+                    })
+                }),
+                ready_ms: median(runs.iter().map(|s| s.ready_ms).collect()),
+                workers_configured_ms: median_of_some(&runs, |s| s.workers_configured_ms),
+                wasm_memory_mib: median_of_some(&runs, |s| {
+                    s.wasm_memory_bytes.map(|b| b as f64 / 1048576.0)
+                }),
+                rule_matches_per_request: median(
+                    runs.iter()
+                        .map(|s| s.rule_matches as f64 / s.measured.requests.max(1) as f64)
+                        .collect(),
+                ),
             });
         }
     }

@@ -9,6 +9,7 @@ use e2e::topology::{replica_config, Mode, ReplicaPorts};
 use serde_json::{json, Value};
 
 use crate::aims::{self, Aim};
+use crate::policies;
 
 /// Where the single route goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -48,6 +49,9 @@ pub enum Keys {
     One(&'static str),
     /// Cycles through this many distinct keys.
     Many(usize),
+    /// The policy setup's requests, which match its rules, with each of
+    /// its keys (`policies::rules_script`).
+    RuleMix,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -58,6 +62,8 @@ pub struct Setup {
     pub keys: Keys,
     /// Global setups: what the issue asks of them, against a local setup.
     pub aim: Option<Aim>,
+    /// Measured in this setup's block, next to it, and compared with it.
+    pub beside: Option<&'static str>,
 }
 
 impl Setup {
@@ -83,6 +89,7 @@ pub fn all() -> Vec<Setup> {
             filter: Filter::None,
             keys: Keys::One("bench"),
             aim: None,
+            beside: None,
         },
         Setup {
             id: "native",
@@ -90,6 +97,7 @@ pub fn all() -> Vec<Setup> {
             filter: Filter::NativeLocal,
             keys: Keys::One("bench"),
             aim: None,
+            beside: None,
         },
         Setup {
             id: "empty-wasm",
@@ -97,6 +105,7 @@ pub fn all() -> Vec<Setup> {
             filter: Filter::EmptyWasm,
             keys: Keys::One("bench"),
             aim: None,
+            beside: None,
         },
         Setup {
             id: "local-1key",
@@ -104,6 +113,7 @@ pub fn all() -> Vec<Setup> {
             filter: Filter::Ours(Mode::Local, ALLOW_ALL),
             keys: Keys::One("bench"),
             aim: None,
+            beside: None,
         },
         Setup {
             id: "local-keys",
@@ -111,6 +121,23 @@ pub fn all() -> Vec<Setup> {
             filter: Filter::Ours(Mode::Local, ALLOW_ALL),
             keys: Keys::Many(10_000),
             aim: None,
+            beside: None,
+        },
+        Setup {
+            id: "local-registry",
+            title: "4c. ours, local, 100k-key registry",
+            filter: Filter::Ours(Mode::Local, policies::registry_config()),
+            keys: Keys::One(policies::ONE_REGISTERED_KEY),
+            aim: None,
+            beside: Some("local-1key"),
+        },
+        Setup {
+            id: "local-policies",
+            title: "4d. ours, local, 5 rules + 100k-key registry",
+            filter: Filter::Ours(Mode::Local, policies::rules_config()),
+            keys: Keys::RuleMix,
+            aim: None,
+            beside: Some("local-1key"),
         },
         Setup {
             id: "local-flood",
@@ -118,6 +145,7 @@ pub fn all() -> Vec<Setup> {
             filter: Filter::Ours(Mode::Local, THROTTLE),
             keys: Keys::One("flood"),
             aim: None,
+            beside: None,
         },
         Setup {
             id: "global-allowed",
@@ -125,6 +153,7 @@ pub fn all() -> Vec<Setup> {
             filter: Filter::Ours(Mode::Global, GLOBAL_ALLOW_ALL),
             keys: Keys::One("bench"),
             aim: Some(aims::allowed("local-1key")),
+            beside: None,
         },
         Setup {
             id: "global-keys",
@@ -132,6 +161,7 @@ pub fn all() -> Vec<Setup> {
             filter: Filter::Ours(Mode::Global, GLOBAL_ALLOW_ALL),
             keys: Keys::Many(10_000),
             aim: Some(aims::allowed("local-keys")),
+            beside: None,
         },
         Setup {
             id: "global-flood",
@@ -139,6 +169,7 @@ pub fn all() -> Vec<Setup> {
             filter: Filter::Ours(Mode::Global, GLOBAL_THROTTLE),
             keys: Keys::One("flood"),
             aim: Some(aims::FLOOD),
+            beside: None,
         },
     ]
 }
