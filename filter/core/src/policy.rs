@@ -435,12 +435,12 @@ impl Policy {
         match key::extract(&self.sources, headers, self.max_key_length) {
             Err(e) => Identity::Invalid(e),
             Ok(Some(key)) => {
-                let plan = match self.registry.plan_of(&key) {
+                let hash = self.hasher.get().hash(&key);
+                let plan = match self.registry.plan_of(&key, hash.spread) {
                     Some(plan) => plan,
                     None if self.unknown_keys == UnknownKeys::Reject => return Identity::Unknown,
                     None => self.default_plan,
                 };
-                let hash = self.hasher.get().hash(&key);
                 Identity::Key { key, hash, plan }
             }
             Ok(None) => match self.missing_key {

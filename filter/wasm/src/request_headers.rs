@@ -1,4 +1,5 @@
-//! The request's headers as the key finder reads them, fetched lazily.
+//! The request's headers as the key finder and the rules read them, fetched
+//! lazily.
 //!
 //! `:path` (a pseudo-header, never repeated) comes alone, in one small host
 //! call: it is all the tutorial's `?api_key=` needs. Every header source is
@@ -6,6 +7,12 @@
 //! first looked up alone, in one small call that is all an absent header
 //! costs; the whole map, the only way to see a header given twice, is
 //! fetched once, and only when a consulted header is present.
+//!
+//! Rules on methods or hosts read `:method` and `:authority`, and rules on
+//! headers read those: a host call each cost more than the whole map in one
+//! (3.3 µs of Envoy CPU a request with the bench's five rules,
+//! docs/bench/policies.md), so the first of these fetches the map, and every
+//! later lookup is answered from it.
 
 use std::cell::OnceCell;
 
@@ -16,10 +23,7 @@ use crate::host::{self, LOG_ERROR};
 
 pub struct LazyHeaders {
     path: Option<Vec<u8>>,
-    /// `:method` and `:authority`, which rules may read: pseudo-headers are
-    /// never repeated, so one small call each, when first asked.
-    method: OnceCell<Option<Vec<u8>>>,
-    authority: OnceCell<Option<Vec<u8>>>,
+    /// The whole map (see the module docs).
     all: OnceCell<Vec<u8>>,
 }
 
@@ -34,30 +38,12 @@ impl LazyHeaders {
         });
         LazyHeaders {
             path,
-            method: OnceCell::new(),
-            authority: OnceCell::new(),
             all: OnceCell::new(),
         }
     }
-}
 
-impl<'a> RequestHeaders<'a> for &'a LazyHeaders {
-    fn single(&self, name: &[u8]) -> Result<Option<&'a [u8]>, KeyErrorKind> {
-        let pseudo = match name {
-            b":path" => return Ok(self.path.as_deref()),
-            b":method" => Some(&self.method),
-            b":authority" => Some(&self.authority),
-            _ => None,
-        };
-        if let Some(cell) = pseudo {
-            let value = cell.get_or_init(|| host::request_header(name).ok().flatten());
-            return Ok(value.as_deref());
-        }
-        // The host answers a lookup of a name given several times with its
-        // first value, so absence here is absence in the map.
-        if self.all.get().is_none() && matches!(host::request_header(name), Ok(None)) {
-            return Ok(None);
-        }
+    /// The whole map, fetched on first use.
+    fn all(&self) -> HeaderMap<'_> {
         let all = self.all.get_or_init(|| {
             host::request_header_pairs().unwrap_or_else(|status| {
                 host::log(
@@ -68,8 +54,23 @@ impl<'a> RequestHeaders<'a> for &'a LazyHeaders {
             })
         });
         // A malformed map (a host bug) reads as no headers: the key is missing.
-        HeaderMap::parse(all)
-            .unwrap_or(HeaderMap::empty())
-            .single(name)
+        HeaderMap::parse(all).unwrap_or(HeaderMap::empty())
+    }
+}
+
+impl<'a> RequestHeaders<'a> for &'a LazyHeaders {
+    fn single(&self, name: &[u8]) -> Result<Option<&'a [u8]>, KeyErrorKind> {
+        match name {
+            b":path" => return Ok(self.path.as_deref()),
+            // Only rules read these, and rules read more: take the map.
+            b":method" | b":authority" => return self.all().single(name),
+            _ => {}
+        }
+        // The host answers a lookup of a name given several times with its
+        // first value, so absence here is absence in the map.
+        if self.all.get().is_none() && matches!(host::request_header(name), Ok(None)) {
+            return Ok(None);
+        }
+        self.all().single(name)
     }
 }
