@@ -30,11 +30,14 @@ use ratelimit_core::applied::Applied;
 use ratelimit_core::batch::replay::replay;
 use ratelimit_core::batch::wire::{self, Entry, Reply};
 use ratelimit_core::gcra::{self, Decision, Limit};
+use ratelimit_core::quota;
 use ratelimit_core::rate::{Rate, MAX_CAPACITY_NANOS};
 use ratelimit_core::webdis::{self, FailureClass};
 
 #[path = "global_differential/plans.rs"]
 mod plans;
+#[path = "global_differential/quotas.rs"]
+mod quotas;
 
 /// Nanoseconds per microsecond: the model counts in the first, Redis in the second.
 const US: u64 = 1_000;
@@ -72,39 +75,65 @@ fn named(name: &str, count: u64, window_seconds: u64, burst: u64) -> Limit {
     Limit::new(name, rate, burst).unwrap()
 }
 
-/// The Rust side: each key's TATs (ns) by limit name, as Redis keeps them.
+/// The Rust side: each key's TATs (ns) by field, as Redis keeps them: a
+/// rate's under its name, a calendar quota's under `quota#<name>`, as its
+/// period's end plus what was used in it (µs as units).
 #[derive(Default)]
 struct Model(BTreeMap<String, BTreeMap<String, u64>>);
+
+/// A limit's field in a key's Redis hash.
+fn field(limit: &Limit) -> String {
+    match limit.period {
+        Some(_) => format!("{}{}", quota::FIELD_PREFIX, limit.name.as_str()),
+        None => limit.name.as_str().to_string(),
+    }
+}
 
 impl Model {
     fn fields(&self, key: &str) -> BTreeMap<String, u64> {
         self.0.get(key).cloned().unwrap_or_default()
     }
 
-    fn tats(&self, key: &str, limits: &[Limit]) -> Vec<u64> {
+    /// The values Redis holds for `limits`.
+    fn values(&self, key: &str, limits: &[Limit]) -> Vec<u64> {
         let fields = self.fields(key);
-        let tat = |l: &Limit| fields.get(l.name.as_str()).copied().unwrap_or(0);
-        limits.iter().map(tat).collect()
+        let value = |l: &Limit| fields.get(&field(l)).copied().unwrap_or(0);
+        limits.iter().map(value).collect()
     }
 
     /// Each limit's `max(TAT - now, 0)` in microseconds, as the function says it.
     fn debts_us(&self, key: &str, limits: &[Limit], now: u64) -> Vec<u64> {
-        let tats = self.tats(key, limits);
-        tats.iter()
+        let values = self.values(key, limits);
+        values
+            .iter()
             .map(|tat| tat.saturating_sub(now) / US)
             .collect()
     }
 
-    /// `count` requests of `key` under `limits` at `now`, one by one.
+    /// `count` requests of `key` under `limits` at `now`, one by one, by
+    /// `gcra::decide` (on the Rust side's own representation of quotas).
     fn decide(&mut self, key: &str, limits: &[Limit], count: u32, now: u64) -> Vec<Decision> {
-        let mut tats = self.tats(key, limits);
+        let mut tats: Vec<u64> = self
+            .values(key, limits)
+            .into_iter()
+            .zip(limits)
+            .map(|(value, limit)| match &limit.period {
+                Some(period) => quota::from_redis(period, value, now),
+                None => value,
+            })
+            .collect();
         let decisions: Vec<Decision> = (0..count)
             .map(|_| gcra::decide(limits, &mut tats, now))
             .collect();
         if decisions.iter().any(|d| d.allowed) {
             let fields = self.0.entry(key.to_string()).or_default();
             for (limit, tat) in limits.iter().zip(tats) {
-                fields.insert(limit.name.as_str().to_string(), tat);
+                // An admission leaves a quota in the current period.
+                let value = match &limit.period {
+                    Some(period) => period.end_nanos(now).0 + quota::unpack(tat).1 * US,
+                    None => tat,
+                };
+                fields.insert(field(limit), value);
             }
         }
         decisions
@@ -148,8 +177,14 @@ fn batch_alike(webdis: &str, model: &mut Model, entries: &[Entry<'_>], context: 
         let replayed = replay(limits, reply.now_us, answer, count)
             .unwrap_or_else(|e| panic!("{context}: {e:?}"));
         assert_eq!(replayed.decisions, expected, "{context}");
+        // What the deny cache may learn: each rate's time to a full bucket.
         let after = model.debts_us(key, limits, now);
-        assert_eq!(replayed.resets_us.as_slice(), after, "{context}");
+        let last = replayed.last().unwrap().states();
+        for ((limit, state), debt) in limits.iter().zip(last).zip(after) {
+            if limit.period.is_none() {
+                assert_eq!(state.reset_nanos / US, debt, "{context}");
+            }
+        }
     }
     reply
 }
@@ -605,6 +640,29 @@ fn malformed_calls_are_refused_with_a_redis_error_and_write_nothing() {
             "a capacity of 2^53",
             "B 1/{f}/7/1/1/a/1/9007199254740992/1/1",
         ),
+        // Calendar quotas: (name, -cost, code), code = N*2^16 + kind*2^14
+        // + week start*2^11 + (offset + 840); 3/day at +00:00 is 197448.
+        ("a quota of kind 3", "B 1/{f}/7/1/1/q/-1/246600/1/1"),
+        ("a week starting on day 7", "B 1/{f}/7/1/1/q/-1/228552/1/1"),
+        ("an offset past +14:00", "B 1/{f}/7/1/1/q/-1/198289/1/1"),
+        ("a quota of 0", "B 1/{f}/7/1/1/q/-1/840/1/1"),
+        ("a cost above the quota", "B 1/{f}/7/1/1/q/-4/197448/1/1"),
+        ("a quota over 10^9", "B 1/{f}/7/1/1/q/-1/65536000066376/1/1"),
+        (
+            "a fractional quota cost",
+            "B 1/{f}/7/1/1/q/-1%2E5/197448/1/1",
+        ),
+        ("an infinite quota cost", "B 1/{f}/7/1/1/q/-inf/197448/1/1"),
+        (
+            "a fractional quota code",
+            "B 1/{f}/7/1/1/q/-1/197448%2E5/1/1",
+        ),
+        (
+            "a quota code of 2^53",
+            "B 1/{f}/7/1/1/q/-1/9007199254740992/1/1",
+        ),
+        ("a quota without its code", "B 1/{f}/7/1/1/q/-1"),
+        ("gcra with a quota", "G 1/{f}/1/q/-1/197448"),
         ("gcra on two keys", "G 2/{h}/{f}/0"),
         ("gcra without limits", "G 1/{f}"),
         ("gcra without a capacity", "G 1/{f}/1/a/1000000"),

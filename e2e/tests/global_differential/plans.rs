@@ -16,6 +16,7 @@ use e2e::http;
 use ratelimit_core::applied::Applied;
 use ratelimit_core::batch::replay::replay;
 use ratelimit_core::batch::wire_plans::{self, Entry, Expected, PlanSet, Reply};
+use ratelimit_core::calendar::{Period, PeriodKind, Weekday};
 use ratelimit_core::gcra::Limit;
 use ratelimit_core::webdis::{self, FailureClass};
 
@@ -62,6 +63,8 @@ pub struct Tally {
     pub unknown: usize,
     /// Entries charging a rule's limit more than 1.
     pub costly: usize,
+    /// Entries with a calendar quota (a plan's or a rule's).
+    pub quotas: usize,
     /// Calls with one key in two entries.
     pub repeated_keys: usize,
 }
@@ -82,7 +85,7 @@ pub fn scenario(webdis: &str, redis: &Redis, scenario: u64, steps: usize) -> Tal
             named(&format!("plan{i}/{count}.{window}s"), count, window, burst)
         })
         .collect();
-    let rule_pool: Vec<Limit> = (0..4)
+    let mut rule_pool: Vec<Limit> = (0..4)
         .map(|i| {
             let count = 2 + rng.below(20) as u64;
             let window = [1, 2][rng.below(2)];
@@ -90,8 +93,29 @@ pub fn scenario(webdis: &str, redis: &Redis, scenario: u64, steps: usize) -> Tal
             named(&format!("rule{i}:{count}/{window}s"), count, window, burst)
         })
         .collect();
+    // And a rule's weekly quota, charged at the rule's cost.
+    let week = Period {
+        kind: PeriodKind::Week,
+        offset_minutes: i16::try_from(rng.below(1681)).unwrap() - 840,
+        week_start: Weekday(u8::try_from(rng.below(7)).unwrap()),
+    };
+    rule_pool.push(Limit::quota("rule-quota", 10 + rng.below(30) as u64, week).unwrap());
+    // Half of the plans also carry a calendar quota, daily or monthly, at
+    // a random offset (`quotas.rs` has the boundaries).
     let plans: Vec<Vec<Limit>> = (0..PLAN_NAMES.len())
-        .map(|_| subset(&plan_pool, 1 + rng.below(31)))
+        .map(|p| {
+            let mut limits = subset(&plan_pool, 1 + rng.below(31));
+            if rng.below(2) == 0 {
+                let period = Period {
+                    kind: [PeriodKind::Day, PeriodKind::Month][rng.below(2)],
+                    offset_minutes: i16::try_from(rng.below(1681)).unwrap() - 840,
+                    week_start: Weekday::MONDAY,
+                };
+                let count = 5 + rng.below(20) as u64;
+                limits.push(Limit::quota(&format!("plan-quota{p}"), count, period).unwrap());
+            }
+            limits
+        })
         .collect();
     let plan_sets: Vec<PlanSet<'_>> = PLAN_NAMES
         .iter()
@@ -117,7 +141,7 @@ pub fn scenario(webdis: &str, redis: &Redis, scenario: u64, steps: usize) -> Tal
         // its burst (the filter refuses a cost above it).
         let rule_sets: Vec<Vec<Limit>> = (0..3)
             .map(|_| {
-                subset(&rule_pool, rng.below(16))
+                subset(&rule_pool, rng.below(32))
                     .into_iter()
                     .map(|l| l.costing(1 + rng.below(l.burst.min(6)) as u64))
                     .collect()
@@ -193,6 +217,7 @@ pub fn scenario(webdis: &str, redis: &Redis, scenario: u64, steps: usize) -> Tal
             tally.moved += usize::from(used != entry.plan);
             tally.unknown += usize::from(answer.unknown_plan);
             tally.costly += usize::from(entry.rule_limits.iter().any(|l| l.cost > 1));
+            tally.quotas += usize::from(limits.iter().any(|l| l.period.is_some()));
         }
         tally.batches += 1;
         let touched: BTreeSet<&str> = entries.iter().map(|e| e.redis_key).collect();
@@ -227,6 +252,7 @@ fn random_plan_moves_rules_and_costs_decide_alike_in_redis_and_rust() {
         total.moved += t.moved;
         total.unknown += t.unknown;
         total.costly += t.costly;
+        total.quotas += t.quotas;
         total.repeated_keys += t.repeated_keys;
     }
     eprintln!("compared: {total:?}");
@@ -238,6 +264,7 @@ fn random_plan_moves_rules_and_costs_decide_alike_in_redis_and_rust() {
         ("a key on a plan Redis named", total.moved),
         ("a plan the call may not use", total.unknown),
         ("a rule costing more than 1", total.costly),
+        ("a calendar quota", total.quotas),
         ("a key twice in a call", total.repeated_keys),
     ] {
         assert!(n > 0, "no entry with {what}: {total:?}");

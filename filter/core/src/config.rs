@@ -9,7 +9,8 @@ use std::fmt;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
-use crate::rate::Rate;
+use crate::calendar::{self, Period, PeriodKind, Weekday};
+use crate::rate::{Rate, MAX_COUNT};
 
 /// The whole plugin configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -64,15 +65,20 @@ pub struct Config {
     pub store: StoreConfig,
 }
 
-/// A limit: `"10/s"`, or `{"rate": "10/s", "burst": 50, "name": "per-second"}`.
+/// A limit: `"10/s"`, or `{"rate": "10/s", "burst": 50, "name": "per-second"}`,
+/// or a calendar quota `{"quota": "10000/month", "reset": "calendar",
+/// "utc_offset": "+02:00", "week_starts": "monday", "name": "monthly"}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitConfig {
+    /// A quota's count, with its longest period as the window.
     pub rate: Rate,
-    /// The rate as written, the default policy name.
+    /// The rate (or quota) as written, the default policy name.
     pub rate_text: String,
     /// Requests admitted at once from a fresh state; defaults to the count.
     pub burst: Option<u64>,
     pub name: Option<String>,
+    /// A calendar quota's period; `None` for a rate.
+    pub quota: Option<Period>,
 }
 
 /// One rule: what it matches, the limits it adds, what a request costs.
@@ -411,11 +417,83 @@ impl<'de> Deserialize<'de> for LimitConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LimitObject {
-    rate: String,
+    #[serde(default)]
+    rate: Option<String>,
+    #[serde(default)]
+    quota: Option<QuotaText>,
     #[serde(default)]
     burst: Option<u64>,
     #[serde(default)]
     name: Option<String>,
+    #[serde(default)]
+    reset: Option<Reset>,
+    #[serde(default)]
+    utc_offset: Option<UtcOffset>,
+    #[serde(default)]
+    week_starts: Option<WeekStart>,
+}
+
+/// How a quota resets: at the calendar boundary, the only kind, required
+/// so that a quota says what it means.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Reset {
+    Calendar,
+}
+
+/// `N/day`, `N/week` or `N/month`, as written.
+struct QuotaText(String, u64, PeriodKind);
+
+impl<'de> Deserialize<'de> for QuotaText {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        let parsed = text.trim().split_once('/').and_then(|(count, unit)| {
+            let count = count
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| count.parse::<u64>().ok())
+                .flatten()
+                .filter(|c| (1..=MAX_COUNT).contains(c))?;
+            let kind = [PeriodKind::Day, PeriodKind::Week, PeriodKind::Month]
+                .into_iter()
+                .find(|k| k.unit() == unit)?;
+            Some((count, kind))
+        });
+        match parsed {
+            Some((count, kind)) => Ok(QuotaText(text.trim().to_string(), count, kind)),
+            None => Err(de::Error::custom(format!(
+                "invalid quota \"{text}\": expected N/day, N/week or N/month, N from 1 to {MAX_COUNT}"
+            ))),
+        }
+    }
+}
+
+/// `+HH:MM` / `-HH:MM`, in minutes.
+struct UtcOffset(i16);
+
+impl<'de> Deserialize<'de> for UtcOffset {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        calendar::parse_offset(&text).map(UtcOffset).ok_or_else(|| {
+            de::Error::custom(format!(
+                "invalid UTC offset \"{text}\": expected +HH:MM or -HH:MM from -14:00 to +14:00, e.g. \"+02:00\""
+            ))
+        })
+    }
+}
+
+struct WeekStart(Weekday);
+
+impl<'de> Deserialize<'de> for WeekStart {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Weekday::parse(&text).map(WeekStart).ok_or_else(|| {
+            de::Error::custom(format!(
+                "invalid day \"{text}\": expected one of {}",
+                Weekday::NAMES.join(", ")
+            ))
+        })
+    }
 }
 
 struct LimitVisitor;
@@ -424,7 +502,7 @@ impl<'de> Visitor<'de> for LimitVisitor {
     type Value = LimitConfig;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a rate such as \"10/s\", or an object {\"rate\": \"10/s\", \"burst\": 20, \"name\": \"...\"}")
+        f.write_str("a rate such as \"10/s\", an object {\"rate\": \"10/s\", \"burst\": 20, \"name\": \"...\"}, or a quota {\"quota\": \"10000/month\", \"reset\": \"calendar\"}")
     }
 
     fn visit_str<E: de::Error>(self, text: &str) -> Result<LimitConfig, E> {
@@ -433,7 +511,48 @@ impl<'de> Visitor<'de> for LimitVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<LimitConfig, A::Error> {
         let object = LimitObject::deserialize(de::value::MapAccessDeserializer::new(map))?;
-        limit_from(&object.rate, object.burst, object.name)
+        let quota_fields =
+            object.reset.is_some() || object.utc_offset.is_some() || object.week_starts.is_some();
+        match (object.rate, object.quota) {
+            (Some(rate), None) if !quota_fields => limit_from(&rate, object.burst, object.name),
+            (Some(_), None) => Err(de::Error::custom(
+                "\"reset\", \"utc_offset\" and \"week_starts\" belong to a calendar quota ({\"quota\": \"10000/month\", \"reset\": \"calendar\"}), not to a rate",
+            )),
+            (None, Some(QuotaText(text, count, kind))) => {
+                if object.burst.is_some() {
+                    return Err(de::Error::custom(format!(
+                        "a quota has no \"burst\": all {count} may be used at once"
+                    )));
+                }
+                if object.reset.is_none() {
+                    return Err(de::Error::custom(
+                        "a quota needs \"reset\": \"calendar\" (it is whole again at each calendar boundary, in \"utc_offset\")",
+                    ));
+                }
+                if object.week_starts.is_some() && kind != PeriodKind::Week {
+                    return Err(de::Error::custom(format!(
+                        "\"week_starts\" applies to a weekly quota, not to \"{text}\""
+                    )));
+                }
+                Ok(LimitConfig {
+                    rate: Rate {
+                        count,
+                        window_seconds: kind.longest_seconds(),
+                    },
+                    rate_text: text,
+                    burst: None,
+                    name: object.name,
+                    quota: Some(Period {
+                        kind,
+                        offset_minutes: object.utc_offset.map_or(0, |o| o.0),
+                        week_start: object.week_starts.map_or(Weekday::MONDAY, |w| w.0),
+                    }),
+                })
+            }
+            _ => Err(de::Error::custom(
+                "give exactly one of \"rate\" (e.g. \"10/s\") and \"quota\" (e.g. \"10000/month\")",
+            )),
+        }
     }
 }
 
@@ -448,6 +567,7 @@ fn limit_from<E: de::Error>(
         rate_text: text.trim().to_string(),
         burst,
         name,
+        quota: None,
     })
 }
 

@@ -24,21 +24,36 @@
 //! too, and an answer that arrives late never loosens what a newer one
 //! established. Any entry is a true lower bound for its key, so a lost write
 //! only costs a cache miss. Times are the filter's monotonic clock.
+//!
+//! A calendar quota's entry is the same kind of lower bound: its period's
+//! end (the answer's time to the reset, added to the sending time, rounded
+//! down) with what was used in it (`quota::pack`). It denies while that end
+//! is ahead and too little is left; its `Retry-After` is the end rounded up
+//! plus the slack. Which calendar period Redis is in is Redis's to say: the
+//! cache never reads it from a clock of its own.
 
-use crate::gcra::{self, Decision, Limit};
+use crate::gcra::{self, Clock, Decision, Limit, LimitState};
 use crate::hash::KeyHash;
 use crate::per_limit::{PerLimit, MAX_LIMITS};
+use crate::quota;
 use crate::state::{KeyState, MAX_VALUE};
-use crate::time::micros_to_nanos;
 
 /// The cache slot of a key.
 pub fn slot(key: KeyHash, slots: u32) -> u32 {
     u32::try_from(key.spread % u64::from(slots.max(1))).unwrap_or(0)
 }
 
-/// A denial decided from the cached entry, if it denies; `None` means ask
-/// Redis. Its `retry_after_nanos` includes the entry's slack.
-pub fn lookup(limits: &[Limit], entry: &[u8], key: KeyHash, now: u64) -> Option<Decision> {
+/// A denial decided from the cached entry at monotonic `now`, if it denies;
+/// `None` means ask Redis. Its `retry_after_nanos` includes the entry's
+/// slack. `wall` (read with `now`, when some limit is a quota) only names a
+/// quota's period length in the headers.
+pub fn lookup(
+    limits: &[Limit],
+    entry: &[u8],
+    key: KeyHash,
+    now: u64,
+    wall: Option<u64>,
+) -> Option<Decision> {
     let state = KeyState::decode(entry)?;
     if state.fingerprint != key.fingerprint {
         return None;
@@ -58,7 +73,7 @@ pub fn lookup(limits: &[Limit], entry: &[u8], key: KeyHash, now: u64) -> Option<
         return None;
     }
     let mut tats = state.tats_for(limits);
-    let mut decision = gcra::decide(limits, tats.as_mut_slice(), now);
+    let mut decision = gcra::decide(limits, tats.as_mut_slice(), Clock::cached(now, wall));
     if decision.allowed {
         return None;
     }
@@ -85,12 +100,13 @@ pub fn worth_remembering_from(decision: &Decision, limits: &[Limit], first: usiz
 }
 
 /// When an answer reached the filter: the times it was sent and received,
-/// and what it said per limit (microseconds until each bucket is full).
+/// and what it said per limit (what is left, and how long until each
+/// bucket is full or quota whole again).
 #[derive(Debug, Clone, Copy)]
 pub struct Answer<'a> {
     pub sent_at: u64,
     pub received_at: u64,
-    pub resets_us: &'a [u64],
+    pub states: &'a [LimitState],
 }
 
 /// The entry to write for `key` after `answer` on `limits`, merged with the
@@ -103,9 +119,16 @@ pub fn entry<'a>(
     answer: Answer<'_>,
 ) -> &'a [u8] {
     let mut tats: PerLimit<u64> = answer
-        .resets_us
+        .states
         .iter()
-        .map(|reset| answer.sent_at.saturating_add(micros_to_nanos(*reset)))
+        .zip(limits)
+        .map(|(state, limit)| {
+            let until = answer.sent_at.saturating_add(state.reset_nanos);
+            match limit.period {
+                Some(_) => quota::pack(until, limit.burst.saturating_sub(state.remaining), false),
+                None => until,
+            }
+        })
         .collect();
     let count = limits.len().min(tats.len());
     let mut slack = answer.received_at.saturating_sub(answer.sent_at);
@@ -127,18 +150,30 @@ pub fn entry<'a>(
 mod tests {
     use super::*;
     use crate::testing::{key_hash, limit, named_limit, S};
-    use crate::time::ceil_seconds;
+    use crate::time::{ceil_seconds, micros_to_nanos};
     use std::time::Duration;
 
     fn limits() -> Vec<Limit> {
         vec![limit(2, 10, 2)]
     }
 
-    fn answer(sent_at: u64, resets_us: &[u64]) -> Answer<'_> {
+    /// Per limit, microseconds until the bucket is full (all a rate's
+    /// entry needs).
+    fn states(resets_us: &[u64]) -> Vec<LimitState> {
+        resets_us
+            .iter()
+            .map(|us| LimitState {
+                reset_nanos: us * 1_000,
+                ..LimitState::default()
+            })
+            .collect()
+    }
+
+    fn answer(sent_at: u64, states: &[LimitState]) -> Answer<'_> {
         Answer {
             sent_at,
             received_at: sent_at,
-            resets_us,
+            states,
         }
     }
 
@@ -147,13 +182,17 @@ mod tests {
         entry(&mut buf, current, key, limits, answer).to_vec()
     }
 
+    fn lookup(limits: &[Limit], entry: &[u8], key: KeyHash, now: u64) -> Option<Decision> {
+        super::lookup(limits, entry, key, now, None)
+    }
+
     #[test]
     fn a_throttled_key_is_denied_locally_until_its_retry_time() {
         let limits = limits();
         let key = key_hash(b"k");
         let sent_at = 100 * S;
         // Redis: denied, the bucket is full again in 10 s (2 x 5 s).
-        let e = write(&[], key, &limits, answer(sent_at, &[10_000_000]));
+        let e = write(&[], key, &limits, answer(sent_at, &states(&[10_000_000])));
         let d = lookup(&limits, &e, key, sent_at + S).unwrap();
         assert_eq!(d.retry_after_nanos, 4 * S);
         assert!(lookup(&limits, &e, key, sent_at + 5 * S - 1).is_some());
@@ -179,7 +218,7 @@ mod tests {
             Answer {
                 sent_at,
                 received_at: sent_at + rtt,
-                resets_us: &[reset_us],
+                states: &states(&[reset_us]),
             },
         );
         let asked_at = sent_at + rtt + S;
@@ -201,7 +240,7 @@ mod tests {
     fn other_keys_miss_and_other_limits_decide_alone() {
         let limits = limits();
         let key = key_hash(b"k");
-        let e = write(&[], key, &limits, answer(0, &[10_000_000]));
+        let e = write(&[], key, &limits, answer(0, &states(&[10_000_000])));
         assert!(lookup(&limits, &e, key_hash(b"other"), 1).is_none());
         // A request that also meets a limit the entry knows nothing of
         // (another route's, spent on another replica) goes to Redis.
@@ -221,7 +260,7 @@ mod tests {
         let key_wide = named_limit("12/min", 12, 60, 12);
         let create = named_limit("create-order:4/min", 4, 60, 4);
         let key = key_hash(b"k");
-        let e = write(&[], key, &[key_wide], answer(0, &[60_000_000]));
+        let e = write(&[], key, &[key_wide], answer(0, &states(&[60_000_000])));
         assert!(lookup(&[key_wide], &e, key, S).is_some());
         assert!(lookup(&[key_wide, create], &e, key, S).is_none());
         // Once Redis answered for both, the entry knows both and names the
@@ -230,7 +269,7 @@ mod tests {
             &e,
             key,
             &[key_wide, create],
-            answer(S, &[59_000_000, 60_000_000]),
+            answer(S, &states(&[59_000_000, 60_000_000])),
         );
         let d = lookup(&[key_wide, create], &e, key, S).unwrap();
         assert_eq!(d.binding(), Some(1));
@@ -241,7 +280,7 @@ mod tests {
         let limits = limits();
         let key = key_hash(b"k");
         // One of two used: 5 s of debt, still room for one more.
-        let e = write(&[], key, &limits, answer(0, &[5_000_000]));
+        let e = write(&[], key, &limits, answer(0, &states(&[5_000_000])));
         assert!(lookup(&limits, &e, key, 1).is_none());
     }
 
@@ -274,13 +313,18 @@ mod tests {
         let limits = limits();
         let key = key_hash(b"k");
         // Sent at 2 s: the bucket is full again only at 12 s (denying).
-        let newer = write(&[], key, &limits, answer(2 * S, &[10_000_000]));
+        let newer = write(&[], key, &limits, answer(2 * S, &states(&[10_000_000])));
         // An answer sent at 1 s, arriving later, saying "full at 6 s".
-        let merged = write(&newer, key, &limits, answer(S, &[5_000_000]));
+        let merged = write(&newer, key, &limits, answer(S, &states(&[5_000_000])));
         assert_eq!(merged, newer);
         assert!(lookup(&limits, &merged, key, 3 * S).is_some());
         // Another key's entry in the slot is simply replaced.
-        let other = write(&newer, key_hash(b"x"), &limits, answer(S, &[5_000_000]));
+        let other = write(
+            &newer,
+            key_hash(b"x"),
+            &limits,
+            answer(S, &states(&[5_000_000])),
+        );
         assert!(lookup(&limits, &other, key, 3 * S).is_none());
     }
 }

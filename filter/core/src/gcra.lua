@@ -16,6 +16,16 @@
 --            or removing a limit leaves the others' debt in place
 -- <name>     a limit's name; T its emission interval and C its capacity
 --            (burst x interval), in microseconds
+--            A calendar quota (N per day, week or month, whole again at the
+--            period's end in a fixed UTC offset) is (<name> -<cost> <code>):
+--            a negative T, which functions from before quotas refuse, and
+--            code = N*2^16 + kind*2^14 + week_start*2^11 + (offset_min+840),
+--            kind 0 day, 1 week, 2 month; week_start 0 Monday .. 6 Sunday.
+--            Its field is 'quota#<name>', never a rate's, and holds the
+--            period's end plus what was used in it (microseconds as units),
+--            so it is a TAT like the others: in the future while anything is
+--            used, larger in a later period, and an older period's value is
+--            below the current end, which reads as nothing used.
 -- <count>    how many requests of that key arrived, in arrival order
 -- <nonce>    the call's own number, answered first: webdis 0.1.9 can hand the
 --            reply of a call Envoy gave up on to a later call, which must
@@ -27,7 +37,8 @@
 -- not move). Returns a flat array of integers (what webdis can carry):
 --   {nonce, now_us, [admitted_j, debt_j_1, ..., debt_j_n] x m}
 -- where admitted_j is how many of key j's requests were admitted and
--- debt_j_i = max(TAT - now, 0) of its limit i *before* them: the filter
+-- debt_j_i = max(TAT - now, 0) of its limit i *before* them (for a quota,
+-- its value less now, which the filter reads back the same way): the filter
 -- replays the same arithmetic to give each request its own decision,
 -- Retry-After and quota headers, and checks it agrees on admitted_j.
 -- A denial writes nothing; m = 0 writes nothing either.
@@ -61,6 +72,8 @@
 --   FCALL apikey_ratelimit_gcra 1 <key> <n> <name_1> <T_1> <C_1> ... <name_n> <T_n> <C_n>
 --   -> {allowed (1 or 0), retry_after_us, now_us, reset_1_us, ..., reset_n_us}
 --
+-- It refuses quotas: earlier filters never send one.
+--
 -- The clock is Redis's TIME, so every instance shares one. Lua numbers are
 -- doubles, exact for integers up to 2^53: microseconds since 1970 fit, and
 -- the filter refuses capacities past 50 years.
@@ -81,21 +94,97 @@ local function is_count(x)
   return x ~= nil and x >= 0 and x <= MAX and x == math.floor(x)
 end
 
--- Reads the limit set at args[pos]: n, then n (name, interval, capacity).
--- Returns the set and the position after it, or nil and an error message.
+-- Calendar arithmetic on days since 1970-01-01 (proleptic Gregorian),
+-- Howard Hinnant's days_from_civil and civil_from_days, as in the filter's
+-- calendar.rs: months of 28 to 31 days, leap years but not centuries
+-- unless divisible by 400.
+local DAY = 86400
+
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = m + 9
+  if m > 2 then mp = m - 3 end
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local function civil_from_days(z)
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp - 9
+  if mp < 10 then m = mp + 3 end
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return y, m
+end
+
+-- When the period of quota q that contains now (microseconds) ends, in
+-- microseconds: the next local midnight, the next week start's, the 1st
+-- of the next month's.
+local function period_end(now, q)
+  local day = math.floor((math.floor(now / 1000000) + q.offset) / DAY)
+  local last
+  if q.kind == 0 then
+    last = day + 1
+  elseif q.kind == 1 then
+    last = day - ((day + 3) % 7 - q.week_start) % 7 + 7
+  else
+    local y, m = civil_from_days(day)
+    if m == 12 then y, m = y + 1, 1 else m = m + 1 end
+    last = days_from_civil(y, m, 1)
+  end
+  return (last * DAY - q.offset) * 1000000
+end
+
+-- A quota of cost `cost` and code `code` (see the top), or nil; a cost
+-- above the count could never be admitted (the filter answers 400).
+local function read_quota(cost, code)
+  if not is_count(cost) or cost < 1 or not is_count(code) then
+    return nil
+  end
+  local rest = code % 65536
+  local q = {count = math.floor(code / 65536), cost = cost, kind = math.floor(rest / 16384),
+             week_start = math.floor(rest % 16384 / 2048), offset = (rest % 2048 - 840) * 60}
+  if q.count < 1 or q.count > 1000000000 or q.cost > q.count or q.kind > 2 or q.week_start > 6
+      or q.offset > 840 * 60 then
+    return nil
+  end
+  return q
+end
+
+-- Reads the limit set at args[pos]: n, then n (name, interval, capacity),
+-- a quota's (name, -cost, code). Returns the set and the position after
+-- it, or nil and an error message.
 local function read_set(args, pos, what)
   local n = tonumber(args[pos])
   if not is_count(n) or #args < pos + 3 * n then
     return nil, 'ERR ' .. what .. ': expected n, then n (name, interval, capacity)'
   end
-  local set = {n = n, names = {}, intervals = {}, capacities = {}}
+  local set = {n = n, names = {}, intervals = {}, capacities = {}, quotas = {}}
   for i = 1, n do
     local at = pos + 3 * (i - 1)
-    set.names[i] = args[at + 1]
-    set.intervals[i] = tonumber(args[at + 2])
-    set.capacities[i] = tonumber(args[at + 3])
-    if not is_count(set.intervals[i]) or set.intervals[i] == 0 or not is_count(set.capacities[i]) then
-      return nil, 'ERR ' .. what .. ': limit ' .. i .. ' is not numeric'
+    local step, capacity = tonumber(args[at + 2]), tonumber(args[at + 3])
+    if step ~= nil and step < 0 then
+      set.quotas[i] = read_quota(-step, capacity)
+      if set.quotas[i] == nil then
+        return nil, 'ERR ' .. what .. ': quota ' .. i .. ' is not valid'
+      end
+      set.names[i] = 'quota#' .. args[at + 1]
+    else
+      if not is_count(step) or step == 0 or not is_count(capacity) then
+        return nil, 'ERR ' .. what .. ': limit ' .. i .. ' is not numeric'
+      end
+      set.names[i] = args[at + 1]
+      set.intervals[i] = step
+      set.capacities[i] = capacity
     end
   end
   return set, pos + 1 + 3 * n
@@ -114,19 +203,35 @@ local function decide(key, set, count, now)
   end
   -- No field of this set stored: most likely no key at all.
   local fresh = true
+  -- Quotas: the current period's end, and what was used in it.
+  local ends, used = {}, {}
   for i = 1, set.n do
     local T = set.intervals[i]
+    local q = set.quotas[i]
     fresh = fresh and stored[i] == false
-    local debt = math.max((tonumber(stored[i]) or 0) - now, 0)
+    local value = tonumber(stored[i]) or 0
+    local debt = math.max(value - now, 0)
     debts[i] = debt
-    -- Request r (0-based) fits iff debt + r*T <= C - T.
-    local room = set.capacities[i] - T - debt
     local fits = 0
-    if room >= 0 then
-      fits = math.floor(room / T) + 1
-      -- The division is rounded; settle it with exact integer products.
-      if (fits - 1) * T > room then fits = fits - 1 end
-      if fits * T <= room then fits = fits + 1 end
+    if q then
+      ends[i] = period_end(now, q)
+      used[i] = math.max(value - ends[i], 0)
+      -- Request r (0-based) fits iff used + (r+1)*cost <= N.
+      local left = q.count - used[i]
+      if left >= q.cost then
+        fits = math.floor(left / q.cost)
+        if fits * q.cost > left then fits = fits - 1 end
+        if (fits + 1) * q.cost <= left then fits = fits + 1 end
+      end
+    else
+      -- Request r (0-based) fits iff debt + r*T <= C - T.
+      local room = set.capacities[i] - T - debt
+      if room >= 0 then
+        fits = math.floor(room / T) + 1
+        -- The division is rounded; settle it with exact integer products.
+        if (fits - 1) * T > room then fits = fits - 1 end
+        if fits * T <= room then fits = fits + 1 end
+      end
     end
     if fits < admitted then admitted = fits end
   end
@@ -134,7 +239,12 @@ local function decide(key, set, count, now)
     local latest = now
     local fields = {}
     for i = 1, set.n do
-      local tat = now + debts[i] + admitted * set.intervals[i]
+      local tat
+      if set.quotas[i] then
+        tat = ends[i] + used[i] + admitted * set.quotas[i].cost
+      else
+        tat = now + debts[i] + admitted * set.intervals[i]
+      end
       latest = math.max(latest, tat)
       fields[2 * i - 1] = set.names[i]
       fields[2 * i] = string.format('%.0f', tat)
@@ -213,12 +323,15 @@ end
 
 -- A plan's limits followed by a rules' set, as one set.
 local function join(plan, rules)
-  local set = {n = plan.n + rules.n, names = {}, intervals = {}, capacities = {}}
+  local set = {n = plan.n + rules.n, names = {}, intervals = {}, capacities = {}, quotas = {}}
+  local k = 0
   for _, part in ipairs({plan, rules}) do
     for i = 1, part.n do
-      set.names[#set.names + 1] = part.names[i]
-      set.intervals[#set.intervals + 1] = part.intervals[i]
-      set.capacities[#set.capacities + 1] = part.capacities[i]
+      k = k + 1
+      set.names[k] = part.names[i]
+      set.intervals[k] = part.intervals[i]
+      set.capacities[k] = part.capacities[i]
+      set.quotas[k] = part.quotas[i]
     end
   end
   return set
@@ -329,6 +442,11 @@ local function gcra(keys, args)
   end
   if after ~= #args + 1 then
     return redis.error_reply('ERR ' .. what .. ': expected n, then n (name, interval, capacity)')
+  end
+  for i = 1, set.n do
+    if set.quotas[i] then
+      return redis.error_reply('ERR ' .. what .. ': limit ' .. i .. ' is a quota, which only apikey_ratelimit_batch decides')
+    end
   end
   local now = clock()
   local admitted, debts = decide(keys[1], set, 1, now)

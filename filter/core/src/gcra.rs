@@ -12,11 +12,17 @@
 //! `max(TAT, now) - now + cost * T <= b * T`, and then moves the TAT by
 //! `cost * T`. For `cost = 1` that is the rule above. A cost above the burst
 //! can never fit; the policy answers such a request before it gets here.
+//!
+//! A limit may also be a calendar quota (`quota`): `N` per day, week or
+//! month, decided in the same step, its state one number like a TAT.
 
 use std::fmt;
 
+use crate::calendar::Period;
 use crate::per_limit::PerLimit;
+use crate::quota::{self, Reading};
 use crate::rate::Rate;
+use crate::time::NANOS_PER_MICRO;
 
 /// The longest limit name (configuration checks it).
 pub const MAX_NAME_LENGTH: usize = 64;
@@ -95,11 +101,12 @@ pub struct Limit {
     pub cost: u64,
     /// The limit's place in the policy's table of limits (its counters).
     pub index: u16,
+    /// A calendar quota's period; `None` for a rate. A quota admits up to
+    /// `burst` (its count) per period; its `interval_nanos` is 1 µs, a unit.
+    pub period: Option<Period>,
 }
 
 impl Limit {
-    /// Builds a limit; `None` when `burst * T` overflows (config validation
-    /// reports that as an error before this is ever reached).
     /// Builds a limit costing 1 per request; `None` when `burst * T`
     /// overflows or the name is too long (config validation reports both
     /// before this is ever reached).
@@ -118,6 +125,31 @@ impl Limit {
             capacity_nanos,
             cost: 1,
             index: 0,
+            period: None,
+        })
+    }
+
+    /// A calendar quota of `count` per `period` (at most
+    /// [`crate::rate::MAX_COUNT`], which a state's packing relies on). Its
+    /// identity in a state is its name's under a `quota#` prefix, as its
+    /// field in Redis: a rate and a quota never read each other's state.
+    pub fn quota(name: &str, count: u64, period: Period) -> Option<Limit> {
+        if !(1..=crate::rate::MAX_COUNT).contains(&count) {
+            return None;
+        }
+        Some(Limit {
+            id: limit_id(&format!("{}{name}", quota::FIELD_PREFIX)),
+            name: LimitName::new(name)?,
+            rate: Rate {
+                count,
+                window_seconds: period.kind.longest_seconds(),
+            },
+            burst: count,
+            interval_nanos: NANOS_PER_MICRO,
+            capacity_nanos: count.checked_mul(NANOS_PER_MICRO)?,
+            cost: 1,
+            index: 0,
+            period: Some(period),
         })
     }
 
@@ -142,7 +174,7 @@ impl Limit {
         self.cost <= self.burst
     }
 
-    /// Requests that fit right now with this TAT.
+    /// Requests that fit right now with this TAT (a rate).
     fn remaining(&self, tat: u64, now: u64) -> u64 {
         let debt = tat.saturating_sub(now);
         self.capacity_nanos
@@ -162,10 +194,67 @@ pub fn limit_id(name: &str) -> u64 {
 /// What one limit says about the request, after the decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LimitState {
-    /// Requests that would still be admitted now.
+    /// Requests that would still be admitted now (for a quota, its count
+    /// less what was used in the current period).
     pub remaining: u64,
-    /// Nanoseconds until the bucket is full again (the TAT is reached).
+    /// Nanoseconds until the bucket is full again (the TAT is reached); for
+    /// a quota, until its period ends.
     pub reset_nanos: u64,
+    /// The limit's window: a rate's, or the current period's length.
+    pub window_seconds: u64,
+}
+
+/// The clocks a decision is made at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clock {
+    /// The stored TATs' clock, in nanoseconds: Redis `TIME` in global mode,
+    /// Envoy's monotonic clock in local mode and in the deny cache.
+    pub now: u64,
+    /// The wall clock (Unix nanoseconds) read together with `now`: where a
+    /// quota's calendar periods fall. Needed only when a quota is decided.
+    pub wall: Option<u64>,
+    /// Quotas' periods are the stored ones, lower bounds (the deny cache,
+    /// which knows Redis's periods only through its answers).
+    pub stored_periods: bool,
+}
+
+impl Clock {
+    /// Stored TATs and calendar both on the wall clock: Redis's `TIME`.
+    pub fn wall(now: u64) -> Clock {
+        Clock {
+            now,
+            wall: Some(now),
+            stored_periods: false,
+        }
+    }
+
+    /// Local mode: TATs on the monotonic clock `now`, calendar periods on
+    /// the wall clock (`None` when the policy has no quota).
+    pub fn local(now: u64, wall: Option<u64>) -> Clock {
+        Clock {
+            now,
+            wall,
+            stored_periods: false,
+        }
+    }
+
+    /// The deny cache: lower bounds on the monotonic clock `now`; `wall`
+    /// only names a quota's period length in the headers.
+    pub fn cached(now: u64, wall: Option<u64>) -> Clock {
+        Clock {
+            now,
+            wall,
+            stored_periods: true,
+        }
+    }
+}
+
+/// A bare time is the wall clock, for TATs and calendar alike (Redis's
+/// `TIME`, and tests).
+impl From<u64> for Clock {
+    fn from(now: u64) -> Clock {
+        Clock::wall(now)
+    }
 }
 
 /// The verdict on one request across all of a key's limits.
@@ -203,30 +292,6 @@ impl Decision {
         }
     }
 
-    /// Rebuilds a decision from a remote store's answer, which gives, per
-    /// limit, the time until its bucket is full again (`TAT - now`).
-    pub fn from_resets(
-        limits: &[Limit],
-        allowed: bool,
-        retry_after_nanos: u64,
-        resets_nanos: impl IntoIterator<Item = u64>,
-    ) -> Decision {
-        Decision {
-            allowed,
-            retry_after_nanos: if allowed { 0 } else { retry_after_nanos },
-            denied_by: 0,
-            binding: 0,
-            states: limits
-                .iter()
-                .zip(resets_nanos)
-                .map(|(limit, reset)| LimitState {
-                    remaining: limit.remaining(reset, 0),
-                    reset_nanos: reset,
-                })
-                .collect(),
-        }
-    }
-
     /// One state per limit, in the order the limits were given.
     pub fn states(&self) -> &[LimitState] {
         self.states.as_slice()
@@ -238,19 +303,55 @@ impl Decision {
     }
 }
 
-/// Decides one request at `now` against `limits`, updating `tats` in place
-/// when it is admitted. `tats` holds one TAT per limit (0 for a fresh key);
-/// extra limits beyond [`crate::per_limit::MAX_LIMITS`] or missing TATs are
-/// never indexed.
-pub fn decide(limits: &[Limit], tats: &mut [u64], now: u64) -> Decision {
-    let mut decision = Decision::unlimited();
+/// Decides one request at `clock` against `limits`, updating `tats` in
+/// place when it is admitted. `tats` holds one TAT per limit (0 for a fresh
+/// key); extra limits beyond [`crate::per_limit::MAX_LIMITS`] or missing
+/// TATs are never indexed. A bare `u64` is the wall clock ([`Clock::wall`]).
+pub fn decide(limits: &[Limit], tats: &mut [u64], clock: impl Into<Clock>) -> Decision {
+    let clock = clock.into();
+    if limits.iter().all(|l| l.period.is_none()) {
+        return decide_reading(limits, tats, clock.now, |_| Reading::default());
+    }
+    // Quotas' readings, made once (calendar arithmetic) and used twice.
+    let readings: PerLimit<Reading> = limits
+        .iter()
+        .zip(tats.iter())
+        .map(|(limit, tat)| match &limit.period {
+            Some(period) => quota::read(period, *tat, clock),
+            None => Reading::default(),
+        })
+        .collect();
+    decide_reading(limits, tats, clock.now, |i| {
+        readings.as_slice().get(i).copied().unwrap_or_default()
+    })
+}
 
+/// [`decide`], given each limit's quota [`Reading`] by index (a default
+/// one for a rate); inlined, so that rates alone pay nothing for quotas.
+#[inline(always)]
+fn decide_reading(
+    limits: &[Limit],
+    tats: &mut [u64],
+    now: u64,
+    reading: impl Fn(usize) -> Reading,
+) -> Decision {
+    let mut decision = Decision::unlimited();
     for (i, (limit, tat)) in limits.iter().zip(tats.iter()).enumerate() {
-        let start = (*tat).max(now);
-        let tolerance = limit.tolerance_nanos();
-        let debt = start.saturating_sub(now);
-        if debt > tolerance || !limit.fits_at_all() {
-            let wait = debt.saturating_sub(tolerance);
+        let wait = match limit.period {
+            Some(_) => {
+                let reading = reading(i);
+                let fits =
+                    !reading.unplaced && reading.used.saturating_add(limit.cost) <= limit.burst;
+                (!fits).then(|| reading.end.saturating_sub(now).max(1))
+            }
+            None => {
+                let start = (*tat).max(now);
+                let tolerance = limit.tolerance_nanos();
+                let debt = start.saturating_sub(now);
+                (debt > tolerance || !limit.fits_at_all()).then(|| debt.saturating_sub(tolerance))
+            }
+        };
+        if let Some(wait) = wait {
             if decision.allowed || wait > decision.retry_after_nanos {
                 decision.binding = u8::try_from(i).unwrap_or(u8::MAX);
             }
@@ -262,16 +363,42 @@ pub fn decide(limits: &[Limit], tats: &mut [u64], now: u64) -> Decision {
         }
     }
     if decision.allowed {
-        for (limit, tat) in limits.iter().zip(tats.iter_mut()) {
-            *tat = (*tat).max(now).saturating_add(limit.step_nanos());
+        for (i, (limit, tat)) in limits.iter().zip(tats.iter_mut()).enumerate() {
+            *tat = match limit.period {
+                Some(_) => {
+                    let reading = reading(i);
+                    quota::pack(
+                        reading.store_end,
+                        reading.used.saturating_add(limit.cost),
+                        true,
+                    )
+                }
+                None => (*tat).max(now).saturating_add(limit.step_nanos()),
+            };
         }
     }
     decision.states = limits
         .iter()
         .zip(tats.iter())
-        .map(|(limit, tat)| LimitState {
-            remaining: limit.remaining(*tat, now),
-            reset_nanos: tat.saturating_sub(now),
+        .enumerate()
+        .map(|(i, (limit, tat))| match limit.period {
+            Some(_) => {
+                let reading = reading(i);
+                let used = match decision.allowed {
+                    true => reading.used.saturating_add(limit.cost),
+                    false => reading.used,
+                };
+                LimitState {
+                    remaining: limit.burst.saturating_sub(used),
+                    reset_nanos: reading.end.saturating_sub(now),
+                    window_seconds: reading.window_seconds,
+                }
+            }
+            None => LimitState {
+                remaining: limit.remaining(*tat, now),
+                reset_nanos: tat.saturating_sub(now),
+                window_seconds: limit.rate.window_seconds,
+            },
         })
         .collect();
     decision
@@ -360,20 +487,6 @@ mod tests {
             assert!(!decide(&limits, &mut tats, now).allowed);
         }
         assert_eq!(tats, before);
-    }
-
-    #[test]
-    fn a_decision_rebuilt_from_resets_matches_the_local_one() {
-        let limits = [limit(5, 60, 5), limit(100, 86_400, 10)];
-        let mut tats = [0, 0];
-        let now = 7 * S;
-        for _ in 0..3 {
-            let local = decide(&limits, &mut tats, now);
-            let resets = tats.map(|t| t.saturating_sub(now));
-            let rebuilt =
-                Decision::from_resets(&limits, local.allowed, local.retry_after_nanos, resets);
-            assert_eq!(rebuilt, local);
-        }
     }
 
     #[test]

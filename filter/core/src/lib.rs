@@ -8,6 +8,7 @@
 //!
 //! # Layout
 //! - [`rate`]: DRF-style rates (`1/s`, `100/min`, `100/15m`).
+//! - [`calendar`]: the day, week or month a moment falls in, at a UTC offset.
 //! - [`config`]: the plugin's JSON configuration and its parsing.
 //! - [`policy`]: the validated, compiled configuration; key → limits lookup.
 //! - [`header_map`]: reads the header map the host serializes.
@@ -18,6 +19,7 @@
 //! - [`time`]: time units and their conversions.
 //! - [`per_limit`]: one value per limit of a key, without allocating.
 //! - [`gcra`]: the algorithm, its limits and its decisions.
+//! - [`quota`]: calendar quotas' state, one number like a TAT.
 //! - [`state`]: a key's stored state and its byte layout.
 //! - [`slots`]: the local store's fixed slot table and its CAS loop, over a
 //!   [`slots::CasStore`] trait the glue implements on Envoy shared data.
@@ -37,6 +39,7 @@
 
 pub mod applied;
 pub mod batch;
+pub mod calendar;
 pub mod calls;
 pub mod config;
 pub mod deny_cache;
@@ -49,6 +52,7 @@ pub mod per_limit;
 pub mod pipeline;
 pub mod plugin_name;
 pub mod policy;
+pub mod quota;
 pub mod rate;
 pub mod response;
 pub mod slots;

@@ -19,7 +19,7 @@ use crate::gcra::{Limit, MAX_NAME_LENGTH};
 use crate::hash::{KeyHash, KeyHasher};
 use crate::key::{self, KeyError, KeySource, RequestHeaders};
 use crate::per_limit::{PerLimit, MAX_LIMITS};
-use crate::rate::{MAX_CAPACITY_NANOS, MAX_CAPACITY_SECONDS, MAX_COUNT};
+use crate::rate::{self, MAX_CAPACITY_NANOS, MAX_CAPACITY_SECONDS, MAX_COUNT};
 use crate::response::Replies;
 use crate::slots::{SlotTable, PROBES};
 use crate::time::SECONDS_PER_YEAR;
@@ -114,13 +114,19 @@ pub struct Policy {
     hasher: Cell<KeyHasher>,
     /// The 401 and 400 bodies, which name the key sources.
     pub replies: Replies,
+    /// Some limit is a calendar quota: local mode reads the wall clock.
+    quotas: bool,
+    /// What the configuration does that it probably does not mean (a DRF
+    /// `"1000/month"`, which is per minute); the filter logs them.
+    pub warnings: Vec<String>,
 }
 
-/// What compiling builds up: the limits and their names.
+/// What compiling builds up: the limits, their names, and warnings.
 #[derive(Default)]
 struct Limits {
     instances: Vec<Limit>,
     names: Vec<String>,
+    warnings: Vec<String>,
 }
 
 impl Limits {
@@ -163,11 +169,22 @@ impl Limits {
                     format!("two limits are named \"{name}\"; give each a distinct \"name\""),
                 ));
             }
+            if l.quota.is_none() && rate::reads_as_month(&l.rate_text) {
+                self.warnings.push(format!(
+                    "{at}: \"{text}\" is {count} per minute, as in DRF (only the first letter of the period counts); for {count} per calendar month write {{\"quota\": \"{count}/month\", \"reset\": \"calendar\"}}",
+                    text = l.rate_text,
+                    count = l.rate.count
+                ));
+            }
             let burst = l.burst.unwrap_or(l.rate.count);
-            let mut limit = (1..=MAX_COUNT)
-                .contains(&burst)
-                .then(|| Limit::new(&name, l.rate, burst))
-                .flatten()
+            let compiled = match l.quota {
+                Some(period) => Limit::quota(&name, l.rate.count, period),
+                None => (1..=MAX_COUNT)
+                    .contains(&burst)
+                    .then(|| Limit::new(&name, l.rate, burst))
+                    .flatten(),
+            };
+            let mut limit = compiled
                 .filter(|limit| limit.capacity_nanos <= MAX_CAPACITY_NANOS)
                 .ok_or_else(|| {
                     ConfigError::new(
@@ -312,10 +329,16 @@ impl Policy {
                 {
                     return Err(ConfigError::new(
                         format!("{field}.cost"),
-                        format!(
-                            "a request costing {cost} can never fit limits[{k}] (burst {}); raise its burst",
-                            l.map_or(0, |l| l.burst)
-                        ),
+                        match l.is_some_and(|l| l.period.is_some()) {
+                            true => format!(
+                                "a request costing {cost} can never fit limits[{k}] (a quota of {})",
+                                l.map_or(0, |l| l.burst)
+                            ),
+                            false => format!(
+                                "a request costing {cost} can never fit limits[{k}] (burst {}); raise its burst",
+                                l.map_or(0, |l| l.burst)
+                            ),
+                        },
                     ));
                 }
             }
@@ -414,6 +437,8 @@ impl Policy {
             headers: config.response_headers,
             failure_mode: config.failure_mode,
             store: config.store,
+            quotas: limits.instances.iter().any(|l| l.period.is_some()),
+            warnings: limits.warnings,
             instances: limits.instances,
             limit_names: limits.names,
             plans,
@@ -528,6 +553,11 @@ impl Policy {
     /// The keyed hash in use.
     pub fn hasher(&self) -> KeyHasher {
         self.hasher.get()
+    }
+
+    /// Whether some limit is a calendar quota, which needs the wall clock.
+    pub fn has_quotas(&self) -> bool {
+        self.quotas
     }
 
     /// Registered keys.
@@ -767,6 +797,8 @@ fn in_range<T: PartialOrd + std::fmt::Display>(
 
 #[cfg(test)]
 mod load_refusals;
+#[cfg(test)]
+mod quota_config;
 #[cfg(test)]
 mod rule_tests;
 

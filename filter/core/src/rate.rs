@@ -134,6 +134,18 @@ impl Rate {
     }
 }
 
+/// Whether a rate's period reads as a month (`"1000/month"`, `"5/mo"`):
+/// DRF, and this filter, take it as a minute, which is rarely what was
+/// meant; the policy warns.
+pub fn reads_as_month(text: &str) -> bool {
+    text.split_once('/').is_some_and(|(_, period)| {
+        period
+            .trim()
+            .trim_start_matches(|c: char| c.is_ascii_digit())
+            .starts_with("mo")
+    })
+}
+
 fn parse_digits(text: &str) -> Option<u64> {
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -162,6 +174,8 @@ mod tests {
         assert_eq!(Rate::parse("5/minute"), Ok(rate(5, 60)));
         // DRF's quirk, kept on purpose: "month" is a minute.
         assert_eq!(Rate::parse("5/month"), Ok(rate(5, 60)));
+        assert!(reads_as_month("5/month") && reads_as_month("5/2months"));
+        assert!(!reads_as_month("5/min") && !reads_as_month("5/m") && !reads_as_month("5/minute"));
     }
 
     #[test]

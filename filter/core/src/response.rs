@@ -6,7 +6,8 @@
 //! - Quota headers (IETF draft-ietf-httpapi-ratelimit-headers), on by
 //!   default: `RateLimit-Policy: "1/s";q=1;w=1` and `RateLimit: "1/s";r=0;t=1`,
 //!   one list member per limit. `r` is what may still be sent now, `t` the
-//!   seconds until the quota is whole again. `r` never exceeds `q`: with a
+//!   seconds until the quota is whole again (a calendar quota: until its
+//!   period ends; its `w` is the current period's length). `r` never exceeds `q`: with a
 //!   burst above the count (`{"rate": "10/min", "burst": 49}`) the bucket
 //!   may hold more than `q`, and the header then says `q` rather than
 //!   contradict the policy it names.
@@ -21,7 +22,7 @@
 use std::fmt::Write;
 
 use crate::config::ResponseHeadersConfig;
-use crate::gcra::{Decision, Limit};
+use crate::gcra::{Decision, Limit, LimitState};
 use crate::key::{KeyError, KeyErrorKind, KeySource};
 use crate::policy::rules::{Cost, CostError};
 use crate::policy::{Policy, RequestError};
@@ -53,14 +54,16 @@ impl LocalReply {
     }
 }
 
-/// Writes `RateLimit-Policy` for the limits that applied into `out`.
-pub fn write_policy_header(out: &mut String, limits: &[Limit]) {
-    for (i, limit) in limits.iter().enumerate() {
+/// Writes `RateLimit-Policy` for the limits that applied into `out`; `w`
+/// is each limit's window as its state says (a quota's current period:
+/// `w=2592000` in a month of 30 days).
+pub fn write_policy_header(out: &mut String, limits: &[Limit], states: &[LimitState]) {
+    for (i, (limit, state)) in limits.iter().zip(states).enumerate() {
         let sep = if i == 0 { "" } else { ", " };
         let _ = write!(
             out,
             "{sep}\"{}\";q={};w={}",
-            limit.name, limit.rate.count, limit.rate.window_seconds
+            limit.name, limit.rate.count, state.window_seconds
         );
     }
 }
@@ -82,7 +85,7 @@ pub fn write_quota_headers(
     }
     if headers.ratelimit {
         buf.clear();
-        write_policy_header(buf, limits);
+        write_policy_header(buf, limits, states);
         emit("ratelimit-policy", buf);
         buf.clear();
         for (i, (limit, state)) in limits.iter().zip(states).enumerate() {
@@ -208,12 +211,17 @@ pub fn bad_request(policy: &Policy, error: &RequestError) -> LocalReply {
             )
         }
         RequestError::NeverFits { instance, cost } => {
-            let (name, burst) = policy
-                .instance(*instance)
-                .map_or(("", 0), |l| (l.name.as_str(), l.burst));
-            format!(
-                "Request cost {cost} can never be admitted: limit {name} admits at most {burst} at once."
-            )
+            let limit = policy.instance(*instance);
+            let (name, burst) = limit.map_or(("", 0), |l| (l.name.as_str(), l.burst));
+            match limit.and_then(|l| l.period) {
+                Some(period) => format!(
+                    "Request cost {cost} can never be admitted: quota {name} is {burst} per {}.",
+                    period.kind.unit()
+                ),
+                None => format!(
+                    "Request cost {cost} can never be admitted: limit {name} admits at most {burst} at once."
+                ),
+            }
         }
     };
     LocalReply {

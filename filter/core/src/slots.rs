@@ -30,7 +30,7 @@
 //! worker just wrote this key, so it is hot, and denying keeps the promise
 //! of never admitting more than the limit.
 
-use crate::gcra::{self, Decision, Limit};
+use crate::gcra::{self, Clock, Decision, Limit};
 use crate::hash::KeyHash;
 use crate::per_limit::MAX_LIMITS;
 use crate::state::{KeyState, MAX_VALUE};
@@ -123,14 +123,18 @@ impl SlotTable {
         out
     }
 
-    /// Decides one request for `key` at `now`, updating its slot.
+    /// Decides one request for `key` at `clock` (in the filter
+    /// [`Clock::local`]: the monotonic clock, and the wall clock for
+    /// quotas), updating its slot.
     pub fn decide<S: CasStore>(
         &self,
         store: &mut S,
         key: KeyHash,
         limits: &[Limit],
-        now: u64,
+        clock: impl Into<Clock>,
     ) -> Result<Outcome, S::Error> {
+        let clock = clock.into();
+        let now = clock.now;
         let limits = limits.get(..MAX_LIMITS).unwrap_or(limits);
         let candidates = self.candidates(key);
         let mut conflicts = 0;
@@ -140,7 +144,7 @@ impl SlotTable {
                 Err(retry_after_nanos) => return Ok(Outcome::Full { retry_after_nanos }),
             };
             let mut tats = found.state.tats_for(limits);
-            let decision = gcra::decide(limits, tats.as_mut_slice(), now);
+            let decision = gcra::decide(limits, tats.as_mut_slice(), clock);
             if !decision.allowed {
                 // A denial changes no state: nothing to write.
                 return Ok(Outcome::Decided {
@@ -164,7 +168,7 @@ impl SlotTable {
                     let retry_after_nanos = match self.find(store, key, &candidates, now)? {
                         Ok(found) => {
                             let mut tats = found.state.tats_for(limits);
-                            gcra::decide(limits, tats.as_mut_slice(), now).retry_after_nanos
+                            gcra::decide(limits, tats.as_mut_slice(), clock).retry_after_nanos
                         }
                         Err(wait) => wait,
                     };

@@ -16,6 +16,7 @@
 
 use crate::gcra::{self, Limit};
 use crate::per_limit::{PerLimit, MAX_LIMITS};
+use crate::quota;
 
 const WORD: usize = 8;
 const HEADER: usize = 2 * WORD;
@@ -149,13 +150,15 @@ impl KeyState {
     }
 
     /// Until when a request of this key is denied by one of `limits` (the
-    /// latest `TAT - tolerance`; GCRA admits at `now >= TAT - tolerance`),
-    /// counting entries of other limits, whose tolerance is unknown here, as
-    /// throttled until their TAT. Before the result the key is throttled.
+    /// latest `TAT - tolerance`; GCRA admits at `now >= TAT - tolerance`; a
+    /// spent quota, its period's end), counting entries of other limits,
+    /// whose tolerance is unknown here, as throttled until their TAT. Before
+    /// the result the key is throttled.
     pub fn throttled_until(&self, limits: &[Limit]) -> u64 {
         self.entries()
             .iter()
             .map(|(id, tat)| match limits.iter().find(|l| l.id == *id) {
+                Some(limit) if limit.period.is_some() => quota::throttled_until(limit, *tat),
                 Some(limit) => tat.saturating_sub(limit.tolerance_nanos()),
                 None => *tat,
             })

@@ -58,6 +58,22 @@ pub(crate) fn named_limit(name: &str, count: u64, window_seconds: u64, burst: u6
     }
 }
 
+/// A calendar quota of `count` per `kind` at `offset_minutes` (weeks from
+/// Monday), named `name`.
+pub(crate) fn quota_limit(
+    name: &str,
+    count: u64,
+    kind: crate::calendar::PeriodKind,
+    offset_minutes: i16,
+) -> Limit {
+    let period = crate::calendar::Period {
+        kind,
+        offset_minutes,
+        week_start: crate::calendar::Weekday::MONDAY,
+    };
+    Limit::quota(name, count, period).unwrap()
+}
+
 /// The unseeded hash of `key`.
 pub(crate) fn key_hash(key: &[u8]) -> KeyHash {
     KeyHasher::unseeded().hash(key)

@@ -141,6 +141,11 @@ impl Callouts {
     fn pump(&self, filter: &Filter, webdis: &WebdisStore) {
         loop {
             let now = host::now_nanos().unwrap_or(0);
+            // Only a quota's period length in a cached 429's headers.
+            let wall = match filter.policy.has_quotas() {
+                true => host::wall_nanos().ok(),
+                false => None,
+            };
             let mut finished = Vec::new();
             let outgoing = match &mut *self.batcher.borrow_mut() {
                 Some(batcher) => {
@@ -150,6 +155,7 @@ impl Callouts {
                             ticket.hash,
                             filter.policy.limits(&cacheable).as_slice(),
                             now,
+                            wall,
                         )
                     };
                     batcher.next_call(now, &filter.policy, cached, &mut finished)
@@ -337,7 +343,7 @@ fn remember(filter: &Filter, webdis: &WebdisStore, learnt: &Learnt) {
     let answer = deny_cache::Answer {
         sent_at: learnt.sent_at,
         received_at: learnt.received_at,
-        resets_us: learnt.resets_us.as_slice(),
+        states: learnt.states.as_slice(),
     };
     let limits = filter.policy.limits(&learnt.applied);
     webdis.remember(learnt.hash, limits.as_slice(), answer);

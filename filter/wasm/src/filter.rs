@@ -129,6 +129,12 @@ pub fn configure() -> Result<Filter, String> {
         ))
     })?;
     let policy = Policy::from_json(&bytes).map_err(|e| fail(e.to_string()))?;
+    for warning in &policy.warnings {
+        host::log(
+            LOG_WARN,
+            &format!("plugin '{plugin_name}': configuration: {warning}"),
+        );
+    }
     let seed_key = with_slot_key(&table_prefix(&plugin_name, "seed"), 0, <[u8]>::to_vec);
     policy.reseed(seed::load_or_create(&seed_key).map_err(fail)?);
     let metrics = Metrics::define(&plugin_name, &policy)

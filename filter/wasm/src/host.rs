@@ -124,6 +124,7 @@ extern "C" {
     fn random_get(buf: *mut u8, len: usize) -> u32;
 }
 
+const CLOCK_REALTIME: u32 = 0;
 const CLOCK_MONOTONIC: u32 = 1;
 
 fn check(status: u32) -> Result<(), Status> {
@@ -161,6 +162,17 @@ pub fn log(level: u32, message: &str) {
 pub fn now_nanos() -> Result<u64, Status> {
     let mut now = 0u64;
     match unsafe { clock_time_get(CLOCK_MONOTONIC, 1, &mut now) } {
+        0 => Ok(now),
+        errno => Err(Status(errno)),
+    }
+}
+
+/// The wall clock, Unix nanoseconds: only where the calendar places a
+/// quota's periods (local mode, and a quota's period length in the deny
+/// cache's headers). A step of it moves a quota's boundary, never its count.
+pub fn wall_nanos() -> Result<u64, Status> {
+    let mut now = 0u64;
+    match unsafe { clock_time_get(CLOCK_REALTIME, 1, &mut now) } {
         0 => Ok(now),
         errno => Err(Status(errno)),
     }

@@ -12,6 +12,7 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use ratelimit_core::applied::Applied;
 use ratelimit_core::batch::queue::{RequestId, Ticket};
+use ratelimit_core::gcra::Clock;
 use ratelimit_core::hash::KeyHash;
 use ratelimit_core::pipeline::{self, Event, Events, Quota, Start, StoreFailure, Subject};
 use ratelimit_core::response;
@@ -58,6 +59,15 @@ impl Request {
         Ok(now)
     }
 
+    /// The wall clock, when a quota needs it (`Ok(None)` when no limit of
+    /// the policy is a quota: one host call fewer).
+    fn wall_clock(filter: &Filter) -> Result<Option<u64>, host::Status> {
+        match filter.policy.has_quotas() {
+            true => host::wall_nanos().map(Some),
+            false => Ok(None),
+        }
+    }
+
     fn apply(&mut self, filter: &Filter, action: pipeline::Action, events: Events) -> Action {
         carry_out(filter, &self.quota, self.now, action, events)
     }
@@ -75,13 +85,13 @@ impl Request {
         // With plans from Redis, only the rules' limits: the key's plan
         // may have moved since the cache learnt it.
         let cacheable = policy.cacheable(&applied);
-        let Ok(now) = self.clock() else {
+        let (Ok(now), Ok(wall)) = (self.clock(), Request::wall_clock(filter)) else {
             let failure = Err(StoreFailure::Host);
             let (action, events) = pipeline::finish(policy, &applied, events, failure);
             return self.apply(filter, action, events);
         };
         let limits = policy.limits(&cacheable);
-        if let Some(decision) = webdis.cached_denial(hash, limits.as_slice(), now) {
+        if let Some(decision) = webdis.cached_denial(hash, limits.as_slice(), now, wall) {
             events.insert(Event::BackendCacheHit);
             let outcome = Ok(decided(decision));
             let (action, events) = pipeline::finish(policy, &cacheable, events, outcome);
@@ -143,9 +153,20 @@ impl HttpContext for Request {
             } => match &filter.store {
                 Store::Local { table, prefix } => {
                     let limits = policy.limits(&applied);
-                    let outcome = match self.clock() {
-                        Ok(now) => table
-                            .decide(&mut SharedStore::new(prefix), hash, limits.as_slice(), now)
+                    // Counters on the monotonic clock; quotas' calendar on
+                    // the wall clock (`docs/design.md#calendar-quotas`).
+                    let clock = match (self.clock(), Request::wall_clock(&filter)) {
+                        (Ok(now), Ok(wall)) => Ok(Clock::local(now, wall)),
+                        _ => Err(()),
+                    };
+                    let outcome = match clock {
+                        Ok(clock) => table
+                            .decide(
+                                &mut SharedStore::new(prefix),
+                                hash,
+                                limits.as_slice(),
+                                clock,
+                            )
                             .map_err(|status| {
                                 host::log(
                                     LOG_WARN,

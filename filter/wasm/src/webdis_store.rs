@@ -73,14 +73,21 @@ impl WebdisStore {
         }
     }
 
-    /// A denial from the local cache, if the cached state already denies.
-    pub fn cached_denial(&self, key: KeyHash, limits: &[Limit], now: u64) -> Option<Decision> {
+    /// A denial from the local cache, if the cached state already denies
+    /// (`wall`: see `deny_cache::lookup`).
+    pub fn cached_denial(
+        &self,
+        key: KeyHash,
+        limits: &[Limit],
+        now: u64,
+        wall: Option<u64>,
+    ) -> Option<Decision> {
         if self.cache_slots == 0 {
             return None;
         }
         let slot = deny_cache::slot(key, self.cache_slots);
         let entry = with_slot_key(&self.cache_prefix, slot, host::get_shared_data).ok()??;
-        deny_cache::lookup(limits, &entry.0, key, now)
+        deny_cache::lookup(limits, &entry.0, key, now, wall)
     }
 
     /// Remembers what Redis said about a key (a lower bound of its state).

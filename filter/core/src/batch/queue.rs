@@ -31,7 +31,7 @@ use crate::batch::wire::{self, Entry, EntryReply};
 use crate::batch::wire_plans::{self, PlanSet};
 use crate::calls::CallTable;
 use crate::deny_cache;
-use crate::gcra::Decision;
+use crate::gcra::{Decision, LimitState};
 use crate::hash::KeyHash;
 use crate::per_limit::PerLimit;
 use crate::policy::Policy;
@@ -100,7 +100,8 @@ pub struct Finished<T> {
 pub struct Learnt {
     pub hash: KeyHash,
     pub applied: Applied,
-    pub resets_us: PerLimit<u64>,
+    /// Per limit, what is left and how long until it is whole again.
+    pub states: PerLimit<LimitState>,
     /// When the call was sent and its answer received (monotonic clock).
     pub sent_at: u64,
     pub received_at: u64,
@@ -545,13 +546,14 @@ impl<T> Batcher<T> {
             } else {
                 0
             };
-            if replayed.last().is_some_and(|d| {
-                deny_cache::worth_remembering_from(d, limits.as_slice(), cached_from)
-            }) {
+            if let Some(last) = replayed
+                .last()
+                .filter(|d| deny_cache::worth_remembering_from(d, limits.as_slice(), cached_from))
+            {
                 learnt.push(Learnt {
                     hash: entry.hash,
                     applied: answer.applied,
-                    resets_us: replayed.resets_us,
+                    states: last.states().iter().copied().collect(),
                     sent_at: call.sent_at,
                     received_at,
                 });
@@ -1094,7 +1096,7 @@ mod tests {
         let mut learnt = Vec::new();
         batcher.answered(4, Some(200), ANSWER_1_0, MS, &p, &mut finished, &mut learnt);
         assert_eq!(learnt.len(), 1, "key a has nothing left");
-        assert_eq!(learnt[0].resets_us.as_slice(), &[1_000_000]);
+        assert_eq!(learnt[0].states.as_slice()[0].reset_nanos, 1_000_000_000);
         let mut asked = Vec::new();
         let next = batcher
             .next_call(

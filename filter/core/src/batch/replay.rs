@@ -10,26 +10,27 @@
 use crate::batch::wire::EntryReply;
 use crate::gcra::{self, Decision, Limit};
 use crate::per_limit::PerLimit;
-use crate::time::{micros_to_nanos, nanos_to_micros};
+use crate::quota;
+use crate::time::micros_to_nanos;
 use crate::webdis::{parse_error, BackendError};
 
 /// The decisions of one key's requests, in arrival order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Replayed {
     pub decisions: Vec<Decision>,
-    /// Per limit, microseconds until the bucket is full after all of them:
-    /// what the deny cache may learn.
-    pub resets_us: PerLimit<u64>,
 }
 
 impl Replayed {
-    /// The key's state after its requests, as a decision would report it.
+    /// The key's state after its requests, as a decision would report it
+    /// (per limit: what is left, and how long until it is whole again):
+    /// what the deny cache may learn.
     pub fn last(&self) -> Option<&Decision> {
         self.decisions.last()
     }
 }
 
-/// Replays `count` requests under `limits` from the state in `entry`.
+/// Replays `count` requests under `limits` from the state in `entry` (a
+/// quota's debt is its Redis value less `now`: see `quota`).
 pub fn replay(
     limits: &[Limit],
     now_us: u64,
@@ -47,7 +48,14 @@ pub fn replay(
     let mut tats: PerLimit<u64> = entry
         .debts_us
         .iter()
-        .map(|debt| micros_to_nanos(now_us.saturating_add(*debt)))
+        .zip(limits)
+        .map(|(debt, limit)| {
+            let tat = micros_to_nanos(now_us.saturating_add(*debt));
+            match &limit.period {
+                Some(period) => quota::from_redis(period, tat, now),
+                None => tat,
+            }
+        })
         .collect();
     let decisions: Vec<Decision> = (0..count)
         .map(|_| gcra::decide(limits, tats.as_mut_slice(), now))
@@ -60,14 +68,7 @@ pub fn replay(
             entry.admitted
         )));
     }
-    let resets_us = tats
-        .iter()
-        .map(|tat| nanos_to_micros(tat.saturating_sub(now)))
-        .collect();
-    Ok(Replayed {
-        decisions,
-        resets_us,
-    })
+    Ok(Replayed { decisions })
 }
 
 #[cfg(test)]
@@ -109,8 +110,9 @@ mod tests {
                 (false, t_ns, 0)
             ]
         );
-        assert_eq!(replayed.resets_us.as_slice(), &[3 * t]);
-        assert!(!replayed.last().unwrap().allowed);
+        let last = replayed.last().unwrap();
+        assert!(!last.allowed);
+        assert_eq!(last.states()[0].reset_nanos, 3 * t_ns);
     }
 
     #[test]
@@ -140,8 +142,9 @@ mod tests {
             let admitted = sequential.iter().filter(|d| d.allowed).count() as u64;
             let replayed = replay(&limits, now_us, &entry(admitted, &debts), count).unwrap();
             prop_assert_eq!(&replayed.decisions, &sequential);
-            let after: Vec<u64> = tats.iter().map(|t| (t - now) / NANOS_PER_MICRO).collect();
-            prop_assert_eq!(replayed.resets_us.as_slice(), &after[..]);
+            let after: Vec<u64> = tats.iter().map(|t| t - now).collect();
+            let resets: Vec<u64> = replayed.last().unwrap().states().iter().map(|s| s.reset_nanos).collect();
+            prop_assert_eq!(resets, after);
         }
     }
 

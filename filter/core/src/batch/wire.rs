@@ -13,6 +13,7 @@
 use std::fmt::Write;
 
 use crate::applied::Applied;
+use crate::calendar::{Period, MAX_OFFSET_MINUTES};
 use crate::gcra::Limit;
 use crate::per_limit::{PerLimit, MAX_LIMITS};
 use crate::time::nanos_to_micros;
@@ -88,15 +89,38 @@ pub fn path(nonce: u64, entries: &[Entry<'_>]) -> String {
 /// request costing `c` under a limit moves its TAT by `c * T` and fits when
 /// that much fits: to the function it is a request on a limit of interval
 /// `c * T`, so `T` is sent as the step.
+///
+/// A calendar quota is `/<name>/-<cost>/<code>` ([`quota_code`]): a
+/// negative step, which functions from before quotas refuse (an error
+/// reply, never a quota decided as a rate).
 pub(crate) fn write_set(out: &mut String, limits: &[Limit]) {
     let _ = write!(out, "/{}", limits.len());
     for limit in limits {
         out.push('/');
         encode_into(out, limit.name.as_str().as_bytes());
-        let interval = nanos_to_micros(limit.step_nanos());
-        let capacity = nanos_to_micros(limit.capacity_nanos);
-        let _ = write!(out, "/{interval}/{capacity}");
+        match &limit.period {
+            Some(period) => {
+                let _ = write!(out, "/-{}/{}", limit.cost, quota_code(limit.burst, period));
+            }
+            None => {
+                let interval = nanos_to_micros(limit.step_nanos());
+                let capacity = nanos_to_micros(limit.capacity_nanos);
+                let _ = write!(out, "/{interval}/{capacity}");
+            }
+        }
     }
+}
+
+/// A quota of `count` per `period` as one number (below 2^46, exact in
+/// Lua's doubles): `count * 2^16 + kind * 2^14 + week start * 2^11 +
+/// (offset minutes + 840)`, kind 0 day, 1 week, 2 month, week start 0 Monday.
+pub fn quota_code(count: u64, period: &Period) -> u64 {
+    let offset = i64::from(period.offset_minutes) + i64::from(MAX_OFFSET_MINUTES);
+    count
+        .saturating_mul(1 << 16)
+        .saturating_add(period.kind.code() << 14)
+        .saturating_add(u64::from(period.week_start.0) << 11)
+        .saturating_add(u64::try_from(offset).unwrap_or(0))
 }
 
 /// What the function answered for one key.
@@ -175,8 +199,9 @@ pub fn parse(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rate::{MAX_CAPACITY_NANOS, MAX_WINDOW_SECONDS};
-    use crate::testing::{limit, named_limit};
+    use crate::calendar::{PeriodKind, Weekday};
+    use crate::rate::{MAX_CAPACITY_NANOS, MAX_COUNT, MAX_WINDOW_SECONDS};
+    use crate::testing::{limit, named_limit, quota_limit};
     use crate::time::SECONDS_PER_YEAR;
     use crate::webdis::FailureClass;
 
@@ -257,15 +282,47 @@ mod tests {
             .find_map(|line| line.strip_prefix("local MAX = 2^"))
             .map(|exponent| 1u64 << exponent.parse::<u32>().unwrap())
             .expect("gcra.lua bounds the numbers it takes");
+        let largest_quota = Period {
+            kind: PeriodKind::Month,
+            offset_minutes: MAX_OFFSET_MINUTES,
+            week_start: Weekday(6),
+        };
         let largest_sent = [
             u64::from(u32::MAX),
             NONCE_LIMIT - 1,
             MAX_CAPACITY_NANOS / 1_000,
             MAX_WINDOW_SECONDS * 1_000_000,
+            quota_code(MAX_COUNT, &largest_quota),
+            MAX_COUNT,
         ];
+        assert!(quota_code(MAX_COUNT, &largest_quota) < 1 << 46);
         assert!(largest_sent.iter().all(|n| *n <= max), "{largest_sent:?}");
         let year_2100_us = 130 * SECONDS_PER_YEAR * 1_000_000;
         assert!(year_2100_us + max < 1 << 53);
+    }
+
+    #[test]
+    fn a_quota_is_sent_as_its_negative_cost_and_its_code() {
+        let monthly = quota_limit("monthly", 10_000, PeriodKind::Month, 120).costing(3);
+        let daily = quota_limit("d", 1, PeriodKind::Day, -840);
+        let entries = [Entry {
+            redis_key: "k",
+            applied: plan(0),
+            limits: &[monthly, daily, limit(1, 1, 1)],
+            count: 1,
+        }];
+        // 10000 * 2^16 + month (2) * 2^14 + Monday (0) + (120 + 840); then
+        // 1 * 2^16 + day (0) + (-840 + 840).
+        assert_eq!(
+            path(5, &entries),
+            "/FCALL/apikey_ratelimit_batch/1/k/5/1/3/monthly/-3/655393728/d/-1/65536/1%2F1s/1000000/1000000/1/1"
+        );
+        let week = Period {
+            kind: PeriodKind::Week,
+            offset_minutes: 0,
+            week_start: Weekday(6),
+        };
+        assert_eq!(quota_code(7, &week), 7 * 65_536 + 16_384 + 6 * 2_048 + 840);
     }
 
     #[test]
