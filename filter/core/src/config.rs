@@ -63,6 +63,18 @@ pub struct Config {
     pub failure_mode: FailureMode,
     #[serde(default)]
     pub store: StoreConfig,
+    /// A path the filter answers itself with the caller's own usage (off
+    /// by default; see `docs/design.md#introspection`).
+    #[serde(default)]
+    pub introspection: Option<IntrospectionConfig>,
+}
+
+/// `{"path": "/.well-known/ratelimit"}`: `GET`/`HEAD` of exactly this path
+/// (after the rules' normalization) is answered with the key's usage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectionConfig {
+    pub path: String,
 }
 
 /// A limit: `"10/s"`, or `{"rate": "10/s", "burst": 50, "name": "per-second"}`,

@@ -326,6 +326,15 @@ pub fn decide(limits: &[Limit], tats: &mut [u64], clock: impl Into<Clock>) -> De
     })
 }
 
+/// What a key's state says now, spending nothing: each limit's remaining
+/// and reset as a request of cost 0 sees them (`tats` is left as it is).
+/// The decision admits unless a limit is past its capacity.
+pub fn peek(limits: &[Limit], tats: &[u64], clock: impl Into<Clock>) -> Decision {
+    let free: PerLimit<Limit> = limits.iter().map(|l| l.costing(0)).collect();
+    let mut copy: PerLimit<u64> = tats.iter().copied().collect();
+    decide(free.as_slice(), copy.as_mut_slice(), clock)
+}
+
 /// [`decide`], given each limit's quota [`Reading`] by index (a default
 /// one for a rate); inlined, so that rates alone pay nothing for quotas.
 #[inline(always)]

@@ -76,11 +76,13 @@ pub enum Event {
     /// Redis put the key on a plan the configuration does not know
     /// (`plans_from_redis`): the configuration's plan applied.
     BackendUnknownPlan,
+    /// A request to the introspection path (answered here, costing nothing).
+    Introspection,
 }
 
 impl Event {
     /// Every event that is not a backend error (a new event goes here too).
-    const PLAIN: [Event; 21] = [
+    const PLAIN: [Event; 22] = [
         Event::Allowed,
         Event::Throttled,
         Event::ShadowThrottled,
@@ -102,6 +104,7 @@ impl Event {
         Event::ShadowUnknownKey,
         Event::BadRequest,
         Event::BackendUnknownPlan,
+        Event::Introspection,
     ];
 
     /// Every event, each at its [`Event::index`]: the plain ones, then one
@@ -159,6 +162,7 @@ impl Event {
             Event::ShadowUnknownKey => "shadow_unknown_key",
             Event::BadRequest => "bad_request",
             Event::BackendUnknownPlan => "backend_unknown_plans",
+            Event::Introspection => "introspections",
         })
     }
 }
@@ -238,9 +242,21 @@ pub enum Start<'a> {
         applied: Applied,
         events: Events,
     },
+    /// The introspection path: read the key's state on `applied` (every
+    /// limit it holds) without spending, and pass the reading to
+    /// [`inspected`].
+    Inspect {
+        subject: Subject<'a>,
+        hash: KeyHash,
+        applied: Applied,
+        events: Events,
+    },
 }
 
 pub fn start<'a>(policy: &Policy, headers: &impl RequestHeaders<'a>) -> Start<'a> {
+    if policy.introspects(headers) {
+        return inspect(policy, headers);
+    }
     let (subject, hash, plan, mut events) = match policy.identify(headers) {
         Identity::Key { key, hash, plan } => (Subject::Key(key), hash, plan, Events::default()),
         Identity::Anonymous { hash, plan } => (
@@ -315,6 +331,69 @@ pub fn start<'a>(policy: &Policy, headers: &impl RequestHeaders<'a>) -> Start<'a
                 Action::Respond(response::bad_request(policy, &error)),
                 events,
             )
+        }
+    }
+}
+
+/// The introspection path's first step: only the caller's own key, found
+/// as for any request; without one it is refused as any request would be
+/// under `missing_key: reject` (there is no key to report on), in every
+/// mode.
+fn inspect<'a>(policy: &Policy, headers: &impl RequestHeaders<'a>) -> Start<'a> {
+    let mut events = Events::of(&[Event::Introspection]);
+    let reply = match policy.identify(headers) {
+        Identity::Key { key, hash, plan } => {
+            let applied = policy.all_of_plan(plan);
+            if applied.is_empty() {
+                // An unlimited key: nothing to read.
+                let reply = response::introspection(&policy.headers, &[], &Decision::unlimited());
+                return Start::Done(Action::Respond(reply), events);
+            }
+            return Start::Inspect {
+                subject: Subject::Key(key),
+                hash,
+                applied,
+                events,
+            };
+        }
+        Identity::Invalid(error) => {
+            events.insert(Event::InvalidKey);
+            response::invalid_key(&policy.replies, error)
+        }
+        Identity::Unknown => {
+            events.insert(Event::UnknownKey);
+            response::unknown_key()
+        }
+        Identity::Anonymous { .. } | Identity::MissingAllowed | Identity::MissingRejected => {
+            events.insert(Event::MissingKey);
+            response::missing_key(&policy.replies)
+        }
+    };
+    Start::Done(Action::Respond(reply), events)
+}
+
+/// The introspection path's last step: the key's state as read (a
+/// decision at cost 0, see [`crate::gcra::peek`]) becomes the 200 reply; a
+/// store that cannot be read, a 503 whatever the failure mode (there is
+/// nothing to forward).
+pub fn inspected(
+    policy: &Policy,
+    applied: &Applied,
+    mut events: Events,
+    reading: Result<Decision, StoreFailure>,
+) -> (Action, Events) {
+    match reading {
+        Ok(decision) => {
+            let limits = policy.limits(applied);
+            let reply = response::introspection(&policy.headers, limits.as_slice(), &decision);
+            (Action::Respond(reply), events)
+        }
+        Err(failure) => {
+            events.insert(Event::StoreError);
+            if let StoreFailure::Backend(class) = failure {
+                events.insert(Event::BackendError(class));
+            }
+            (Action::Respond(response::unavailable()), events)
         }
     }
 }
@@ -447,9 +526,32 @@ mod tests {
 
     /// The whole local path, as the glue runs it.
     fn run(p: &Policy, store: &mut MemStore, path: &str, now: u64) -> (Action, Events) {
-        let headers = Headers::path(path);
+        run_method(p, store, "GET", path, now)
+    }
+
+    fn run_method(
+        p: &Policy,
+        store: &mut MemStore,
+        method: &str,
+        path: &str,
+        now: u64,
+    ) -> (Action, Events) {
+        let headers = Headers::of(&[(":method", method.as_bytes()), (":path", path.as_bytes())]);
         match start(p, &headers.map()) {
             Start::Done(action, events) => (action, events),
+            Start::Inspect {
+                hash,
+                applied,
+                events,
+                ..
+            } => {
+                let table = p.slot_table().unwrap();
+                let reading = table
+                    .peek(store, hash, p.limits(&applied).as_slice(), now)
+                    .map_err(|()| StoreFailure::Host);
+                let (action, events) = inspected(p, &applied, events, reading);
+                (action, events.plain())
+            }
             Start::Decide {
                 hash,
                 applied,
@@ -470,6 +572,130 @@ mod tests {
         match action {
             Action::Continue(_) => 200,
             Action::Respond(reply) => reply.status,
+        }
+    }
+
+    const INTROSPECTED: &str = r#"{"limits": ["3/s"],
+        "rules": [{"name": "orders", "match": {"path": "/orders"}, "limits": ["2/min"]},
+                  {"name": "pro-only", "match": {"plans": ["pro"]}, "limits": ["9/min"]}],
+        "plans": {"pro": ["5/s"]}, "keys": {"pro": ["p"]},
+        "introspection": {"path": "/.well-known/ratelimit"}}"#;
+
+    fn reply(action: Action) -> LocalReply {
+        match action {
+            Action::Respond(reply) => reply,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn header<'r>(reply: &'r LocalReply, name: &str) -> Option<&'r str> {
+        reply
+            .headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn introspection_reports_every_limit_of_the_key_and_spends_nothing() {
+        let p = policy(INTROSPECTED);
+        let mut store = MemStore::default();
+        assert_eq!(status(&run(&p, &mut store, "/orders?api_key=k", S).0), 200);
+        let writes = store.writes;
+        for (method, path) in [
+            ("GET", "/.well-known/ratelimit?api_key=k"),
+            ("HEAD", "//.well-known/./ratelimit/?api_key=k"),
+            ("GET", "/.well-known/rate%6Cimit?api_key=k"),
+        ] {
+            let (action, events) = run_method(&p, &mut store, method, path, S);
+            assert_eq!(events, Events::of(&[Event::Introspection]), "{path}");
+            let reply = reply(action);
+            assert_eq!(reply.status, 200);
+            // Its plan's limit and the rules that may apply to its plan
+            // (not the `pro` plan's rule), as one request left them.
+            assert_eq!(
+                header(&reply, "ratelimit"),
+                Some(r#""3/s";r=2;t=1, "orders:2/min";r=1;t=30"#)
+            );
+            assert_eq!(
+                header(&reply, "ratelimit-policy"),
+                Some(r#""3/s";q=3;w=1, "orders:2/min";q=2;w=60"#)
+            );
+            let body: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+            assert_eq!(
+                body,
+                serde_json::json!({"limits": [
+                    {"name": "3/s", "quota": 3, "window": 1, "remaining": 2, "reset": 1},
+                    {"name": "orders:2/min", "quota": 2, "window": 60, "remaining": 1, "reset": 30},
+                ]})
+            );
+        }
+        assert_eq!(store.writes, writes, "introspection writes nothing");
+        // The next requests are admitted exactly as without it.
+        assert_eq!(status(&run(&p, &mut store, "/orders?api_key=k", S).0), 200);
+        assert_eq!(status(&run(&p, &mut store, "/orders?api_key=k", S).0), 429);
+        // A fresh key reads full buckets; a `pro` key its own limits.
+        let fresh = reply(run(&p, &mut store, "/.well-known/ratelimit?api_key=new", S).0);
+        assert_eq!(
+            header(&fresh, "ratelimit"),
+            Some(r#""3/s";r=3;t=0, "orders:2/min";r=2;t=0"#)
+        );
+        let pro = reply(run(&p, &mut store, "/.well-known/ratelimit?api_key=p", S).0);
+        assert_eq!(
+            header(&pro, "ratelimit-policy"),
+            Some(r#""5/s";q=5;w=1, "orders:2/min";q=2;w=60, "pro-only:9/min";q=9;w=60"#)
+        );
+    }
+
+    #[test]
+    fn introspection_needs_a_usable_key_and_only_answers_its_path() {
+        let p = policy(INTROSPECTED);
+        let mut store = MemStore::default();
+        let path = "/.well-known/ratelimit";
+        let (a, e) = run(&p, &mut store, path, S);
+        assert_eq!(
+            (status(&a), e),
+            (401, Events::of(&[Event::Introspection, Event::MissingKey]))
+        );
+        let (a, e) = run(&p, &mut store, &format!("{path}?api_key=%zz"), S);
+        assert_eq!(
+            (status(&a), e),
+            (400, Events::of(&[Event::Introspection, Event::InvalidKey]))
+        );
+        let reject = policy(
+            r#"{"plans": {"a": ["1/s"]}, "keys": {"a": ["x"]}, "unknown_keys": "reject",
+                "introspection": {"path": "/usage"}}"#,
+        );
+        let (a, e) = run(&reject, &mut store, "/usage?api_key=y", S);
+        assert_eq!(
+            (status(&a), e),
+            (401, Events::of(&[Event::Introspection, Event::UnknownKey]))
+        );
+        // Even where a missing key is let through, the path needs one.
+        let anon = policy(
+            r#"{"limits": ["1/s"], "missing_key": "anonymous", "introspection": {"path": "/usage"}}"#,
+        );
+        assert_eq!(status(&run(&anon, &mut store, "/usage", S).0), 401);
+        // Another method, or another path, is an ordinary request.
+        let (_, e) = run_method(&p, &mut store, "POST", &format!("{path}?api_key=k"), S);
+        assert_eq!(e, Events::of(&[Event::Allowed]));
+        let (_, e) = run(&p, &mut store, &format!("{path}/x?api_key=k"), S);
+        assert_eq!(e, Events::of(&[Event::Allowed]));
+        // Off by default.
+        let off = policy(r#"{"limits": ["1/s"]}"#);
+        let (_, e) = run(&off, &mut store, &format!("{path}?api_key=k"), S);
+        assert_eq!(e, Events::of(&[Event::Allowed]));
+    }
+
+    #[test]
+    fn introspection_paths_are_checked_at_load() {
+        for bad in ["", "usage", "/usage?x=1", "/a//b", "/a/../b", "/usage/"] {
+            let json = format!(r#"{{"limits": ["1/s"], "introspection": {{"path": "{bad}"}}}}"#);
+            let error = Policy::from_json(json.as_bytes()).unwrap_err();
+            assert!(
+                error.to_string().contains("introspection.path"),
+                "{bad}: {error}"
+            );
         }
     }
 
@@ -705,6 +931,7 @@ mod tests {
             "cas_retries_exhausted",
             "failure_mode_allowed",
             "failure_mode_denied",
+            "introspections",
             "invalid_key",
             "missing_key",
             "shadow_failure_denied",

@@ -18,6 +18,7 @@ use crate::config::{
 use crate::gcra::{Limit, MAX_NAME_LENGTH};
 use crate::hash::{KeyHash, KeyHasher};
 use crate::key::{self, KeyError, KeySource, RequestHeaders};
+use crate::matching::{normalize_path, PathMatch};
 use crate::per_limit::{PerLimit, MAX_LIMITS};
 use crate::rate::{self, MAX_CAPACITY_NANOS, MAX_CAPACITY_SECONDS, MAX_COUNT};
 use crate::response::Replies;
@@ -119,6 +120,8 @@ pub struct Policy {
     /// What the configuration does that it probably does not mean (a DRF
     /// `"1000/month"`, which is per minute); the filter logs them.
     pub warnings: Vec<String>,
+    /// The path answered with the caller's usage (`introspection.path`).
+    introspection: Option<PathMatch>,
 }
 
 /// What compiling builds up: the limits, their names, and warnings.
@@ -429,7 +432,15 @@ impl Policy {
             }
         });
         let replies = Replies::new(&sources, config.max_key_length);
+        let introspection = match &config.introspection {
+            Some(i) => Some(
+                PathMatch::exact(&i.path)
+                    .map_err(|why| ConfigError::new("introspection.path", why))?,
+            ),
+            None => None,
+        };
         Ok(Policy {
+            introspection,
             sources,
             max_key_length: config.max_key_length,
             missing_key: config.missing_key,
@@ -522,6 +533,41 @@ impl Policy {
             }
         }
         Ok(applied)
+    }
+
+    /// Whether the request asks for its key's usage: `GET` or `HEAD` of the
+    /// introspection path, normalized as the rules normalize paths.
+    pub fn introspects<'a>(&self, headers: &impl RequestHeaders<'a>) -> bool {
+        let Some(path) = &self.introspection else {
+            return false;
+        };
+        let single = |name: &[u8]| headers.single(name).ok().flatten();
+        let method = single(b":method").unwrap_or(b"GET");
+        (method == b"GET" || method == b"HEAD")
+            && single(b":path")
+                .and_then(|raw| normalize_path(raw).ok())
+                .is_some_and(|p| path.matches(&p))
+    }
+
+    /// Every limit a key on `plan` may meet, each costing 1: its plan's and
+    /// those of every rule that may apply to the plan (all its state holds).
+    pub fn all_of_plan(&self, plan: u16) -> Applied {
+        let mut applied = Applied {
+            plan,
+            ..Applied::default()
+        };
+        let mut ids: Vec<u16> = self.plan_instances(plan).to_vec();
+        for (i, (rule, rule_ids)) in self.rules.iter().zip(&self.rule_limits).enumerate() {
+            if rule.may_apply_to(plan) {
+                applied.rules |= 1 << i;
+                ids.extend_from_slice(rule_ids);
+            }
+        }
+        // Room was checked at load (`check_state_bound`).
+        for instance in ids {
+            applied.limits.push(LimitRef { instance, cost: 1 });
+        }
+        applied
     }
 
     fn plan_instances(&self, plan: u16) -> &[u16] {

@@ -168,6 +168,40 @@ pub fn throttled(
     }
 }
 
+/// 200 to the introspection path: the key's quota headers, as a response
+/// would carry them, and per limit its quota `q`, window `w` (seconds),
+/// what is left and the seconds until it is whole again. Never cached by
+/// a proxy: it changes with every request of the key.
+pub fn introspection(
+    headers: &ResponseHeadersConfig,
+    limits: &[Limit],
+    decision: &Decision,
+) -> LocalReply {
+    let mut out = vec![
+        (JSON.0, JSON.1.to_string()),
+        ("cache-control", "no-store".to_string()),
+    ];
+    quota_headers(headers, limits, decision, &mut out);
+    let listed: Vec<serde_json::Value> = limits
+        .iter()
+        .zip(decision.states())
+        .map(|(limit, state)| {
+            serde_json::json!({
+                "name": limit.name.as_str(),
+                "quota": limit.rate.count,
+                "window": state.window_seconds,
+                "remaining": shown_remaining(limit, state.remaining),
+                "reset": ceil_seconds(state.reset_nanos),
+            })
+        })
+        .collect();
+    LocalReply {
+        status: 200,
+        headers: out,
+        body: serde_json::json!({ "limits": listed }).to_string(),
+    }
+}
+
 /// 401 for a key no plan lists (`unknown_keys: reject`): the shape of the
 /// missing-key 401.
 pub fn unknown_key() -> LocalReply {

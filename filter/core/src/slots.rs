@@ -179,6 +179,25 @@ impl SlotTable {
         }
     }
 
+    /// The key's usage now, read without writing: its own slot's state, or
+    /// a fresh one when no candidate holds it (see [`gcra::peek`]).
+    pub fn peek<S: CasStore>(
+        &self,
+        store: &mut S,
+        key: KeyHash,
+        limits: &[Limit],
+        clock: impl Into<Clock>,
+    ) -> Result<Decision, S::Error> {
+        let clock = clock.into();
+        let limits = limits.get(..MAX_LIMITS).unwrap_or(limits);
+        let state = match self.find(store, key, &self.candidates(key), clock.now)? {
+            Ok(found) if found.placement == Placement::Existing => found.state,
+            _ => KeyState::fresh(key.fingerprint),
+        };
+        let tats = state.tats_for(limits);
+        Ok(gcra::peek(limits, tats.as_slice(), clock))
+    }
+
     /// The slot for `key`, or `Err(wait)` when every candidate holds a
     /// throttled key (the wait until the first of them is not).
     fn find<S: CasStore>(

@@ -261,17 +261,24 @@ impl Callouts {
         if unknown_plan {
             events.insert(Event::BackendUnknownPlan);
         }
-        let outcome = match verdict {
-            Verdict::Decided(decision) => Ok(verdict::decided(decision)),
+        let reading = match verdict {
+            Verdict::Decided(decision) => Ok(decision),
             Verdict::Cached(decision) => {
                 events.insert(Event::BackendCacheHit);
-                Ok(verdict::decided(decision))
+                Ok(decision)
             }
             Verdict::Failed(error) => Err(filter.backend_failure(&error)),
         };
         let now = host::now_nanos().ok();
-        let (action, events) =
-            ratelimit_core::pipeline::finish(&filter.policy, &applied, events, outcome);
+        let policy = &filter.policy;
+        let (action, events) = match payload.inspect {
+            // The introspection path: a reading of the key's state.
+            true => ratelimit_core::pipeline::inspected(policy, &applied, events, reading),
+            false => {
+                let outcome = reading.map(verdict::decided);
+                ratelimit_core::pipeline::finish(policy, &applied, events, outcome)
+            }
+        };
         if verdict::carry_out(filter, &payload.quota, now, action, events)
             == proxy_wasm::types::Action::Continue
             && !verdict::resume()

@@ -72,6 +72,43 @@ impl Request {
         carry_out(filter, &self.quota, self.now, action, events)
     }
 
+    /// The introspection path: the key's state read without spending,
+    /// answered here (`pipeline::inspected`).
+    fn inspect(
+        &mut self,
+        filter: &Filter,
+        subject: Subject<'_>,
+        hash: KeyHash,
+        applied: Applied,
+        events: Events,
+    ) -> Action {
+        let policy = &filter.policy;
+        let reading = match &filter.store {
+            Store::Local { table, prefix } => {
+                let limits = policy.limits(&applied);
+                match (self.clock(), Request::wall_clock(filter)) {
+                    (Ok(now), Ok(wall)) => table
+                        .peek(
+                            &mut SharedStore::new(prefix),
+                            hash,
+                            limits.as_slice(),
+                            Clock::local(now, wall),
+                        )
+                        .map_err(|_| StoreFailure::Host),
+                    _ => Err(StoreFailure::Host),
+                }
+            }
+            Store::Webdis(webdis) => {
+                return self.decide_global(filter, webdis, subject, hash, applied, events, true)
+            }
+        };
+        let (action, events) = pipeline::inspected(policy, &applied, events, reading);
+        self.apply(filter, action, events)
+    }
+
+    /// Asks Redis, or the deny cache; `peek` only reads the key's state
+    /// (never from the cache, whose denials say nothing of what is left).
+    #[allow(clippy::too_many_arguments)]
     fn decide_global(
         &mut self,
         filter: &Filter,
@@ -80,18 +117,26 @@ impl Request {
         hash: KeyHash,
         applied: Applied,
         mut events: Events,
+        peek: bool,
     ) -> Action {
         let policy = &filter.policy;
+        let end = |events, failure| match peek {
+            true => pipeline::inspected(policy, &applied, events, Err(failure)),
+            false => pipeline::finish(policy, &applied, events, Err(failure)),
+        };
         // With plans from Redis, only the rules' limits: the key's plan
         // may have moved since the cache learnt it.
         let cacheable = policy.cacheable(&applied);
         let (Ok(now), Ok(wall)) = (self.clock(), Request::wall_clock(filter)) else {
-            let failure = Err(StoreFailure::Host);
-            let (action, events) = pipeline::finish(policy, &applied, events, failure);
+            let (action, events) = end(events, StoreFailure::Host);
             return self.apply(filter, action, events);
         };
         let limits = policy.limits(&cacheable);
-        if let Some(decision) = webdis.cached_denial(hash, limits.as_slice(), now, wall) {
+        let cached = match peek {
+            true => None,
+            false => webdis.cached_denial(hash, limits.as_slice(), now, wall),
+        };
+        if let Some(decision) = cached {
             events.insert(Event::BackendCacheHit);
             let outcome = Ok(decided(decision));
             let (action, events) = pipeline::finish(policy, &cacheable, events, outcome);
@@ -102,10 +147,12 @@ impl Request {
             redis_key: webdis.redis_key(&subject),
             hash,
             applied,
+            peek,
         };
         let pending = Pending {
             events,
             quota: self.quota.clone(),
+            inspect: peek,
         };
         // The root context sends the call and finishes this request.
         match self.callouts.request(ticket, pending, now) {
@@ -114,8 +161,7 @@ impl Request {
                 Action::Pause
             }
             Err((pending, error)) => {
-                let failure = Err(filter.backend_failure(&error));
-                let (action, events) = pipeline::finish(policy, &applied, pending.events, failure);
+                let (action, events) = end(pending.events, filter.backend_failure(&error));
                 self.apply(filter, action, events)
             }
         }
@@ -145,6 +191,12 @@ impl HttpContext for Request {
         let policy = &filter.policy;
         match pipeline::start(policy, &&headers) {
             Start::Done(action, events) => self.apply(&filter, action, events),
+            Start::Inspect {
+                subject,
+                hash,
+                applied,
+                events,
+            } => self.inspect(&filter, subject, hash, applied, events),
             Start::Decide {
                 subject,
                 hash,
@@ -180,7 +232,7 @@ impl HttpContext for Request {
                     self.apply(&filter, action, events)
                 }
                 Store::Webdis(webdis) => {
-                    self.decide_global(&filter, webdis, subject, hash, applied, events)
+                    self.decide_global(&filter, webdis, subject, hash, applied, events, false)
                 }
             },
         }

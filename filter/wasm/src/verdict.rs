@@ -21,6 +21,9 @@ use crate::host::{self, LOG_ERROR};
 pub struct Pending {
     pub events: Events,
     pub quota: Rc<Cell<Option<Quota>>>,
+    /// The introspection path: the decision is a reading, answered with
+    /// the key's usage (`pipeline::inspected`).
+    pub inspect: bool,
 }
 
 /// Carries out the pipeline's verdict on the current (effective) request.

@@ -26,7 +26,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use crate::applied::Applied;
-use crate::batch::replay::replay;
+use crate::batch::replay::{peek, replay};
 use crate::batch::wire::{self, Entry, EntryReply};
 use crate::batch::wire_plans::{self, PlanSet};
 use crate::calls::CallTable;
@@ -67,6 +67,11 @@ pub struct Ticket {
     pub hash: KeyHash,
     /// The limits that apply to the request.
     pub applied: Applied,
+    /// Only read the key's state (the introspection path): sent with a
+    /// count of 0, which the function answers with the debts and writes
+    /// nothing for; decided by [`crate::gcra::peek`], never from the deny
+    /// cache, and teaching it nothing.
+    pub peek: bool,
 }
 
 /// How a request's wait ended.
@@ -123,6 +128,7 @@ struct CallEntry {
     redis_key: String,
     hash: KeyHash,
     applied: Applied,
+    peek: bool,
     requests: Vec<RequestId>,
 }
 
@@ -317,7 +323,7 @@ impl<T> Batcher<T> {
             let step = match self.waiting.get_mut(&id) {
                 None => continue,
                 Some(waiting) if now >= waiting.deadline => Step::Expire,
-                Some(waiting) if waiting.epoch != epoch => {
+                Some(waiting) if waiting.epoch != epoch && !waiting.ticket.peek => {
                     waiting.epoch = epoch;
                     cached(&waiting.ticket).map_or(Step::Send, Step::Cached)
                 }
@@ -351,6 +357,7 @@ impl<T> Batcher<T> {
                 e.hash == ticket.hash
                     && e.applied == ticket.applied
                     && e.redis_key == ticket.redis_key
+                    && e.peek == ticket.peek
             };
             let index = match entries.iter().position(same_key) {
                 Some(index) => index,
@@ -386,6 +393,7 @@ impl<T> Batcher<T> {
                         redis_key: ticket.redis_key.clone(),
                         hash: ticket.hash,
                         applied: ticket.applied,
+                        peek: ticket.peek,
                         requests: Vec::new(),
                     });
                     entries.len() - 1
@@ -527,6 +535,17 @@ impl<T> Batcher<T> {
         let from_redis = !call.plans.is_empty();
         for (entry, answer) in call.entries.into_iter().zip(answers) {
             let limits = policy.limits(&answer.applied);
+            if entry.peek {
+                let verdict = match peek(limits.as_slice(), now_us, &answer.reply) {
+                    Ok(decision) => Verdict::Decided(decision),
+                    Err(error) => Verdict::Failed(error),
+                };
+                for id in entry.requests {
+                    let applied = Some(answer.applied);
+                    self.end_as(id, verdict.clone(), applied, answer.unknown_plan, finished);
+                }
+                continue;
+            }
             let replayed = match replay(
                 limits.as_slice(),
                 now_us,
@@ -737,6 +756,9 @@ fn plan_bytes(policy: &Policy, plan: u16) -> usize {
 }
 
 fn count(entry: &CallEntry) -> u32 {
+    if entry.peek {
+        return 0;
+    }
     u32::try_from(entry.requests.len()).unwrap_or(u32::MAX)
 }
 
@@ -814,6 +836,7 @@ mod tests {
 
     fn ticket(context_id: u32, key: &str) -> Ticket {
         Ticket {
+            peek: false,
             context_id,
             redis_key: format!("rl:{key}"),
             hash: key_hash(key.as_bytes()),
@@ -906,6 +929,67 @@ mod tests {
 
     fn none(_: &Ticket) -> Option<Decision> {
         None
+    }
+
+    #[test]
+    fn a_peek_is_sent_with_a_count_of_zero_and_reads_without_spending() {
+        let p = policy(r#"{"limits": ["3/s"], "store": {"webdis": {}}}"#);
+        let mut batcher = Batcher::new(settings(), NONCE);
+        let (mut finished, mut learnt) = (Vec::new(), Vec::new());
+        let mut store = BTreeMap::new();
+        // A request of key a, a peek of it, another request: one call, the
+        // requests one entry of count 2, the peek its own of count 0,
+        // decided after them (the function decides entries in order).
+        let peek = |ctx| Ticket {
+            peek: true,
+            ..ticket(ctx, "a")
+        };
+        for t in [ticket(1, "a"), peek(2), ticket(3, "a")] {
+            batcher.enqueue(t, (), 0).unwrap();
+        }
+        // The deny cache is never asked for a peek.
+        let mut asked = Vec::new();
+        let call = batcher
+            .next_call(
+                0,
+                &p,
+                |t: &Ticket| {
+                    asked.push(t.peek);
+                    None
+                },
+                &mut finished,
+            )
+            .unwrap();
+        assert!(!asked.contains(&true));
+        assert_eq!(call.requests, 3);
+        assert!(call.path.ends_with("/1/2/1/0"), "{}", call.path);
+        let now_us = 1_000_000_000;
+        let answer = function(&call.path, &mut store, now_us);
+        batcher.sent(call.call, 7, &mut finished);
+        assert!(batcher.answered(
+            7,
+            Some(200),
+            answer.as_bytes(),
+            MS,
+            &p,
+            &mut finished,
+            &mut learnt
+        ));
+        let by_context: BTreeMap<u32, Decision> = finished
+            .iter()
+            .map(|f| match &f.verdict {
+                Verdict::Decided(d) => (f.context_id, *d),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        // Both requests spent; the peek saw the state after them.
+        assert_eq!(by_context[&1].states()[0].remaining, 2);
+        assert_eq!(by_context[&3].states()[0].remaining, 1);
+        assert_eq!(by_context[&2].states()[0].remaining, 1);
+        assert!(learnt.iter().all(|l| l.hash == key_hash(b"a")));
+        // Nothing written for the peek: only the two requests' steps.
+        let t = p.instances[0].interval_nanos / 1_000;
+        assert_eq!(store["rl:a"]["3/s"], now_us + 2 * t);
     }
 
     #[test]
@@ -1248,6 +1332,7 @@ mod tests {
             for _ in 0..next(4) {
                 let key = format!("k{}", next(4));
                 let t = Ticket {
+                    peek: false,
                     applied: applied_of(&p, &key),
                     ..ticket(step, &key)
                 };

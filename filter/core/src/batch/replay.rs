@@ -29,6 +29,23 @@ impl Replayed {
     }
 }
 
+/// The TATs the function's debts stand for, at `now_us`.
+fn tats_of(limits: &[Limit], now_us: u64, entry: &EntryReply) -> PerLimit<u64> {
+    let now = micros_to_nanos(now_us);
+    entry
+        .debts_us
+        .iter()
+        .zip(limits)
+        .map(|(debt, limit)| {
+            let tat = micros_to_nanos(now_us.saturating_add(*debt));
+            match &limit.period {
+                Some(period) => quota::from_redis(period, tat, now),
+                None => tat,
+            }
+        })
+        .collect()
+}
+
 /// Replays `count` requests under `limits` from the state in `entry` (a
 /// quota's debt is its Redis value less `now`: see `quota`).
 pub fn replay(
@@ -45,18 +62,7 @@ pub fn replay(
         )));
     }
     let now = micros_to_nanos(now_us);
-    let mut tats: PerLimit<u64> = entry
-        .debts_us
-        .iter()
-        .zip(limits)
-        .map(|(debt, limit)| {
-            let tat = micros_to_nanos(now_us.saturating_add(*debt));
-            match &limit.period {
-                Some(period) => quota::from_redis(period, tat, now),
-                None => tat,
-            }
-        })
-        .collect();
+    let mut tats = tats_of(limits, now_us, entry);
     let decisions: Vec<Decision> = (0..count)
         .map(|_| gcra::decide(limits, tats.as_mut_slice(), now))
         .collect();
@@ -69,6 +75,19 @@ pub fn replay(
         )));
     }
     Ok(Replayed { decisions })
+}
+
+/// A key's state as the function answered it for a count of 0 (nothing
+/// admitted, nothing written), read at Redis's clock without spending.
+pub fn peek(limits: &[Limit], now_us: u64, entry: &EntryReply) -> Result<Decision, BackendError> {
+    let replayed = replay(limits, now_us, entry, 0)?;
+    debug_assert!(replayed.decisions.is_empty());
+    let now = micros_to_nanos(now_us);
+    Ok(gcra::peek(
+        limits,
+        tats_of(limits, now_us, entry).as_slice(),
+        now,
+    ))
 }
 
 #[cfg(test)]

@@ -56,6 +56,7 @@ fn send(
                 .map_err(|()| StoreFailure::Host);
             (finish(p, &applied, events, outcome).0, names)
         }
+        other => panic!("{other:?}"),
     };
     match action {
         Action::Continue(_) => (200, names, String::new()),
@@ -202,7 +203,7 @@ fn plans_registry_and_unknown_keys() {
                 assert!(reply.body.contains("not registered"), "{}", reply.body);
                 Err(reply.status)
             }
-            Start::Done(other, _) => panic!("{other:?}"),
+            other => panic!("{other:?}"),
         }
     };
     assert_eq!(names("1234"), Ok(vec!["10/min".to_string()]));

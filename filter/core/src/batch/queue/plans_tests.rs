@@ -40,6 +40,7 @@ fn ticket(p: &Policy, context_id: u32, key: &str, path: &str, cost: Option<u32>)
         panic!("{path} is not decided by the store");
     };
     Ticket {
+        peek: false,
         context_id,
         redis_key: format!("rl:{key}"),
         hash: key_hash(key.as_bytes()),
