@@ -67,6 +67,17 @@ pub struct Config {
     /// by default; see `docs/design.md#introspection`).
     #[serde(default)]
     pub introspection: Option<IntrospectionConfig>,
+    /// Makes this plugin instance the admin API, on its own listener
+    /// (`crate::admin`): it then limits nothing.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+}
+
+/// `{"token_sha256": "<64 hex>"}`: the SHA-256 of the operators' bearer token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub token_sha256: String,
 }
 
 /// `{"path": "/.well-known/ratelimit"}`: `GET`/`HEAD` of exactly this path

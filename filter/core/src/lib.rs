@@ -31,12 +31,14 @@
 //! - [`calls`]: the calls a root context has sent, by the host's token.
 //! - [`response`]: 429/401/400/503 bodies and the quota headers.
 //! - [`pipeline`]: one request from headers to action and metrics.
+//! - [`admin`]: the operators' API (inspect, reset, grant a key), its token.
 //! - [`plugin_name`]: the plugin's name, stable across Istio versions.
 
 // A panic in the filter aborts the VM: outside tests, no way to panic.
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 #![deny(clippy::panic, clippy::indexing_slicing)]
 
+pub mod admin;
 pub mod applied;
 pub mod batch;
 pub mod calendar;

@@ -10,6 +10,7 @@
 use std::borrow::Cow;
 use std::cell::Cell;
 
+use crate::admin::Admin;
 use crate::applied::{Applied, LimitRef};
 use crate::config::{
     Config, ConfigError, FailureMode, KeySourceConfig, LimitConfig, LocalStoreConfig, MissingKey,
@@ -122,6 +123,8 @@ pub struct Policy {
     pub warnings: Vec<String>,
     /// The path answered with the caller's usage (`introspection.path`).
     introspection: Option<PathMatch>,
+    /// This instance is the admin API (`crate::admin`).
+    pub admin: Option<Admin>,
 }
 
 /// What compiling builds up: the limits, their names, and warnings.
@@ -439,7 +442,18 @@ impl Policy {
             ),
             None => None,
         };
+        let admin = match (&config.admin, &config.store) {
+            (None, _) => None,
+            (Some(_), StoreConfig::Webdis(_)) => {
+                return Err(ConfigError::new(
+                    "admin",
+                    "the admin API acts on local mode's shared data only so far",
+                ))
+            }
+            (Some(a), StoreConfig::Local(_)) => Some(Admin::compile(a)?),
+        };
         Ok(Policy {
+            admin,
             introspection,
             sources,
             max_key_length: config.max_key_length,
@@ -533,6 +547,17 @@ impl Policy {
             }
         }
         Ok(applied)
+    }
+
+    /// A plain key's hash and plan, as a request carrying it would get
+    /// them; `None` for a key no plan lists under `unknown_keys: reject`.
+    pub fn key_plan(&self, key: &[u8]) -> Option<(KeyHash, u16)> {
+        let hash = self.hasher.get().hash(key);
+        match self.registry.plan_of(key, hash.spread) {
+            Some(plan) => Some((hash, plan)),
+            None if self.unknown_keys == UnknownKeys::Reject => None,
+            None => Some((hash, self.default_plan)),
+        }
     }
 
     /// Whether the request asks for its key's usage: `GET` or `HEAD` of the

@@ -289,6 +289,15 @@ pub fn invalid_key(replies: &Replies, error: KeyError) -> LocalReply {
     }
 }
 
+/// A JSON `{"detail": ...}` reply with this status (the admin API's).
+pub fn detail_reply(status: u32, message: &str) -> LocalReply {
+    LocalReply {
+        status,
+        headers: vec![(JSON.0, JSON.1.to_string())],
+        body: detail(message),
+    }
+}
+
 /// 503 when the counter store cannot answer and `failure_mode` is `deny`.
 pub fn unavailable() -> LocalReply {
     LocalReply {

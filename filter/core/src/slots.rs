@@ -57,6 +57,16 @@ pub trait CasStore {
     fn write(&mut self, slot: u32, value: &[u8], cas: u32) -> Result<Written, Self::Error>;
 }
 
+/// What [`SlotTable::rewrite`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rewritten {
+    Done,
+    /// The key holds no slot: its state is fresh, nothing to change.
+    Fresh,
+    /// Every attempt met a CAS conflict: nothing changed.
+    Conflicts,
+}
+
 /// How the key's state was found, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placement {
@@ -196,6 +206,40 @@ impl SlotTable {
         };
         let tats = state.tats_for(limits);
         Ok(gcra::peek(limits, tats.as_slice(), clock))
+    }
+
+    /// Rewrites the key's stored values of `limits` with `change(limit,
+    /// value, now)` (the admin API's reset and grant), in the same CAS loop
+    /// as a decision (`Err` is the host's).
+    pub fn rewrite<S: CasStore>(
+        &self,
+        store: &mut S,
+        key: KeyHash,
+        limits: &[Limit],
+        now: u64,
+        change: impl Fn(&Limit, u64, u64) -> u64,
+    ) -> Result<Rewritten, S::Error> {
+        let limits = limits.get(..MAX_LIMITS).unwrap_or(limits);
+        let candidates = self.candidates(key);
+        for _ in 0..=self.max_retries {
+            let found = match self.find(store, key, &candidates, now)? {
+                Ok(found) if found.placement == Placement::Existing => found,
+                _ => return Ok(Rewritten::Fresh),
+            };
+            let tats = found.state.tats_for(limits);
+            let changed: crate::per_limit::PerLimit<u64> = limits
+                .iter()
+                .zip(tats.as_slice())
+                .map(|(limit, value)| change(limit, *value, now))
+                .collect();
+            let mut next = found.state.with_tats(limits, changed.as_slice(), now);
+            next.guard = next.throttled_until(limits);
+            let mut buf = [0u8; MAX_VALUE];
+            if store.write(found.slot, next.encode(&mut buf), found.cas)? == Written::Ok {
+                return Ok(Rewritten::Done);
+            }
+        }
+        Ok(Rewritten::Conflicts)
     }
 
     /// The slot for `key`, or `Err(wait)` when every candidate holds a

@@ -10,16 +10,18 @@ use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
+use ratelimit_core::admin::{self, Admin, Command, Op};
 use ratelimit_core::applied::Applied;
 use ratelimit_core::batch::queue::{RequestId, Ticket};
 use ratelimit_core::gcra::Clock;
 use ratelimit_core::hash::KeyHash;
 use ratelimit_core::pipeline::{self, Event, Events, Quota, Start, StoreFailure, Subject};
-use ratelimit_core::response;
+use ratelimit_core::response::{self, LocalReply};
+use ratelimit_core::slots::Rewritten;
 
 use crate::callouts::Callouts;
 use crate::filter::{Filter, Store};
-use crate::host::{self, LOG_WARN};
+use crate::host::{self, LOG_INFO, LOG_WARN};
 use crate::request_headers::LazyHeaders;
 use crate::shared_store::SharedStore;
 use crate::verdict::{carry_out, decided, respond, Pending};
@@ -70,6 +72,71 @@ impl Request {
 
     fn apply(&mut self, filter: &Filter, action: pipeline::Action, events: Events) -> Action {
         carry_out(filter, &self.quota, self.now, action, events)
+    }
+
+    /// The admin API (`ratelimit_core::admin`): one operator call on this
+    /// Envoy's shared data, answered with the key's usage after it, and
+    /// logged under the key's SHA-256, never the key.
+    fn admin(&mut self, filter: &Filter, admin: &Admin, headers: &LazyHeaders) -> Action {
+        let command = match admin.route(&headers) {
+            Ok(command) => command,
+            Err(reply) => {
+                host::log(
+                    LOG_INFO,
+                    &format!(
+                        "plugin '{}': admin call refused ({})",
+                        filter.plugin_name(),
+                        reply.status
+                    ),
+                );
+                return respond(&reply);
+            }
+        };
+        let digest = admin::key_digest(&command.key);
+        let reply = self.admin_call(filter, &command);
+        host::log(
+            LOG_INFO,
+            &format!(
+                "plugin '{}': admin {} of key sha256:{digest}: {}",
+                filter.plugin_name(),
+                command.op.name(),
+                reply.status
+            ),
+        );
+        respond(&reply)
+    }
+
+    fn admin_call(&mut self, filter: &Filter, command: &Command) -> LocalReply {
+        let policy = &filter.policy;
+        let Store::Local { table, prefix } = &filter.store else {
+            return response::unavailable();
+        };
+        let Some((hash, plan)) = policy.key_plan(&command.key) else {
+            return response::detail_reply(404, "This key is not registered.");
+        };
+        let applied = policy.all_of_plan(plan);
+        let limits = policy.limits(&applied);
+        let (Ok(now), Ok(wall)) = (self.clock(), Request::wall_clock(filter)) else {
+            return response::unavailable();
+        };
+        let mut store = SharedStore::new(prefix);
+        let op = command.op;
+        let changed = match op {
+            Op::Inspect => Ok(Rewritten::Done),
+            _ => table.rewrite(&mut store, hash, limits.as_slice(), now, |l, v, now| {
+                admin::apply(op, l, v, now)
+            }),
+        };
+        if !matches!(changed, Ok(Rewritten::Done | Rewritten::Fresh)) {
+            return response::unavailable();
+        }
+        let reading = table
+            .peek(&mut store, hash, limits.as_slice(), Clock::local(now, wall))
+            .map_err(|_| StoreFailure::Host);
+        match pipeline::inspected(policy, &applied, Events::default(), reading) {
+            (pipeline::Action::Respond(reply), _) => reply,
+            (pipeline::Action::Continue(_), _) => response::unavailable(),
+        }
     }
 
     /// The introspection path: the key's state read without spending,
@@ -189,6 +256,9 @@ impl HttpContext for Request {
         };
         let headers = LazyHeaders::fetch();
         let policy = &filter.policy;
+        if let Some(admin) = &policy.admin {
+            return self.admin(&filter, admin, &headers);
+        }
         match pipeline::start(policy, &&headers) {
             Start::Done(action, events) => self.apply(&filter, action, events),
             Start::Inspect {

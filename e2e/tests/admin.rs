@@ -1,0 +1,178 @@
+//! A key's usage for its operator (issue 13), local mode: one Envoy with
+//! the data-plane listener and an admin listener whose plugin has the same
+//! `name`, `root_id` and `vm_id` (so it sees the same shared data and hash
+//! seed) and an `admin` token. Without the token every call is 401 (none)
+//! or 403 (a wrong one); with it, inspect matches the headers, reset
+//! restores the full quota on the next request, and grant extends it. The
+//! log names keys by their SHA-256 only.
+
+use e2e::envoy::Envoy;
+use e2e::http::{Conn, Response};
+use e2e::ports::free_port;
+use e2e::topology::local_config;
+use e2e::upstream::Upstream;
+use serde_json::Value;
+
+const TOKEN: &str = "operator-token-1";
+const LIMITS: &str =
+    r#""limits": ["3/min", {"quota": "5/day", "reset": "calendar", "name": "daily"}]"#;
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The data-plane listener (`api`) and a copy of it as `admin_api`, whose
+/// plugin is the admin API.
+fn start() -> (Upstream, Envoy) {
+    let upstream = Upstream::start();
+    let mut config = local_config(&upstream);
+    config.set_plugin_config(&format!("{{{LIMITS}}}")).unwrap();
+    let admin_plugin = format!(
+        r#"{{{LIMITS}, "admin": {{"token_sha256": "{}"}}}}"#,
+        sha256_hex(TOKEN)
+    );
+    let listeners = config
+        .json_mut()
+        .pointer_mut("/static_resources/listeners")
+        .and_then(Value::as_array_mut)
+        .unwrap();
+    let mut admin = listeners[0].clone();
+    admin["name"] = "admin_api".into();
+    admin["address"]["socket_address"]["port_value"] = free_port().into();
+    let filter = &mut admin["filter_chains"][0]["filters"][0]["typed_config"];
+    filter["stat_prefix"] = "admin_api".into();
+    let wasm = &mut filter["http_filters"][0]["typed_config"]["config"];
+    wasm["configuration"]["value"] = admin_plugin.into();
+    listeners.push(admin);
+    let envoy = Envoy::start(&config, 2).unwrap_or_else(|e| panic!("{e:?}"));
+    (upstream, envoy)
+}
+
+fn send(addr: &str, method: &str, path: &str, headers: &[(&str, &[u8])]) -> Response {
+    let mut all = vec![("Connection", b"close".as_slice())];
+    all.extend_from_slice(headers);
+    Conn::connect(addr)
+        .unwrap()
+        .request(method, path.as_bytes(), &all)
+        .unwrap()
+}
+
+fn admin(addr: &str, method: &str, path: &str) -> Response {
+    let auth = format!("Bearer {TOKEN}");
+    send(addr, method, path, &[("authorization", auth.as_bytes())])
+}
+
+fn get(addr: &str, key: &str) -> Response {
+    send(addr, "GET", "/", &[("x-api-key", key.as_bytes())])
+}
+
+/// Each limit's `remaining` in an admin answer, checked against its headers.
+fn remaining(r: &Response) -> Vec<u64> {
+    assert_eq!(r.status, 200, "{r:?}");
+    let body: Value = serde_json::from_str(&r.body_str()).unwrap();
+    let header = r.header("ratelimit").unwrap();
+    body["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let left = l["remaining"].as_u64().unwrap();
+            let member = format!("\"{}\";r={left};", l["name"].as_str().unwrap());
+            assert!(header.contains(&member), "{header} vs {body}");
+            left
+        })
+        .collect()
+}
+
+/// `name`'s `r` in a forwarded response's `RateLimit` header.
+fn header_remaining(r: &Response, name: &str) -> u64 {
+    let header = r.header("ratelimit").unwrap_or_else(|| panic!("{r:?}"));
+    let member = header
+        .split(", ")
+        .find(|m| m.starts_with(&format!("\"{name}\";")))
+        .unwrap();
+    member
+        .split(';')
+        .find_map(|kv| kv.strip_prefix("r="))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn the_admin_listener_inspects_resets_and_grants_with_the_token_only() {
+    let (_upstream, envoy) = start();
+    let api = envoy.listener_addr("api").unwrap();
+    let ops = envoy.listener_addr("admin_api").unwrap();
+    let key = "customer-key-42";
+
+    // Without the token: 401; with a wrong one: 403; nothing changes.
+    for (method, path) in [
+        ("GET", format!("/keys/{key}")),
+        ("DELETE", format!("/keys/{key}")),
+        ("POST", format!("/keys/{key}/grant?amount=5")),
+    ] {
+        let r = send(&ops, method, &path, &[]);
+        assert_eq!(r.status, 401, "{r:?}");
+        assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+        let r = send(&ops, method, &path, &[("authorization", b"Bearer nope")]);
+        assert_eq!(r.status, 403, "{r:?}");
+    }
+
+    // Spend the rate; inspect matches the last response's headers.
+    let mut last = None;
+    for _ in 0..3 {
+        let r = get(&api, key);
+        assert_eq!(r.status, 200, "{r:?}");
+        last = Some(r);
+    }
+    assert_eq!(get(&api, key).status, 429);
+    let last = last.unwrap();
+    let inspected = remaining(&admin(&ops, "GET", &format!("/keys/{key}")));
+    assert_eq!(
+        inspected,
+        [
+            header_remaining(&last, "3/min"),
+            header_remaining(&last, "daily")
+        ]
+    );
+    assert_eq!(inspected, [0, 2]);
+
+    // Grant 1: exactly one more request fits.
+    let granted = remaining(&admin(&ops, "POST", &format!("/keys/{key}/grant?amount=1")));
+    assert_eq!(granted, [1, 3]);
+    assert_eq!(get(&api, key).status, 200);
+    assert_eq!(get(&api, key).status, 429);
+
+    // Reset: the full quota on the next request.
+    assert_eq!(
+        remaining(&admin(&ops, "DELETE", &format!("/keys/{key}"))),
+        [3, 5]
+    );
+    let r = get(&api, key);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        (header_remaining(&r, "3/min"), header_remaining(&r, "daily")),
+        (2, 4)
+    );
+
+    // The admin listener limits nothing itself: a key-less call is a 401
+    // for the token, never a rate-limit 401 or 429.
+    let r = send(&ops, "GET", "/", &[("x-api-key", key.as_bytes())]);
+    assert_eq!(r.status, 401, "{r:?}");
+
+    // The log names the key by its SHA-256, never in plain text.
+    let log = envoy.proc().log();
+    let hashed = format!("sha256:{}", sha256_hex(key));
+    for op in ["inspect", "grant", "reset"] {
+        assert!(
+            log.contains(&format!("admin {op} of key {hashed}: 200")),
+            "{op}: {log}"
+        );
+    }
+    assert!(!log.contains(key), "the plain key is in the log");
+}

@@ -1,0 +1,223 @@
+//! The admin API: a plugin instance configured with `admin` rate-limits
+//! nothing; on its own listener it lets an operator inspect a key's usage,
+//! reset it, or grant it extra room (`docs/design.md#the-admin-api`).
+//!
+//! - `GET /keys/<key>`: the key's usage, as the introspection path says it.
+//! - `DELETE /keys/<key>`: its state cleared: full buckets and quotas.
+//! - `POST /keys/<key>/grant?amount=N`: each rate's debt less `N` emission
+//!   intervals (never below a full bucket), each quota's used count less `N`.
+//!
+//! Every call needs `Authorization: Bearer <token>` whose SHA-256 is the
+//! configured `token_sha256` (compared in constant time): 401 without one,
+//! 403 with a wrong one. Local mode acts on this Envoy's shared data, so
+//! `<key>` is the plain key (the slots are chosen by a keyed hash of it).
+
+use std::borrow::Cow;
+
+use sha2::{Digest, Sha256};
+
+use crate::config::{AdminConfig, ConfigError};
+use crate::gcra::Limit;
+use crate::key::RequestHeaders;
+use crate::quota;
+use crate::response::{self, LocalReply};
+
+/// The most a grant may give at once, in requests (or quota units).
+pub const MAX_GRANT: u64 = 1_000_000_000;
+
+/// A compiled `admin` configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    token_sha256: [u8; 32],
+}
+
+/// What an operator asks of a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Inspect,
+    Reset,
+    Grant(u64),
+}
+
+impl Op {
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Inspect => "inspect",
+            Op::Reset => "reset",
+            Op::Grant(_) => "grant",
+        }
+    }
+}
+
+/// An authorized call: the operation and the plain key it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    pub op: Op,
+    pub key: Vec<u8>,
+}
+
+impl Admin {
+    pub fn compile(config: &AdminConfig) -> Result<Admin, ConfigError> {
+        let hex = config.token_sha256.as_bytes();
+        let mut token_sha256 = [0u8; 32];
+        let valid = hex.len() == 64
+            && token_sha256
+                .iter_mut()
+                .zip(hex.chunks(2))
+                .all(|(out, pair)| {
+                    std::str::from_utf8(pair)
+                        .ok()
+                        .and_then(|p| u8::from_str_radix(p, 16).ok())
+                        .map(|b| *out = b)
+                        .is_some()
+                });
+        if !valid {
+            return Err(ConfigError::new(
+                "admin.token_sha256",
+                "must be the 64 hex digits of the token's SHA-256 (`printf %s \"$TOKEN\" | sha256sum`)",
+            ));
+        }
+        Ok(Admin { token_sha256 })
+    }
+
+    /// The call an admin request makes, or the reply that refuses it. The
+    /// token is checked first, so nothing else is told to a caller without it.
+    pub fn route<'a>(&self, headers: &impl RequestHeaders<'a>) -> Result<Command, LocalReply> {
+        let single = |name: &[u8]| headers.single(name).ok().flatten();
+        let token = single(b"authorization").and_then(|v| bearer(v));
+        let Some(token) = token else {
+            return Err(refusal(
+                401,
+                "An admin token is required (Authorization: Bearer).",
+            ));
+        };
+        let digest: [u8; 32] = Sha256::digest(token).into();
+        if !same(&digest, &self.token_sha256) {
+            return Err(refusal(403, "This admin token is not accepted."));
+        }
+        let raw = single(b":path").unwrap_or_default();
+        let (path, query) = match raw.iter().position(|b| *b == b'?') {
+            Some(at) => (raw.get(..at).unwrap_or_default(), raw.get(at + 1..)),
+            None => (raw, None),
+        };
+        let method = single(b":method").unwrap_or_default();
+        let Some(rest) = path.strip_prefix(b"/keys/") else {
+            return Err(refusal(
+                404,
+                "Admin paths are /keys/<key> and /keys/<key>/grant.",
+            ));
+        };
+        let (segment, grant) = match rest.strip_suffix(b"/grant") {
+            Some(segment) => (segment, true),
+            None => (rest, false),
+        };
+        let op = match (method, grant) {
+            (b"GET", false) => Op::Inspect,
+            (b"DELETE", false) => Op::Reset,
+            (b"POST", true) => Op::Grant(amount(query)?),
+            _ => {
+                return Err(refusal(
+                    405,
+                    "Use GET or DELETE /keys/<key>, or POST /keys/<key>/grant?amount=N.",
+                ))
+            }
+        };
+        let key = decode(segment)
+            .filter(|k| !k.is_empty() && !k.contains(&b'/'))
+            .ok_or_else(|| refusal(400, "The key in the path is empty or badly escaped."))?;
+        if key.starts_with(b"sha256:") {
+            return Err(refusal(
+                400,
+                "Local mode needs the plain key: its slots are chosen by a keyed hash of it.",
+            ));
+        }
+        Ok(Command {
+            op,
+            key: key.into_owned(),
+        })
+    }
+}
+
+/// A stored value after `op` (a rate's TAT, or a quota's packed value) at
+/// `now`: a reset empties it, a grant takes `n` requests of debt (at most
+/// down to a full bucket) or `n` units of a quota's use.
+pub fn apply(op: Op, limit: &Limit, value: u64, now: u64) -> u64 {
+    match (op, &limit.period) {
+        (Op::Inspect, _) => value,
+        (Op::Reset, _) => 0,
+        (Op::Grant(_), Some(_)) if value == 0 => 0,
+        (Op::Grant(n), Some(_)) => {
+            let (end, used) = quota::unpack(value);
+            quota::pack(end, used.saturating_sub(n), true)
+        }
+        (Op::Grant(_), None) if value <= now => value,
+        (Op::Grant(n), None) => value
+            .saturating_sub(limit.interval_nanos.saturating_mul(n))
+            .max(now),
+    }
+}
+
+/// The hex SHA-256 of a key, which the logs name instead of the key.
+pub fn key_digest(key: &[u8]) -> String {
+    Sha256::digest(key)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The token of `Bearer <token>` (the scheme in any case).
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let scheme = value.get(..7)?;
+    let token = value.get(7..)?;
+    (scheme.eq_ignore_ascii_case(b"bearer ") && !token.is_empty()).then_some(token)
+}
+
+/// Equal in time that does not depend on where they differ.
+fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `amount=N` in the query, `N` from 1 to [`MAX_GRANT`].
+fn amount(query: Option<&[u8]>) -> Result<u64, LocalReply> {
+    query
+        .unwrap_or_default()
+        .split(|b| *b == b'&')
+        .find_map(|pair| pair.strip_prefix(b"amount="))
+        .and_then(|n| std::str::from_utf8(n).ok())
+        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|n| n.parse::<u64>().ok())
+        .filter(|n| (1..=MAX_GRANT).contains(n))
+        .ok_or_else(|| refusal(400, "A grant needs ?amount=N, N from 1 to 1000000000."))
+}
+
+/// `%XX` decoded; `None` for a broken escape.
+fn decode(segment: &[u8]) -> Option<Cow<'_, [u8]>> {
+    if !segment.contains(&b'%') {
+        return Some(Cow::Borrowed(segment));
+    }
+    let mut out = Vec::with_capacity(segment.len());
+    let mut bytes = segment.iter();
+    while let Some(b) = bytes.next() {
+        if *b != b'%' {
+            out.push(*b);
+            continue;
+        }
+        let hex = [*bytes.next()?, *bytes.next()?];
+        let hex = std::str::from_utf8(&hex).ok()?;
+        out.push(u8::from_str_radix(hex, 16).ok()?);
+    }
+    Some(Cow::Owned(out))
+}
+
+fn refusal(status: u32, detail: &str) -> LocalReply {
+    let mut reply = response::detail_reply(status, detail);
+    if status == 401 {
+        reply
+            .headers
+            .push(("www-authenticate", "Bearer".to_string()));
+    }
+    reply
+}
+
+#[cfg(test)]
+mod tests;
