@@ -1,15 +1,18 @@
-//! A key's usage for its operator (issue 13), local mode: one Envoy with
-//! the data-plane listener and an admin listener whose plugin has the same
-//! `name`, `root_id` and `vm_id` (so it sees the same shared data and hash
-//! seed) and an `admin` token. Without the token every call is 401 (none)
+//! A key's usage for its operator (issue 13): one Envoy with the
+//! data-plane listener and an admin listener whose plugin has the same
+//! `name`, `root_id` and `vm_id` (so it sees the same shared data, hash seed
+//! and, in global mode, deny cache and Redis keys) and an `admin` token. In
+//! local mode it acts on shared data, in global mode on Redis. Without the token every call is 401 (none)
 //! or 403 (a wrong one); with it, inspect matches the headers, reset
 //! restores the full quota on the next request, and grant extends it. The
 //! log names keys by their SHA-256 only.
 
+use e2e::backend::RedisWebdis;
 use e2e::envoy::Envoy;
+use e2e::envoy_config::EnvoyConfig;
 use e2e::http::{Conn, Response};
 use e2e::ports::free_port;
-use e2e::topology::local_config;
+use e2e::topology::{global_test_config, local_config};
 use e2e::upstream::Upstream;
 use serde_json::Value;
 
@@ -25,14 +28,11 @@ fn sha256_hex(text: &str) -> String {
         .collect()
 }
 
-/// The data-plane listener (`api`) and a copy of it as `admin_api`, whose
-/// plugin is the admin API.
-fn start() -> (Upstream, Envoy) {
-    let upstream = Upstream::start();
-    let mut config = local_config(&upstream);
-    config.set_plugin_config(&format!("{{{LIMITS}}}")).unwrap();
+/// Adds `admin_api`, a copy of the first listener whose plugin is the
+/// admin API: `LIMITS` and `store`, and the token's hash.
+fn add_admin_listener(config: &mut EnvoyConfig, store: &str) {
     let admin_plugin = format!(
-        r#"{{{LIMITS}, "admin": {{"token_sha256": "{}"}}}}"#,
+        r#"{{{LIMITS}{store}, "admin": {{"token_sha256": "{}"}}}}"#,
         sha256_hex(TOKEN)
     );
     let listeners = config
@@ -48,8 +48,29 @@ fn start() -> (Upstream, Envoy) {
     let wasm = &mut filter["http_filters"][0]["typed_config"]["config"];
     wasm["configuration"]["value"] = admin_plugin.into();
     listeners.push(admin);
+}
+
+/// Local mode: the data-plane listener (`api`) and the admin one.
+fn start_local() -> (Upstream, Envoy) {
+    let upstream = Upstream::start();
+    let mut config = local_config(&upstream);
+    config.set_plugin_config(&format!("{{{LIMITS}}}")).unwrap();
+    add_admin_listener(&mut config, "");
     let envoy = Envoy::start(&config, 2).unwrap_or_else(|e| panic!("{e:?}"));
     (upstream, envoy)
+}
+
+const GLOBAL: &str = r#", "store": {"webdis": {"timeout_ms": 5000}}"#;
+
+/// Global mode: the same, over one Redis and webdis.
+fn start_global() -> (Upstream, RedisWebdis, Envoy) {
+    let upstream = Upstream::start();
+    let backend = RedisWebdis::start();
+    let plugin = format!("{{{LIMITS}{GLOBAL}}}");
+    let mut config = global_test_config(&upstream, backend.webdis.port(), Some(&plugin));
+    add_admin_listener(&mut config, GLOBAL);
+    let envoy = Envoy::start(&config, 2).unwrap_or_else(|e| panic!("{e:?}"));
+    (upstream, backend, envoy)
 }
 
 fn send(addr: &str, method: &str, path: &str, headers: &[(&str, &[u8])]) -> Response {
@@ -104,8 +125,27 @@ fn header_remaining(r: &Response, name: &str) -> u64 {
 }
 
 #[test]
-fn the_admin_listener_inspects_resets_and_grants_with_the_token_only() {
-    let (_upstream, envoy) = start();
+fn the_admin_listener_inspects_resets_and_grants_with_the_token_only_in_local_mode() {
+    let (_upstream, envoy) = start_local();
+    inspect_reset_and_grant(&envoy);
+}
+
+#[test]
+fn the_admin_listener_inspects_resets_and_grants_with_the_token_only_in_global_mode() {
+    let (_upstream, backend, envoy) = start_global();
+    inspect_reset_and_grant(&envoy);
+    // Redis holds the key under its hash only.
+    let keys = backend.redis.keys();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(
+        keys[0].ends_with(&sha256_hex("customer-key-42")),
+        "{keys:?}"
+    );
+}
+
+/// The story, in either mode: the 429s of a spent key come from Redis or
+/// (global mode) this Envoy's deny cache, which a reset or grant clears.
+fn inspect_reset_and_grant(envoy: &Envoy) {
     let api = envoy.listener_addr("api").unwrap();
     let ops = envoy.listener_addr("admin_api").unwrap();
     let key = "customer-key-42";

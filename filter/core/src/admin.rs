@@ -10,7 +10,8 @@
 //! Every call needs `Authorization: Bearer <token>` whose SHA-256 is the
 //! configured `token_sha256` (compared in constant time): 401 without one,
 //! 403 with a wrong one. Local mode acts on this Envoy's shared data, so
-//! `<key>` is the plain key (the slots are chosen by a keyed hash of it).
+//! `<key>` is the plain key (the slots are chosen by a keyed hash of it);
+//! global mode acts on Redis, in one call ([`redis`]).
 
 use std::borrow::Cow;
 
@@ -128,7 +129,7 @@ impl Admin {
         if key.starts_with(b"sha256:") {
             return Err(refusal(
                 400,
-                "Local mode needs the plain key: its slots are chosen by a keyed hash of it.",
+                "The admin API needs the plain key: its plan and its state are found from it.",
             ));
         }
         Ok(Command {
@@ -218,6 +219,8 @@ fn refusal(status: u32, detail: &str) -> LocalReply {
     }
     reply
 }
+
+pub mod redis;
 
 #[cfg(test)]
 mod tests;

@@ -81,6 +81,11 @@ pub fn lookup(
     Some(decision)
 }
 
+/// Whether a cache entry is `key`'s.
+pub fn holds(entry: &[u8], key: KeyHash) -> bool {
+    KeyState::decode(entry).is_some_and(|state| state.fingerprint == key.fingerprint)
+}
+
 /// Whether an answer on `limits` is worth a cache entry: only one that
 /// leaves some limit with less than the request's cost to spend can make a
 /// later lookup deny. The others would cost a shared-data write for nothing.

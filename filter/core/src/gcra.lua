@@ -465,6 +465,65 @@ local function gcra(keys, args)
   return out
 end
 
+-- apikey_ratelimit_admin is an operator's call on one key (the admin API):
+--
+--   FCALL apikey_ratelimit_admin 1 <key> <nonce> <op> <amount> <n> (<name> <T> <C>) x n
+--   -> {nonce, now_us, debt_1, ..., debt_n}
+--
+-- <op> 0 inspects, 1 resets (every field of the set to 0: full buckets,
+-- nothing used in the period), 2 grants: each rate's TAT less amount x T,
+-- never below now (a full bucket), each quota's use less amount, never
+-- below 0. The debts are those after the change, as apikey_ratelimit_batch
+-- answers them for a count of 0. Only fields the key holds are written, and
+-- never its expiry: values only go down, so the expiry stays late enough.
+local function admin(keys, args)
+  local what = 'apikey_ratelimit_admin'
+  if #keys ~= 1 then
+    return redis.error_reply('ERR ' .. what .. ': expected 1 key')
+  end
+  local nonce, op, amount = tonumber(args[1]), tonumber(args[2]), tonumber(args[3])
+  if not is_count(nonce) or not is_count(op) or op > 2 or not is_count(amount) then
+    return redis.error_reply('ERR ' .. what .. ': expected the nonce, an op (0, 1 or 2) and an amount')
+  end
+  local set, after = read_set(args, 4, what)
+  if set == nil then
+    return redis.error_reply(after)
+  end
+  if after ~= #args + 1 then
+    return redis.error_reply('ERR ' .. what .. ': expected n, then n (name, interval, capacity)')
+  end
+  local now = clock()
+  local stored = {}
+  if set.n > 0 then
+    stored = redis.call('HMGET', keys[1], unpack(set.names))
+  end
+  local fields = {}
+  local out = {nonce, now}
+  for i = 1, set.n do
+    local value = tonumber(stored[i]) or 0
+    if stored[i] and op > 0 then
+      local q = set.quotas[i]
+      if op == 1 then
+        value = 0
+      elseif q then
+        local e = period_end(now, q)
+        local used = math.max(value - e, 0)
+        if used > 0 then value = e + math.max(used - amount, 0) end
+      elseif value > now then
+        value = math.max(value - amount * set.intervals[i], now)
+      end
+      fields[#fields + 1] = set.names[i]
+      fields[#fields + 1] = string.format('%.0f', value)
+    end
+    out[#out + 1] = math.max(value - now, 0)
+  end
+  if #fields > 0 then
+    redis.call('HSET', keys[1], unpack(fields))
+  end
+  return out
+end
+
 redis.register_function('apikey_ratelimit_batch', batch)
+redis.register_function('apikey_ratelimit_admin', admin)
 redis.register_function('apikey_ratelimit_batch2', batch2)
 redis.register_function('apikey_ratelimit_gcra', gcra)

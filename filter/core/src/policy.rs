@@ -442,16 +442,7 @@ impl Policy {
             ),
             None => None,
         };
-        let admin = match (&config.admin, &config.store) {
-            (None, _) => None,
-            (Some(_), StoreConfig::Webdis(_)) => {
-                return Err(ConfigError::new(
-                    "admin",
-                    "the admin API acts on local mode's shared data only so far",
-                ))
-            }
-            (Some(a), StoreConfig::Local(_)) => Some(Admin::compile(a)?),
-        };
+        let admin = config.admin.as_ref().map(Admin::compile).transpose()?;
         Ok(Policy {
             admin,
             introspection,

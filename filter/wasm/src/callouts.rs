@@ -28,6 +28,7 @@ use ratelimit_core::deny_cache;
 use ratelimit_core::webdis::BackendError;
 use ratelimit_core::Event;
 
+use crate::admin_calls::{AdminCall, AdminCalls, Answered};
 use crate::filter::Filter;
 use crate::host::{self, Status, LOG_ERROR, LOG_INFO};
 use crate::shared_store::{table_prefix, with_slot_key};
@@ -42,6 +43,8 @@ pub struct Callouts {
     batcher: RefCell<Option<Batcher<Pending>>>,
     queue: Cell<Option<u32>>,
     root_id: Cell<u32>,
+    /// The admin API's calls (`admin_calls.rs`).
+    admin: AdminCalls,
 }
 
 impl Callouts {
@@ -95,6 +98,40 @@ impl Callouts {
         Ok(enqueued.id)
     }
 
+    /// Queues an admin call and wakes the root to send it; `false` when
+    /// there is no queue to wake it through.
+    pub fn admin(&self, call: AdminCall) -> bool {
+        let Some(queue) = self.queue.get() else {
+            return false;
+        };
+        self.admin.queue(call);
+        if host::enqueue_shared_queue(queue, &[1]).is_err() {
+            // The root's tick sends it instead.
+            host::log(LOG_INFO, "admin call waits for the next tick");
+        }
+        true
+    }
+
+    /// The admin request of `context_id` ended.
+    pub fn release_admin(&self, context_id: u32) {
+        self.admin.release(context_id);
+    }
+
+    /// Sends the queued admin calls, answering those Envoy refuses.
+    fn send_admin(&self, filter: &Filter, webdis: &WebdisStore) {
+        for answered in self.admin.send(filter, webdis) {
+            self.answer_admin(answered);
+        }
+    }
+
+    /// Answers an admin request from the root.
+    fn answer_admin(&self, answered: Answered) {
+        if host::set_effective_context(answered.context_id).is_ok() {
+            verdict::respond(&answered.reply);
+        }
+        let _ = host::set_effective_context(self.root_id.get());
+    }
+
     /// The request `id` ended.
     pub fn release(&self, id: RequestId) {
         let closing = match &mut *self.batcher.borrow_mut() {
@@ -119,6 +156,7 @@ impl Callouts {
         if let Some(batcher) = &mut *self.batcher.borrow_mut() {
             batcher.woken();
         }
+        self.send_admin(filter, webdis);
         self.pump(filter, webdis);
         self.finish_if_closing(filter);
     }
@@ -132,6 +170,7 @@ impl Callouts {
             batcher.expire(now, &mut finished);
         }
         self.finish_all(filter, finished);
+        self.send_admin(filter, webdis);
         self.pump(filter, webdis);
         self.finish_if_closing(filter);
     }
@@ -211,6 +250,13 @@ impl Callouts {
             host::http_call_response_status()
         };
         let body = host::http_call_response_body(body_size).unwrap_or_default();
+        if let Some(answered) = self.admin.answered(filter, webdis, token, status, &body) {
+            if let Some(answered) = answered {
+                self.answer_admin(answered);
+            }
+            self.finish_if_closing(filter);
+            return;
+        }
         let received_at = host::now_nanos().unwrap_or(0);
         let mut finished = Vec::new();
         let mut learnt = Vec::new();
@@ -307,9 +353,18 @@ impl Callouts {
     /// tells the host it is done.
     fn finish_if_closing(&self, filter: &Filter) {
         let finish = match &mut *self.batcher.borrow_mut() {
+            // A root closing for its admin calls alone has an idle batcher.
+            Some(batcher) if self.admin.closing.get() => {
+                self.admin.outstanding() == 0
+                    && batcher.waiting() == 0
+                    && batcher.outstanding() == 0
+            }
             Some(batcher) => batcher.may_finish(),
             None => false,
         };
+        if finish {
+            self.admin.closing.set(false);
+        }
         if finish {
             self.count(filter);
             // The host stops this root's ticks: hand over the last counts.
@@ -330,6 +385,17 @@ impl Callouts {
         let Some(batcher) = &mut *self.batcher.borrow_mut() else {
             return true;
         };
+        if self.admin.outstanding() > 0 {
+            self.admin.closing.set(true);
+            host::log(
+                LOG_INFO,
+                &format!(
+                    "root context closing: waiting for {} admin call(s)",
+                    self.admin.outstanding()
+                ),
+            );
+            return false;
+        }
         if batcher.may_close() {
             return true;
         }

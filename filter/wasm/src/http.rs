@@ -13,12 +13,14 @@ use proxy_wasm::types::Action;
 use ratelimit_core::admin::{self, Admin, Command, Op};
 use ratelimit_core::applied::Applied;
 use ratelimit_core::batch::queue::{RequestId, Ticket};
+use ratelimit_core::batch::wire::NONCE_LIMIT;
 use ratelimit_core::gcra::Clock;
 use ratelimit_core::hash::KeyHash;
 use ratelimit_core::pipeline::{self, Event, Events, Quota, Start, StoreFailure, Subject};
 use ratelimit_core::response::{self, LocalReply};
 use ratelimit_core::slots::Rewritten;
 
+use crate::admin_calls::AdminCall;
 use crate::callouts::Callouts;
 use crate::filter::{Filter, Store};
 use crate::host::{self, LOG_INFO, LOG_WARN};
@@ -40,6 +42,8 @@ pub struct Request {
     call: Option<RequestId>,
     /// The host clock when this request was decided, once read.
     now: Option<u64>,
+    /// An admin call of this request waits for Redis.
+    admin_call: bool,
 }
 
 impl Request {
@@ -51,6 +55,7 @@ impl Request {
             quota: Rc::default(),
             call: None,
             now: None,
+            admin_call: false,
         }
     }
 
@@ -93,6 +98,9 @@ impl Request {
             }
         };
         let digest = admin::key_digest(&command.key);
+        if let Store::Webdis(webdis) = &filter.store {
+            return self.admin_global(filter, webdis, command, digest);
+        }
         let reply = self.admin_call(filter, &command);
         host::log(
             LOG_INFO,
@@ -104,6 +112,43 @@ impl Request {
             ),
         );
         respond(&reply)
+    }
+
+    /// Global mode: one Redis call, sent and answered by the root
+    /// (`admin_calls.rs`), which also logs it.
+    fn admin_global(
+        &mut self,
+        filter: &Filter,
+        webdis: &WebdisStore,
+        command: Command,
+        digest: String,
+    ) -> Action {
+        let policy = &filter.policy;
+        let Some((hash, plan)) = policy.key_plan(&command.key) else {
+            return respond(&response::detail_reply(404, "This key is not registered."));
+        };
+        let applied = policy.all_of_plan(plan);
+        let limits = policy.limits(&applied);
+        let redis_key = webdis.redis_key(&Subject::Key(command.key.as_slice().into()));
+        let nonce = host::random_bytes::<8>()
+            .map(u64::from_le_bytes)
+            .unwrap_or(u64::from(self.context_id))
+            % NONCE_LIMIT;
+        let path = admin::redis::path(nonce, &redis_key, command.op, limits.as_slice());
+        let call = AdminCall::new(
+            self.context_id,
+            path,
+            nonce,
+            applied,
+            command.op,
+            digest,
+            hash,
+        );
+        if !self.callouts.admin(call) {
+            return respond(&response::unavailable());
+        }
+        self.admin_call = true;
+        Action::Pause
     }
 
     fn admin_call(&mut self, filter: &Filter, command: &Command) -> LocalReply {
@@ -241,6 +286,9 @@ impl Drop for Request {
     fn drop(&mut self) {
         if let Some(id) = self.call.take() {
             self.callouts.release(id);
+        }
+        if self.admin_call {
+            self.callouts.release_admin(self.context_id);
         }
     }
 }

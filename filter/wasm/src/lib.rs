@@ -31,6 +31,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 #![deny(clippy::panic, clippy::indexing_slicing)]
 
+mod admin_calls;
 mod callouts;
 mod filter;
 mod host;

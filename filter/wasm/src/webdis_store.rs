@@ -90,6 +90,28 @@ impl WebdisStore {
         deny_cache::lookup(limits, &entry.0, key, now, wall)
     }
 
+    /// Forgets a key's cached denial (after the admin API reset or granted
+    /// it in Redis), so that this Envoy's next request of it asks Redis.
+    pub fn forget(&self, key: KeyHash) {
+        if self.cache_slots == 0 {
+            return;
+        }
+        let slot = deny_cache::slot(key, self.cache_slots);
+        with_slot_key(&self.cache_prefix, slot, |name| {
+            for _ in 0..8 {
+                let Ok(Some((current, cas))) = host::get_shared_data(name) else {
+                    return;
+                };
+                if !deny_cache::holds(&current, key) {
+                    return;
+                }
+                if host::set_shared_data(name, &[], cas).is_ok() {
+                    return;
+                }
+            }
+        });
+    }
+
     /// Remembers what Redis said about a key (a lower bound of its state).
     pub fn remember(&self, key: KeyHash, limits: &[Limit], answer: deny_cache::Answer<'_>) {
         if self.cache_slots == 0 {
