@@ -437,21 +437,23 @@ fn scenario(webdis: &str, redis: &Redis, scenario: u64, steps: usize) -> Tally {
     tally
 }
 
+/// Runs `scenario(0..n)` on `n` threads at once (each on its own keys),
+/// their results in order.
+fn in_parallel<T: Send>(n: u64, scenario: impl Fn(u64) -> T + Sync) -> Vec<T> {
+    std::thread::scope(|s| {
+        let scenario = &scenario;
+        let handles: Vec<_> = (0..n).map(|i| s.spawn(move || scenario(i))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 #[test]
 fn random_batches_decide_alike_in_redis_and_rust() {
     let backend = RedisWebdis::start();
     let webdis = backend.webdis.addr();
     let redis = &backend.redis;
     let (scenarios, steps) = (8, 40);
-    let tallies: Vec<Tally> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..scenarios)
-            .map(|n| {
-                let webdis = &webdis;
-                s.spawn(move || scenario(webdis, redis, n, steps))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let tallies: Vec<Tally> = in_parallel(scenarios, |n| scenario(&webdis, redis, n, steps));
     let mut total = Tally::default();
     for tally in tallies {
         total.add(tally);

@@ -235,15 +235,7 @@ fn random_plan_moves_rules_and_costs_decide_alike_in_redis_and_rust() {
     let webdis = backend.webdis.addr();
     let redis = &backend.redis;
     let (scenarios, steps) = (6, 40);
-    let tallies: Vec<Tally> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..scenarios)
-            .map(|n| {
-                let webdis = &webdis;
-                s.spawn(move || scenario(webdis, redis, n, steps))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let tallies: Vec<Tally> = super::in_parallel(scenarios, |n| scenario(&webdis, redis, n, steps));
     let mut total = Tally::default();
     for t in tallies {
         total.batches += t.batches;

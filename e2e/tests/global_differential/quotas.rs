@@ -183,15 +183,8 @@ fn quotas_and_rates_decide_alike_in_redis_and_rust_across_a_calendar_boundary() 
         (boundary - start) / 1_000_000_000,
         midnight_at(boundary)
     );
-    let tallies: Vec<Tally> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..6)
-            .map(|n| {
-                let webdis = &webdis;
-                s.spawn(move || scenario(webdis, redis, n, boundary, after))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let tallies: Vec<Tally> =
+        super::in_parallel(6, |n| scenario(&webdis, redis, n, boundary, after));
     let mut total = Tally::default();
     for t in &tallies {
         total.batches += t.batches;
