@@ -107,7 +107,7 @@ fn a_flood_of_distinct_keys_keeps_memory_bounded_and_the_hot_key_throttled() {
         "the hot key got through during the flood: {hot_statuses:?}"
     );
     // Bounded: the second wave of 100,000 new keys adds (next to) nothing.
-    // The documented bound (README) is 16 MiB for the table's values,
+    // The documented bound (docs/design.md) is 16 MiB for the table's values,
     // stats and allocator slack, whatever the number of keys.
     let growth_first = rss_after[0].saturating_sub(at_start);
     let growth_second = rss_after[1].saturating_sub(rss_after[0]);
