@@ -56,31 +56,49 @@ pub fn set_bytes(limits: &[Limit]) -> usize {
     out.len()
 }
 
+/// The limit sets of one call, each written once in order of first use and
+/// referred to by its 1-based number.
+#[derive(Default)]
+pub(crate) struct NumberedSets {
+    numbered: Vec<Applied>,
+    /// The sets' descriptions, in order.
+    pub(crate) text: String,
+}
+
+impl NumberedSets {
+    /// The number of the set `applied` (of `limits`), written if new.
+    pub(crate) fn number(&mut self, applied: Applied, limits: &[Limit]) -> usize {
+        match self.numbered.iter().position(|set| *set == applied) {
+            Some(index) => index + 1,
+            None => {
+                write_set(&mut self.text, limits);
+                self.numbered.push(applied);
+                self.numbered.len()
+            }
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.numbered.len()
+    }
+}
+
 /// The `:path` of call `nonce` (below [`NONCE_LIMIT`]) deciding `entries`.
 pub fn path(nonce: u64, entries: &[Entry<'_>]) -> String {
     let mut keys = String::new();
-    let mut sets = String::new();
+    let mut sets = NumberedSets::default();
     let mut refs = String::new();
-    // Sets in order of first use: (limits, number in the call).
-    let mut numbered: Vec<(Applied, usize)> = Vec::new();
     for entry in entries {
         keys.push('/');
         encode_into(&mut keys, entry.redis_key.as_bytes());
-        let number = match numbered.iter().find(|(set, _)| *set == entry.applied) {
-            Some((_, number)) => *number,
-            None => {
-                write_set(&mut sets, entry.limits);
-                numbered.push((entry.applied, numbered.len() + 1));
-                numbered.len()
-            }
-        };
+        let number = sets.number(entry.applied, entry.limits);
         let _ = write!(refs, "/{number}/{}", entry.count);
     }
-    let mut path = String::with_capacity(FIXED_BYTES + keys.len() + sets.len() + refs.len());
+    let mut path = String::with_capacity(FIXED_BYTES + keys.len() + sets.text.len() + refs.len());
     let _ = write!(path, "/FCALL/{FUNCTION}/{}", entries.len());
     path.push_str(&keys);
-    let _ = write!(path, "/{nonce}/{}", numbered.len());
-    path.push_str(&sets);
+    let _ = write!(path, "/{nonce}/{}", sets.len());
+    path.push_str(&sets.text);
     path.push_str(&refs);
     path
 }

@@ -88,24 +88,15 @@ pub fn path(
     entries: &[Entry<'_>],
 ) -> String {
     let mut keys = String::new();
-    let mut sets = String::new();
+    let mut sets = wire::NumberedSets::default();
     let mut refs = String::new();
-    // Rule sets in order of first use: (rules, number in the call).
-    let mut numbered: Vec<(Applied, usize)> = Vec::new();
     for entry in entries {
         keys.push('/');
         encode_into(&mut keys, entry.redis_key.as_bytes());
-        let number = match numbered.iter().find(|(set, _)| *set == entry.rules) {
-            Some((_, number)) => *number,
-            None => {
-                wire::write_set(&mut sets, entry.rule_limits);
-                numbered.push((entry.rules, numbered.len() + 1));
-                numbered.len()
-            }
-        };
+        let number = sets.number(entry.rules, entry.rule_limits);
         let _ = write!(refs, "/{}/{number}/{}", entry.plan + 1, entry.count);
     }
-    let mut path = String::with_capacity(fixed_bytes(plans_key) + keys.len() + sets.len());
+    let mut path = String::with_capacity(fixed_bytes(plans_key) + keys.len() + sets.text.len());
     let _ = write!(path, "/FCALL/{FUNCTION}/{}/", entries.len() + 1);
     encode_into(&mut path, plans_key.as_bytes());
     path.push_str(&keys);
@@ -113,8 +104,8 @@ pub fn path(
     for plan in plans {
         write_plan(&mut path, plan);
     }
-    let _ = write!(path, "/{}", numbered.len());
-    path.push_str(&sets);
+    let _ = write!(path, "/{}", sets.len());
+    path.push_str(&sets.text);
     path.push_str(&refs);
     path
 }
