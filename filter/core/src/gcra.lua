@@ -266,6 +266,27 @@ local function decide(key, set, count, now)
   return admitted, debts
 end
 
+-- Appends a key's decision to a reply: admitted, then one debt per limit.
+local function push_decision(out, admitted, debts)
+  out[#out + 1] = admitted
+  for i = 1, #debts do
+    out[#out + 1] = debts[i]
+  end
+end
+
+-- Reads the one limit set at args[pos] that must end the arguments.
+-- Returns the set, or nil and the error reply.
+local function read_only_set(args, pos, what)
+  local set, after = read_set(args, pos, what)
+  if set == nil then
+    return nil, redis.error_reply(after)
+  end
+  if after ~= #args + 1 then
+    return nil, redis.error_reply('ERR ' .. what .. ': expected n, then n (name, interval, capacity)')
+  end
+  return set
+end
+
 -- Reads n sets from args[pos] on. Returns them and the position after
 -- them, or nil and an error message.
 local function read_sets(args, pos, n, what)
@@ -312,11 +333,7 @@ local function batch(keys, args)
   local out = {nonce, now}
   for j = 1, #keys do
     local set, count = entries[j][1], entries[j][2]
-    local admitted, debts = decide(keys[j], set, count, now)
-    out[#out + 1] = admitted
-    for i = 1, set.n do
-      out[#out + 1] = debts[i]
-    end
+    push_decision(out, decide(keys[j], set, count, now))
   end
   return out
 end
@@ -421,12 +438,8 @@ local function batch2(keys, args)
       limits = join(plans[plan], set)
       joined[plan][set] = limits
     end
-    local admitted, debts = decide(keys[j + 1], limits, count, now)
     out[#out + 1] = answer
-    out[#out + 1] = admitted
-    for i = 1, limits.n do
-      out[#out + 1] = debts[i]
-    end
+    push_decision(out, decide(keys[j + 1], limits, count, now))
   end
   return out
 end
@@ -436,12 +449,9 @@ local function gcra(keys, args)
   if #keys ~= 1 then
     return redis.error_reply('ERR ' .. what .. ': expected 1 key')
   end
-  local set, after = read_set(args, 1, what)
+  local set, err = read_only_set(args, 1, what)
   if set == nil then
-    return redis.error_reply(after)
-  end
-  if after ~= #args + 1 then
-    return redis.error_reply('ERR ' .. what .. ': expected n, then n (name, interval, capacity)')
+    return err
   end
   for i = 1, set.n do
     if set.quotas[i] then
@@ -485,12 +495,9 @@ local function admin(keys, args)
   if not is_count(nonce) or not is_count(op) or op > 2 or not is_count(amount) then
     return redis.error_reply('ERR ' .. what .. ': expected the nonce, an op (0, 1 or 2) and an amount')
   end
-  local set, after = read_set(args, 4, what)
+  local set, err = read_only_set(args, 4, what)
   if set == nil then
-    return redis.error_reply(after)
-  end
-  if after ~= #args + 1 then
-    return redis.error_reply('ERR ' .. what .. ': expected n, then n (name, interval, capacity)')
+    return err
   end
   local now = clock()
   local stored = {}
