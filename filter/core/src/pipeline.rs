@@ -463,31 +463,24 @@ pub fn finish(
         decision,
     };
     events.rules = applied.rules;
-    if !decision.allowed {
-        let limits = policy.limits(applied);
-        events.denied_limits = limits
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| decision.denied_by & 1u32.checked_shl(*i as u32).unwrap_or(0) != 0)
-            .map(|(_, l)| l.index)
-            .collect();
-    }
     if decision.allowed {
         events.insert(Event::Allowed);
-        (Action::Continue(Some(quota)), events)
-    } else if policy.shadow_mode {
+        return (Action::Continue(Some(quota)), events);
+    }
+    let limits = policy.limits(applied);
+    events.denied_limits = limits
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| decision.denied_by & 1u32.checked_shl(*i as u32).unwrap_or(0) != 0)
+        .map(|(_, l)| l.index)
+        .collect();
+    if policy.shadow_mode {
         events.insert(Event::ShadowThrottled);
         (Action::Continue(Some(quota)), events)
     } else {
         events.insert(Event::Throttled);
-        (
-            Action::Respond(response::throttled(
-                &policy.headers,
-                policy.limits(applied).as_slice(),
-                &decision,
-            )),
-            events,
-        )
+        let reply = response::throttled(&policy.headers, limits.as_slice(), &decision);
+        (Action::Respond(reply), events)
     }
 }
 
