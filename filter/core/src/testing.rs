@@ -74,6 +74,23 @@ pub(crate) fn quota_limit(
     Limit::quota(name, count, period).unwrap()
 }
 
+/// `s` with every `%XX` decoded, as webdis reads a call's arguments.
+pub(crate) fn url_decoded(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
 /// The unseeded hash of `key`.
 pub(crate) fn key_hash(key: &[u8]) -> KeyHash {
     KeyHasher::unseeded().hash(key)

@@ -815,7 +815,7 @@ mod plans_tests;
 mod tests {
     use super::*;
     use crate::gcra;
-    use crate::testing::{applied_of, key_hash, policy, S};
+    use crate::testing::{applied_of, key_hash, policy, url_decoded, S};
     use crate::time::micros_to_nanos;
     use std::collections::BTreeMap;
 
@@ -862,22 +862,7 @@ mod tests {
         store: &mut BTreeMap<String, BTreeMap<String, u64>>,
         now_us: u64,
     ) -> String {
-        let decode = |s: &str| {
-            let bytes = s.as_bytes();
-            let mut out = Vec::new();
-            let mut i = 0;
-            while i < bytes.len() {
-                if bytes[i] == b'%' {
-                    out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
-                    i += 3;
-                } else {
-                    out.push(bytes[i]);
-                    i += 1;
-                }
-            }
-            String::from_utf8(out).unwrap()
-        };
-        let args: Vec<String> = path.split('/').skip(3).map(decode).collect();
+        let args: Vec<String> = path.split('/').skip(3).map(url_decoded).collect();
         let mut it = args.iter();
         let mut next = || it.next().unwrap().clone();
         let m: usize = next().parse().unwrap();

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use super::*;
 use crate::gcra;
 use crate::pipeline::{self, Start};
-use crate::testing::{key_hash, policy, Headers, S};
+use crate::testing::{key_hash, policy, url_decoded, Headers, S};
 use crate::time::micros_to_nanos;
 
 const NONCE: u64 = 40;
@@ -59,24 +59,9 @@ fn function(
     plans: &BTreeMap<String, String>,
     now_us: u64,
 ) -> String {
-    let decode = |s: &str| {
-        let bytes = s.as_bytes();
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < bytes.len() {
-            if bytes[i] == b'%' {
-                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
-                i += 3;
-            } else {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-        String::from_utf8(out).unwrap()
-    };
     let mut parts = path.split('/').skip(2);
     assert_eq!(parts.next(), Some(wire_plans::FUNCTION));
-    let args: Vec<String> = parts.map(decode).collect();
+    let args: Vec<String> = parts.map(url_decoded).collect();
     let mut it = args.iter();
     let mut next = || it.next().unwrap().clone();
     let m: usize = next().parse::<usize>().unwrap() - 1;
