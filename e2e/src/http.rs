@@ -31,6 +31,20 @@ pub struct Response {
 
 impl Response {
     /// The first value of header `name` (case-insensitive), if it is UTF-8.
+    /// Limit `name`'s `r` (what may still be sent) in the `RateLimit`
+    /// header; panics, naming what is missing, when it is not there.
+    pub fn ratelimit_remaining(&self, name: &str) -> u64 {
+        let header = self
+            .header("ratelimit")
+            .unwrap_or_else(|| panic!("no RateLimit header: {self:?}"));
+        header
+            .split(", ")
+            .find(|m| m.starts_with(&format!("\"{name}\";")))
+            .and_then(|member| member.split(';').find_map(|kv| kv.strip_prefix("r=")))
+            .and_then(|r| r.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} with an r in {header}"))
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.header_bytes(name)
             .and_then(|v| std::str::from_utf8(v).ok())

@@ -109,21 +109,6 @@ fn remaining(r: &Response) -> Vec<u64> {
         .collect()
 }
 
-/// `name`'s `r` in a forwarded response's `RateLimit` header.
-fn header_remaining(r: &Response, name: &str) -> u64 {
-    let header = r.header("ratelimit").unwrap_or_else(|| panic!("{r:?}"));
-    let member = header
-        .split(", ")
-        .find(|m| m.starts_with(&format!("\"{name}\";")))
-        .unwrap();
-    member
-        .split(';')
-        .find_map(|kv| kv.strip_prefix("r="))
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn the_admin_listener_inspects_resets_and_grants_with_the_token_only_in_local_mode() {
     let (_upstream, envoy) = start_local();
@@ -176,8 +161,8 @@ fn inspect_reset_and_grant(envoy: &Envoy) {
     assert_eq!(
         inspected,
         [
-            header_remaining(&last, "3/min"),
-            header_remaining(&last, "daily")
+            last.ratelimit_remaining("3/min"),
+            last.ratelimit_remaining("daily")
         ]
     );
     assert_eq!(inspected, [0, 2]);
@@ -196,7 +181,10 @@ fn inspect_reset_and_grant(envoy: &Envoy) {
     let r = get(&api, key);
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(
-        (header_remaining(&r, "3/min"), header_remaining(&r, "daily")),
+        (
+            r.ratelimit_remaining("3/min"),
+            r.ratelimit_remaining("daily")
+        ),
         (2, 4)
     );
 

@@ -30,21 +30,6 @@ fn get(addr: &str, path: &[u8], key: Option<&str>) -> Response {
         .unwrap()
 }
 
-/// `name`'s `r` in the `RateLimit` header.
-fn remaining(r: &Response, name: &str) -> u64 {
-    let header = r.header("ratelimit").unwrap_or_else(|| panic!("{r:?}"));
-    let member = header
-        .split(", ")
-        .find(|m| m.starts_with(&format!("\"{name}\";")))
-        .unwrap_or_else(|| panic!("no {name} in {header}"));
-    member
-        .split(';')
-        .find_map(|kv| kv.strip_prefix("r="))
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 /// The introspection answer for `key`: 200, both limits in the headers,
 /// and a body that agrees with them. Returns what is left of each.
 fn introspect(addr: &str, key: &str) -> (u64, u64) {
@@ -62,10 +47,13 @@ fn introspect(addr: &str, key: &str) -> (u64, u64) {
         assert_eq!(limit["name"], name, "{body}");
         assert_eq!(limit["quota"], quota, "{body}");
         assert_eq!(limit["window"], 60, "{body}");
-        assert_eq!(limit["remaining"], remaining(&r, name), "{body}");
+        assert_eq!(limit["remaining"], r.ratelimit_remaining(name), "{body}");
         assert!(limit["reset"].as_u64().unwrap() <= 60, "{body}");
     }
-    (remaining(&r, "3/min"), remaining(&r, "orders:2/min"))
+    (
+        r.ratelimit_remaining("3/min"),
+        r.ratelimit_remaining("orders:2/min"),
+    )
 }
 
 /// The same story in both modes.
@@ -81,16 +69,24 @@ fn answers_the_callers_quota_and_spends_nothing(addr: &str) {
     // One order spent: the answer says so, and asking again spends nothing.
     let r = get(addr, b"/orders", Some("k"));
     assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(remaining(&r, "3/min"), 2);
+    assert_eq!(r.ratelimit_remaining("3/min"), 2);
     for _ in 0..5 {
         assert_eq!(introspect(addr, "k"), (2, 1));
     }
     // The next requests are admitted exactly as without the questions.
     let r = get(addr, b"/orders", Some("k"));
-    assert_eq!((r.status, remaining(&r, "orders:2/min")), (200, 0), "{r:?}");
+    assert_eq!(
+        (r.status, r.ratelimit_remaining("orders:2/min")),
+        (200, 0),
+        "{r:?}"
+    );
     assert_eq!(get(addr, b"/orders", Some("k")).status, 429);
     let r = get(addr, b"/", Some("k"));
-    assert_eq!((r.status, remaining(&r, "3/min")), (200, 0), "{r:?}");
+    assert_eq!(
+        (r.status, r.ratelimit_remaining("3/min")),
+        (200, 0),
+        "{r:?}"
+    );
     assert_eq!(get(addr, b"/", Some("k")).status, 429);
     assert_eq!(introspect(addr, "k"), (0, 0));
 }
