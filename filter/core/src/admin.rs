@@ -18,10 +18,10 @@ use std::borrow::Cow;
 use sha2::{Digest, Sha256};
 
 use crate::config::{AdminConfig, ConfigError};
-use crate::gcra::Limit;
+use crate::gcra::{Clock, Limit};
 use crate::key::RequestHeaders;
-use crate::quota;
 use crate::response::{self, LocalReply};
+use crate::settle::{self, Adjust};
 
 /// The most a grant may give at once, in requests (or quota units).
 pub const MAX_GRANT: u64 = 1_000_000_000;
@@ -140,21 +140,14 @@ impl Admin {
 }
 
 /// A stored value after `op` (a rate's TAT, or a quota's packed value) at
-/// `now`: a reset empties it, a grant takes `n` requests of debt (at most
-/// down to a full bucket) or `n` units of a quota's use.
-pub fn apply(op: Op, limit: &Limit, value: u64, now: u64) -> u64 {
-    match (op, &limit.period) {
-        (Op::Inspect, _) => value,
-        (Op::Reset, _) => 0,
-        (Op::Grant(_), Some(_)) if value == 0 => 0,
-        (Op::Grant(n), Some(_)) => {
-            let (end, used) = quota::unpack(value);
-            quota::pack(end, used.saturating_sub(n), true)
-        }
-        (Op::Grant(_), None) if value <= now => value,
-        (Op::Grant(n), None) => value
-            .saturating_sub(limit.interval_nanos.saturating_mul(n))
-            .max(now),
+/// `clock`: a reset empties it, a grant takes `n` requests of debt (at most
+/// down to a full bucket) or `n` units of a quota's use: a refund, as a
+/// settlement's ([`settle::apply`]).
+pub fn apply(op: Op, limit: &Limit, value: u64, clock: Clock) -> u64 {
+    match op {
+        Op::Inspect => value,
+        Op::Reset => 0,
+        Op::Grant(n) => settle::apply(Adjust::Refund(n), limit, value, clock),
     }
 }
 

@@ -112,9 +112,28 @@ pub struct RuleConfig {
     #[serde(rename = "match")]
     pub matches: MatchConfig,
     pub limits: Vec<LimitConfig>,
-    /// What one request charges each of this rule's limits (default 1).
+    /// What one request charges each of this rule's limits (default 1);
+    /// with `settle`, the estimate reserved when the request arrives.
     #[serde(default)]
     pub cost: Option<CostConfig>,
+    /// Where the response says what the request really cost.
+    #[serde(default)]
+    pub settle: Option<SettleConfig>,
+}
+
+/// A rule's real cost, read from the response: exactly one of the three.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettleConfig {
+    /// A response header, e.g. `x-usage-tokens`.
+    pub header: Option<String>,
+    /// A response trailer.
+    pub trailer: Option<String>,
+    /// A numeric field of a JSON body, as a dotted path
+    /// (`usage.total_tokens`); in an event stream, the last event's.
+    pub json: Option<String>,
+    /// The most of a JSON body (or of one event) read, with `json`.
+    pub max_body_bytes: Option<u64>,
 }
 
 /// A rule's conditions; all given ones must hold.

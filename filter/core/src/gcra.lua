@@ -190,6 +190,21 @@ local function read_set(args, pos, what)
   return set, pos + 1 + 3 * n
 end
 
+-- Redis forgets a key once every bucket is full: that state is fresh.
+-- Never sooner: other fields (limits this call does not carry) may run
+-- later, so an existing key only gets a later expiry (GT), and a new one
+-- (no expiry yet, which GT never replaces) its first (NX). Try first what
+-- the fields read suggest (`fresh`: none stored), so it is usually one
+-- command. Absolute milliseconds, rounded up, from the same clock.
+local function expire_at_least(key, latest, fresh)
+  local expire_at = string.format('%.0f', math.ceil(latest / 1000))
+  local first, second = 'GT', 'NX'
+  if fresh then first, second = 'NX', 'GT' end
+  if redis.call('PEXPIREAT', key, expire_at, first) == 0 then
+    redis.call('PEXPIREAT', key, expire_at, second)
+  end
+end
+
 -- Decides `count` requests of `key` under `set` at `now`: how many are
 -- admitted, and each limit's debt before them. Writes the key only if one
 -- is admitted. One HMGET, and for an admission one HSET and (usually) one
@@ -250,18 +265,7 @@ local function decide(key, set, count, now)
       fields[2 * i] = string.format('%.0f', tat)
     end
     redis.call('HSET', key, unpack(fields))
-    -- Redis forgets the key once every bucket is full: that state is fresh.
-    -- Never sooner: other fields (limits this call does not carry) may run
-    -- later, so an existing key only gets a later expiry (GT), and a new
-    -- one (no expiry yet, which GT never replaces) its first (NX). Try
-    -- first what the fields read suggest, so it is usually one command.
-    -- Absolute milliseconds, rounded up, from the same clock.
-    local expire_at = string.format('%.0f', math.ceil(latest / 1000))
-    local first, second = 'GT', 'NX'
-    if fresh then first, second = 'NX', 'GT' end
-    if redis.call('PEXPIREAT', key, expire_at, first) == 0 then
-      redis.call('PEXPIREAT', key, expire_at, second)
-    end
+    expire_at_least(key, latest, fresh)
   end
   return admitted, debts
 end
@@ -486,6 +490,35 @@ end
 -- below 0. The debts are those after the change, as apikey_ratelimit_batch
 -- answers them for a count of 0. Only fields the key holds are written, and
 -- never its expiry: values only go down, so the expiry stays late enough.
+-- The most a quota's used count holds (the filter packs it in 30 bits),
+-- and how far past now a charge may put a TAT (50 years, in microseconds).
+local MAX_USED = 2^30 - 1
+local MAX_DEBT = 50 * 365 * 86400 * 1000000
+
+-- Limit i's stored value after a refund (or a charge) of `amount` units
+-- at `now`, as settle.rs's `apply`: a refund lowers a rate's debt by
+-- amount intervals but never below a full bucket, and a quota's used count
+-- but never below 0; a charge raises them, a rate's TAT at most MAX_DEBT
+-- past now, in the quota's current period.
+local function adjusted(value, set, i, refund, amount, now)
+  local q = set.quotas[i]
+  if q then
+    local e = period_end(now, q)
+    local used = math.max(value - e, 0)
+    if refund then
+      if used > 0 then return e + math.max(used - amount, 0) end
+      return value
+    end
+    return e + math.min(used + amount, MAX_USED)
+  end
+  local T = set.intervals[i]
+  if refund then
+    if value > now then return math.max(value - amount * T, now) end
+    return value
+  end
+  return math.min(math.max(value, now) + amount * T, now + MAX_DEBT)
+end
+
 local function admin(keys, args)
   local what = 'apikey_ratelimit_admin'
   if #keys ~= 1 then
@@ -509,15 +542,10 @@ local function admin(keys, args)
   for i = 1, set.n do
     local value = tonumber(stored[i]) or 0
     if stored[i] and op > 0 then
-      local q = set.quotas[i]
       if op == 1 then
         value = 0
-      elseif q then
-        local e = period_end(now, q)
-        local used = math.max(value - e, 0)
-        if used > 0 then value = e + math.max(used - amount, 0) end
-      elseif value > now then
-        value = math.max(value - amount * set.intervals[i], now)
+      else
+        value = adjusted(value, set, i, true, amount, now)
       end
       fields[#fields + 1] = set.names[i]
       fields[#fields + 1] = string.format('%.0f', value)
@@ -530,7 +558,67 @@ local function admin(keys, args)
   return out
 end
 
+-- apikey_ratelimit_settle: requests' real costs, once their responses said
+-- them (see settle.rs): each entry refunds (op 0) or charges (op 1) `amount`
+-- units on one key's limit set. Every argument is checked before anything
+-- is written.
+--
+--   FCALL apikey_ratelimit_settle <m> <key_1> ... <key_m> <nonce>
+--         [<op> <amount> <n> (<name> <T> <C>) x n] x m
+--   -> {nonce, now_us}
+local function settle(keys, args)
+  local what = 'apikey_ratelimit_settle'
+  local nonce = tonumber(args[1])
+  if not is_count(nonce) then
+    return redis.error_reply('ERR ' .. what .. ': expected the nonce')
+  end
+  local entries = {}
+  local pos = 2
+  for j = 1, #keys do
+    local op, amount = tonumber(args[pos]), tonumber(args[pos + 1])
+    if not is_count(op) or op > 1 or not is_count(amount) then
+      return redis.error_reply('ERR ' .. what .. ': entry ' .. j .. ' needs an op (0 or 1) and an amount')
+    end
+    local set, after = read_set(args, pos + 2, what)
+    if set == nil then
+      return redis.error_reply(after)
+    end
+    entries[j] = {refund = op == 0, amount = amount, set = set}
+    pos = after
+  end
+  if pos ~= #args + 1 then
+    return redis.error_reply('ERR ' .. what .. ': expected ' .. #keys .. ' entries and nothing after')
+  end
+  local now = clock()
+  for j = 1, #keys do
+    local e = entries[j]
+    local set = e.set
+    if set.n > 0 then
+      local stored = redis.call('HMGET', keys[j], unpack(set.names))
+      local fields = {}
+      local latest = now
+      local fresh = true
+      for i = 1, set.n do
+        fresh = fresh and stored[i] == false
+        -- A refund of nothing stored gives nothing back.
+        if stored[i] or not e.refund then
+          local value = adjusted(tonumber(stored[i]) or 0, set, i, e.refund, e.amount, now)
+          latest = math.max(latest, value)
+          fields[#fields + 1] = set.names[i]
+          fields[#fields + 1] = string.format('%.0f', value)
+        end
+      end
+      if #fields > 0 then
+        redis.call('HSET', keys[j], unpack(fields))
+        if not e.refund then expire_at_least(keys[j], latest, fresh) end
+      end
+    end
+  end
+  return {nonce, now}
+end
+
 redis.register_function('apikey_ratelimit_batch', batch)
 redis.register_function('apikey_ratelimit_admin', admin)
 redis.register_function('apikey_ratelimit_batch2', batch2)
 redis.register_function('apikey_ratelimit_gcra', gcra)
+redis.register_function('apikey_ratelimit_settle', settle)

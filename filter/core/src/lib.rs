@@ -31,6 +31,7 @@
 //! - [`calls`]: the calls a root context has sent, by the host's token.
 //! - [`response`]: 429/401/400/503 bodies and the quota headers.
 //! - [`pipeline`]: one request from headers to action and metrics.
+//! - [`settle`]: cost settled from the response: reservation, refund, debt.
 //! - [`admin`]: the operators' API (inspect, reset, grant a key), its token.
 //! - [`plugin_name`]: the plugin's name, stable across Istio versions.
 
@@ -57,6 +58,7 @@ pub mod policy;
 pub mod quota;
 pub mod rate;
 pub mod response;
+pub mod settle;
 pub mod slots;
 pub mod state;
 #[cfg(test)]

@@ -102,6 +102,8 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// Each rule's limits, as indices into `instances`.
     rule_limits: Vec<Vec<u16>>,
+    /// Bit `i`: rule `i` settles its cost from the response.
+    settling: u32,
     needs: Needs,
     /// What header-free matching can skip: no rule at all.
     registry: Registry,
@@ -443,6 +445,13 @@ impl Policy {
             None => None,
         };
         let admin = config.admin.as_ref().map(Admin::compile).transpose()?;
+        let settling = rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.settle.is_some())
+            .fold(0, |bits, (i, _)| {
+                bits | 1u32.checked_shl(i as u32).unwrap_or(0)
+            });
         Ok(Policy {
             admin,
             introspection,
@@ -459,6 +468,7 @@ impl Policy {
             limit_names: limits.names,
             plans,
             rules,
+            settling,
             rule_limits,
             needs,
             registry,
@@ -605,6 +615,16 @@ impl Policy {
                     .map(|l| l.costing(u64::from(r.cost)))
             })
             .collect()
+    }
+
+    /// Bit `i`: rule `i` settles its cost from the response.
+    pub fn settling_rules(&self) -> u32 {
+        self.settling
+    }
+
+    /// How many limits rule `rule` adds to a request it matches.
+    pub fn rule_limit_count(&self, rule: usize) -> usize {
+        self.rule_limits.get(rule).map_or(0, Vec::len)
     }
 
     /// Keys the store hashes with `hasher` from now on.

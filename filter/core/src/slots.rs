@@ -209,16 +209,18 @@ impl SlotTable {
     }
 
     /// Rewrites the key's stored values of `limits` with `change(limit,
-    /// value, now)` (the admin API's reset and grant), in the same CAS loop
-    /// as a decision (`Err` is the host's).
+    /// value, clock)` (the admin API's reset and grant, a settlement), in
+    /// the same CAS loop as a decision (`Err` is the host's).
     pub fn rewrite<S: CasStore>(
         &self,
         store: &mut S,
         key: KeyHash,
         limits: &[Limit],
-        now: u64,
-        change: impl Fn(&Limit, u64, u64) -> u64,
+        clock: impl Into<Clock>,
+        change: impl Fn(&Limit, u64, Clock) -> u64,
     ) -> Result<Rewritten, S::Error> {
+        let clock = clock.into();
+        let now = clock.now;
         let limits = limits.get(..MAX_LIMITS).unwrap_or(limits);
         let candidates = self.candidates(key);
         for _ in 0..=self.max_retries {
@@ -230,7 +232,7 @@ impl SlotTable {
             let changed: crate::per_limit::PerLimit<u64> = limits
                 .iter()
                 .zip(tats.as_slice())
-                .map(|(limit, value)| change(limit, *value, now))
+                .map(|(limit, value)| change(limit, *value, clock))
                 .collect();
             let mut next = found.state.with_tats(limits, changed.as_slice(), now);
             next.guard = next.throttled_until(limits);

@@ -28,9 +28,13 @@ use ratelimit_core::deny_cache;
 use ratelimit_core::webdis::BackendError;
 use ratelimit_core::Event;
 
+use ratelimit_core::settle::redis::Entry;
+
 use crate::admin_calls::{AdminCall, AdminCalls, Answered};
 use crate::filter::Filter;
 use crate::host::{self, Status, LOG_ERROR, LOG_INFO};
+use crate::metrics::SETTLE_FAILED;
+use crate::settle_calls::SettleCalls;
 use crate::shared_store::{table_prefix, with_slot_key};
 use crate::verdict::{self, Pending};
 use crate::webdis_store::WebdisStore;
@@ -45,6 +49,8 @@ pub struct Callouts {
     root_id: Cell<u32>,
     /// The admin API's calls (`admin_calls.rs`).
     admin: AdminCalls,
+    /// Settlements of cost from the response (`settle_calls.rs`).
+    settlements: SettleCalls,
 }
 
 impl Callouts {
@@ -112,6 +118,28 @@ impl Callouts {
         true
     }
 
+    /// Queues a request's settlement for the root to send, waking it once.
+    pub fn settle(&self, filter: &Filter, entry: Entry) {
+        if !self.settlements.queue(entry) {
+            filter.metrics.settled(SETTLE_FAILED, 1);
+            return;
+        }
+        if self.settlements.wake_pending.get() {
+            return;
+        }
+        if let Some(queue) = self.queue.get() {
+            // If the wake-up is lost, the root's tick sends it.
+            if host::enqueue_shared_queue(queue, &[1]).is_ok() {
+                self.settlements.wake_pending.set(true);
+            }
+        }
+    }
+
+    /// Sends the queued settlements now (a closing root).
+    pub fn send_settlements(&self, filter: &Filter, webdis: &WebdisStore) {
+        self.settlements.send(filter, webdis);
+    }
+
     /// The admin request of `context_id` ended.
     pub fn release_admin(&self, context_id: u32) {
         self.admin.release(context_id);
@@ -156,7 +184,9 @@ impl Callouts {
         if let Some(batcher) = &mut *self.batcher.borrow_mut() {
             batcher.woken();
         }
+        self.settlements.wake_pending.set(false);
         self.send_admin(filter, webdis);
+        self.settlements.send(filter, webdis);
         self.pump(filter, webdis);
         self.finish_if_closing(filter);
     }
@@ -171,6 +201,7 @@ impl Callouts {
         }
         self.finish_all(filter, finished);
         self.send_admin(filter, webdis);
+        self.settlements.send(filter, webdis);
         self.pump(filter, webdis);
         self.finish_if_closing(filter);
     }
@@ -250,6 +281,11 @@ impl Callouts {
             host::http_call_response_status()
         };
         let body = host::http_call_response_body(body_size).unwrap_or_default();
+        if self.settlements.answered(filter, token, status, &body) {
+            self.settlements.send(filter, webdis);
+            self.finish_if_closing(filter);
+            return;
+        }
         if let Some(answered) = self.admin.answered(filter, webdis, token, status, &body) {
             if let Some(answered) = answered {
                 self.answer_admin(answered);
@@ -353,9 +389,12 @@ impl Callouts {
     /// tells the host it is done.
     fn finish_if_closing(&self, filter: &Filter) {
         let finish = match &mut *self.batcher.borrow_mut() {
-            // A root closing for its admin calls alone has an idle batcher.
+            // A root closing for its admin calls or settlements alone has
+            // an idle batcher.
             Some(batcher) if self.admin.closing.get() => {
                 self.admin.outstanding() == 0
+                    && self.settlements.outstanding() == 0
+                    && self.settlements.waiting() == 0
                     && batcher.waiting() == 0
                     && batcher.outstanding() == 0
             }
@@ -385,13 +424,18 @@ impl Callouts {
         let Some(batcher) = &mut *self.batcher.borrow_mut() else {
             return true;
         };
-        if self.admin.outstanding() > 0 {
+        if self.admin.outstanding() > 0
+            || self.settlements.outstanding() > 0
+            || self.settlements.waiting() > 0
+        {
             self.admin.closing.set(true);
             host::log(
                 LOG_INFO,
                 &format!(
-                    "root context closing: waiting for {} admin call(s)",
-                    self.admin.outstanding()
+                    "root context closing: waiting for {} admin call(s), {} settlement call(s) and {} settlement(s) to send",
+                    self.admin.outstanding(),
+                    self.settlements.outstanding(),
+                    self.settlements.waiting()
                 ),
             );
             return false;

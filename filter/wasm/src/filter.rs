@@ -46,7 +46,7 @@ impl Filter {
     }
 
     /// Logs a failed backend call, at most once per class per 10 s.
-    fn log_backend_error(&self, error: &BackendError) {
+    pub fn log_backend_error(&self, error: &BackendError) {
         if !self
             .backend_logs
             .allow(error.class.index(), host::now_nanos().unwrap_or(0))

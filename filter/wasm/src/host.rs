@@ -27,7 +27,9 @@ pub const LOG_CRITICAL: u32 = 5;
 
 const MAP_REQUEST_HEADERS: u32 = 0;
 const MAP_RESPONSE_HEADERS: u32 = 2;
+const MAP_RESPONSE_TRAILERS: u32 = 3;
 const MAP_HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
+const BUFFER_HTTP_RESPONSE_BODY: u32 = 1;
 const BUFFER_HTTP_CALL_RESPONSE_BODY: u32 = 4;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
 const METRIC_COUNTER: u32 = 0;
@@ -238,12 +240,31 @@ pub fn resume_request() -> Result<(), Status> {
     check(unsafe { proxy_continue_stream(STREAM_HTTP_REQUEST) })
 }
 
-/// All request headers, serialized (see `ratelimit_core::header_map`).
-pub fn request_header_pairs() -> Result<Vec<u8>, Status> {
+fn header_pairs(map_type: u32) -> Result<Vec<u8>, Status> {
     let mut data = null_mut();
     let mut size = 0;
-    check(unsafe { proxy_get_header_map_pairs(MAP_REQUEST_HEADERS, &mut data, &mut size) })?;
+    check(unsafe { proxy_get_header_map_pairs(map_type, &mut data, &mut size) })?;
     Ok(unsafe { owned(data, size) })
+}
+
+/// All request headers, serialized (see `ratelimit_core::header_map`).
+pub fn request_header_pairs() -> Result<Vec<u8>, Status> {
+    header_pairs(MAP_REQUEST_HEADERS)
+}
+
+/// All response headers, serialized (in `on_http_response_headers`).
+pub fn response_header_pairs() -> Result<Vec<u8>, Status> {
+    header_pairs(MAP_RESPONSE_HEADERS)
+}
+
+/// All response trailers, serialized (in `on_http_response_trailers`).
+pub fn response_trailer_pairs() -> Result<Vec<u8>, Status> {
+    header_pairs(MAP_RESPONSE_TRAILERS)
+}
+
+/// The response body chunk at hand (in `on_http_response_body`).
+pub fn response_body(size: usize) -> Result<Vec<u8>, Status> {
+    buffer(BUFFER_HTTP_RESPONSE_BODY, size)
 }
 
 pub fn add_response_header(name: &str, value: &str) -> Result<(), Status> {

@@ -25,6 +25,7 @@ use crate::callouts::Callouts;
 use crate::filter::{Filter, Store};
 use crate::host::{self, LOG_INFO, LOG_WARN};
 use crate::request_headers::LazyHeaders;
+use crate::settlement::{SettleKey, Settling};
 use crate::shared_store::SharedStore;
 use crate::verdict::{carry_out, decided, respond, Pending};
 use crate::webdis_store::WebdisStore;
@@ -44,6 +45,11 @@ pub struct Request {
     now: Option<u64>,
     /// An admin call of this request waits for Redis.
     admin_call: bool,
+    /// Where a request that may settle its cost from the response keeps
+    /// its counters (set only when a settling rule matched).
+    settle_key: Option<SettleKey>,
+    /// Its reservations waiting for the response to say its real cost.
+    settling: Option<Settling>,
 }
 
 impl Request {
@@ -56,6 +62,8 @@ impl Request {
             call: None,
             now: None,
             admin_call: false,
+            settle_key: None,
+            settling: None,
         }
     }
 
@@ -166,10 +174,11 @@ impl Request {
         };
         let mut store = SharedStore::new(prefix);
         let op = command.op;
+        let clock = Clock::local(now, wall);
         let changed = match op {
             Op::Inspect => Ok(Rewritten::Done),
-            _ => table.rewrite(&mut store, hash, limits.as_slice(), now, |l, v, now| {
-                admin::apply(op, l, v, now)
+            _ => table.rewrite(&mut store, hash, limits.as_slice(), clock, |l, v, clock| {
+                admin::apply(op, l, v, clock)
             }),
         };
         if !matches!(changed, Ok(Rewritten::Done | Rewritten::Fresh)) {
@@ -290,6 +299,9 @@ impl Drop for Request {
         if self.admin_call {
             self.callouts.release_admin(self.context_id);
         }
+        if let (Some(filter), Some(settling)) = (&self.filter, self.settling.take()) {
+            settling.abort(filter);
+        }
     }
 }
 
@@ -320,44 +332,21 @@ impl HttpContext for Request {
                 hash,
                 applied,
                 events,
-            } => match &filter.store {
-                Store::Local { table, prefix } => {
-                    let limits = policy.limits(&applied);
-                    // Counters on the monotonic clock; quotas' calendar on
-                    // the wall clock (`docs/design.md#calendar-quotas`).
-                    let clock = match (self.clock(), Request::wall_clock(&filter)) {
-                        (Ok(now), Ok(wall)) => Ok(Clock::local(now, wall)),
-                        _ => Err(()),
-                    };
-                    let outcome = match clock {
-                        Ok(clock) => table
-                            .decide(
-                                &mut SharedStore::new(prefix),
-                                hash,
-                                limits.as_slice(),
-                                clock,
-                            )
-                            .map_err(|status| {
-                                host::log(
-                                    LOG_WARN,
-                                    &format!("shared data failed (host status {})", status.0),
-                                );
-                                StoreFailure::Host
-                            }),
-                        Err(_) => Err(StoreFailure::Host),
-                    };
-                    let (action, events) = pipeline::finish(policy, &applied, events, outcome);
-                    self.apply(&filter, action, events)
-                }
-                Store::Webdis(webdis) => {
-                    self.decide_global(&filter, webdis, subject, hash, applied, events, false)
-                }
-            },
+            } => {
+                self.remember_settle_key(&filter, &subject, hash, &applied);
+                self.decide(&filter, subject, hash, applied, events)
+            }
         }
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if let (Some(filter), Some(quota)) = (&self.filter, self.quota.take()) {
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let Some(filter) = self.filter.clone() else {
+            return Action::Continue;
+        };
+        if let Some(quota) = self.quota.take() {
+            if let Some(key) = self.settle_key.take() {
+                self.settling = Settling::begin(&filter, &quota, key);
+            }
             let mut buf = String::with_capacity(64);
             pipeline::write_response_headers(&filter.policy, &quota, &mut buf, |name, value| {
                 if let Err(status) = host::add_response_header(name, value) {
@@ -368,6 +357,93 @@ impl HttpContext for Request {
                 }
             });
         }
+        if let Some(settling) = &mut self.settling {
+            if settling.on_headers(&filter, &self.callouts, end_of_stream) {
+                self.settling = None;
+            }
+        }
         Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if let (Some(filter), Some(settling)) = (&self.filter, &mut self.settling) {
+            if settling.on_body(filter, &self.callouts, body_size, end_of_stream) {
+                self.settling = None;
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        if let (Some(filter), Some(mut settling)) = (&self.filter, self.settling.take()) {
+            settling.on_trailers(filter, &self.callouts);
+        }
+        Action::Continue
+    }
+}
+
+impl Request {
+    /// A request a settling rule matched keeps where its counters are, for
+    /// its response (`settlement.rs`).
+    fn remember_settle_key(
+        &mut self,
+        filter: &Filter,
+        subject: &Subject<'_>,
+        hash: KeyHash,
+        applied: &Applied,
+    ) {
+        if applied.rules & filter.policy.settling_rules() == 0 {
+            return;
+        }
+        let redis_key = match &filter.store {
+            Store::Webdis(webdis) => Some(webdis.redis_key(subject)),
+            Store::Local { .. } => None,
+        };
+        self.settle_key = Some(SettleKey { hash, redis_key });
+    }
+
+    /// Decides an admitted key's request in its store.
+    fn decide(
+        &mut self,
+        filter: &Filter,
+        subject: Subject<'_>,
+        hash: KeyHash,
+        applied: Applied,
+        events: Events,
+    ) -> Action {
+        let policy = &filter.policy;
+        match &filter.store {
+            Store::Local { table, prefix } => {
+                let limits = policy.limits(&applied);
+                // Counters on the monotonic clock; quotas' calendar on
+                // the wall clock (`docs/design.md#calendar-quotas`).
+                let clock = match (self.clock(), Request::wall_clock(filter)) {
+                    (Ok(now), Ok(wall)) => Ok(Clock::local(now, wall)),
+                    _ => Err(()),
+                };
+                let outcome = match clock {
+                    Ok(clock) => table
+                        .decide(
+                            &mut SharedStore::new(prefix),
+                            hash,
+                            limits.as_slice(),
+                            clock,
+                        )
+                        .map_err(|status| {
+                            host::log(
+                                LOG_WARN,
+                                &format!("shared data failed (host status {})", status.0),
+                            );
+                            StoreFailure::Host
+                        }),
+                    Err(_) => Err(StoreFailure::Host),
+                };
+                let (action, events) = pipeline::finish(policy, &applied, events, outcome);
+                self.apply(filter, action, events)
+            }
+            Store::Webdis(webdis) => {
+                self.decide_global(filter, webdis, subject, hash, applied, events, false)
+            }
+        }
     }
 }

@@ -23,6 +23,8 @@
 //! - `webdis_store.rs`: the global store: calls to webdis, the deny cache.
 //! - `callouts.rs`: the webdis calls, sent and answered by the root context
 //!   for its requests (`ratelimit_core::calls` keeps the books).
+//! - `settlement.rs`: a request's cost settled from its response;
+//!   `settle_calls.rs`: global mode's settlements, sent by the root.
 //! - `metrics.rs`: one counter per core event.
 //! - `seed.rs`: the process's secret for key hashes, in shared data.
 //! - `log_limit.rs`: one log line per cause per 10 s.
@@ -41,6 +43,8 @@ mod metrics;
 mod request_headers;
 mod root;
 mod seed;
+mod settle_calls;
+mod settlement;
 mod shared_store;
 mod verdict;
 mod webdis_store;

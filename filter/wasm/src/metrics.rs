@@ -17,6 +17,12 @@
 //! would not let the root finish: must stay 0) and
 //! `backend_answers_orphaned` (answers to a call the root never sent).
 //!
+//! Settlements of cost from the response: `settle_exact`, `_refunded`,
+//! `_charged` (settled, by direction), `_missing`, `_malformed`, `_aborted`
+//! (the reservation kept: the response ended without the value, with an
+//! unreadable one, or never ended), `settle_failed` (a settlement the
+//! store did not take) and `settle_calls` (global mode's calls).
+//!
 //! Per rule, `rule.<name>.requests` (requests it matched) and
 //! `rule.<name>.throttled` (those of them throttled); per limit name,
 //! `limit.<name>.throttled` (requests that limit denied): which limit bites.
@@ -28,6 +34,7 @@
 use std::cell::Cell;
 
 use ratelimit_core::batch::queue::Counts;
+use ratelimit_core::settle::Outcome;
 use ratelimit_core::{Event, Events, Policy};
 
 use crate::host::{self, Status};
@@ -56,6 +63,30 @@ const QUEUE_FULL: usize = 3;
 const RESUME_FAILURES: usize = 4;
 const ORPHANED: usize = 5;
 
+/// Settlements from the response (`ratelimit_core::settle`): one counter
+/// per outcome, then failed store writes (`settle_failed`: a local CAS
+/// that gave up, or a global call that failed: its entries are lost) and
+/// the global calls sent (`settle_calls`).
+pub const SETTLE_COUNTERS: [&str; Outcome::NAMES.len() + 2] = {
+    let mut all = ["settle_failed"; Outcome::NAMES.len() + 2];
+    let mut i = 0;
+    while i < Outcome::NAMES.len() {
+        // Built at compile time: an index out of range fails the build.
+        #[allow(clippy::indexing_slicing)]
+        {
+            all[i] = Outcome::NAMES[i];
+        }
+        i += 1;
+    }
+    #[allow(clippy::indexing_slicing)]
+    {
+        all[i + 1] = "settle_calls";
+    }
+    all
+};
+pub const SETTLE_FAILED: usize = Outcome::NAMES.len();
+pub const SETTLE_CALLS: usize = Outcome::NAMES.len() + 1;
+
 pub struct Metrics {
     ids: [u32; Event::ALL.len()],
     pending: [Cell<u64>; Event::ALL.len()],
@@ -63,6 +94,8 @@ pub struct Metrics {
     memory_id: u32,
     call_ids: [u32; CALL_COUNTERS.len()],
     calls_pending: [Cell<u64>; CALL_COUNTERS.len()],
+    settle_ids: [u32; SETTLE_COUNTERS.len()],
+    settle_pending: [Cell<u64>; SETTLE_COUNTERS.len()],
     /// Per rule: (requests, throttled).
     rule_ids: Vec<(u32, u32)>,
     rules_pending: Vec<(Cell<u64>, Cell<u64>)>,
@@ -87,6 +120,10 @@ impl Metrics {
         let memory_id = host::define_gauge(&format!("{prefix}wasm_memory_bytes"))?;
         let mut call_ids = [0; CALL_COUNTERS.len()];
         for (id, name) in call_ids.iter_mut().zip(CALL_COUNTERS) {
+            *id = host::define_counter(&format!("{prefix}{name}"))?;
+        }
+        let mut settle_ids = [0; SETTLE_COUNTERS.len()];
+        for (id, name) in settle_ids.iter_mut().zip(SETTLE_COUNTERS) {
             *id = host::define_counter(&format!("{prefix}{name}"))?;
         }
         let rule_ids = policy
@@ -114,6 +151,8 @@ impl Metrics {
             memory_id,
             call_ids,
             calls_pending: Default::default(),
+            settle_ids,
+            settle_pending: Default::default(),
             rules_pending: rule_ids.iter().map(|_| Default::default()).collect(),
             rule_ids,
             limits_pending: limit_ids.iter().map(|_| Cell::default()).collect(),
@@ -178,6 +217,13 @@ impl Metrics {
         }
     }
 
+    /// Counts `by` on settlement counter `index` ([`SETTLE_COUNTERS`]).
+    pub fn settled(&self, index: usize, by: u64) {
+        if let Some(pending) = self.settle_pending.get(index) {
+            add(pending, by);
+        }
+    }
+
     /// Hands every gathered count to Envoy.
     pub fn flush(&self, now: u64) {
         let events = self.ids.iter().zip(&self.pending);
@@ -188,7 +234,8 @@ impl Metrics {
             .zip(&self.rules_pending)
             .flat_map(|((a, b), (x, y))| [(a, x), (b, y)]);
         let limits = self.limit_ids.iter().zip(&self.limits_pending);
-        for (id, pending) in events.chain(calls).chain(rules).chain(limits) {
+        let settle = self.settle_ids.iter().zip(&self.settle_pending);
+        for (id, pending) in events.chain(calls).chain(rules).chain(limits).chain(settle) {
             let count = pending.replace(0);
             if count > 0 {
                 host::increment_metric(*id, i64::try_from(count).unwrap_or(i64::MAX));

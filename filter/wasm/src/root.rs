@@ -54,6 +54,9 @@ impl Context for Root {
     }
 
     fn on_done(&mut self) -> bool {
+        if let Some((filter, webdis)) = self.webdis() {
+            self.callouts.send_settlements(filter, webdis);
+        }
         self.callouts.may_close()
     }
 }

@@ -140,9 +140,13 @@ fn run(p: &crate::Policy, store: &mut MemStore, op: Op, key: &[u8], now: u64) ->
     let limits = p.limits(&p.all_of_plan(plan));
     p.slot_table()
         .unwrap()
-        .rewrite(store, hash, limits.as_slice(), now, |l, v, now| {
-            apply(op, l, v, now)
-        })
+        .rewrite(
+            store,
+            hash,
+            limits.as_slice(),
+            crate::gcra::Clock::local(now, Some(now)),
+            |l, v, clock| apply(op, l, v, clock),
+        )
         .unwrap()
 }
 

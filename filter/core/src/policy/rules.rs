@@ -7,6 +7,7 @@ use std::borrow::Cow;
 use crate::config::{ConfigError, CostConfig, HeaderMatchConfig, MatchConfig, RuleConfig};
 use crate::key::RequestHeaders;
 use crate::matching::{compile_method, normalize_host, normalize_path, HostMatch, PathMatch};
+use crate::settle::{self, Source};
 
 /// Most rules one configuration may hold (a request's matches are a bit set).
 pub const MAX_RULES: usize = 32;
@@ -23,6 +24,9 @@ pub struct Rule {
     /// Bit `p`: keys on plan `p` are matched; `None`: every plan.
     plans: Option<u64>,
     pub cost: Cost,
+    /// Where the response says what the request really cost; `cost` is
+    /// then the estimate reserved ([`crate::settle`]).
+    pub settle: Option<Source>,
 }
 
 #[derive(Debug, Clone)]
@@ -322,6 +326,11 @@ pub fn compile(
             }
         }
     };
+    let settle = rule
+        .settle
+        .as_ref()
+        .map(|s| settle::compile(&field, s))
+        .transpose()?;
     Ok(Rule {
         name: rule.name.clone(),
         methods,
@@ -330,6 +339,7 @@ pub fn compile(
         headers,
         plans,
         cost,
+        settle,
     })
 }
 

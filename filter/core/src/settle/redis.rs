@@ -1,0 +1,67 @@
+//! Settlements in global mode: one call of `apikey_ratelimit_settle` (see
+//! `gcra.lua`) carries those of many requests, sent by the root context.
+
+use std::fmt::Write;
+
+use super::Adjust;
+use crate::batch::wire::{check_nonce, set_bytes, write_set};
+use crate::gcra::Limit;
+use crate::per_limit::PerLimit;
+use crate::webdis::{encode_into, fcall_integers, BackendError};
+
+/// The function (registered by the library, checked by a test).
+pub const FUNCTION: &str = "apikey_ratelimit_settle";
+
+/// One request's settlement of one rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub redis_key: String,
+    pub adjust: Adjust,
+    /// The rule's limits, each costing 1.
+    pub limits: PerLimit<Limit>,
+}
+
+/// The `:path` of call `nonce` settling `entries`:
+/// `/FCALL/<fn>/<m>/<key>.../<nonce>/[<op>/<amount>/<set>] x m`, op 0 a
+/// refund, 1 a charge.
+pub fn path(nonce: u64, entries: &[Entry]) -> String {
+    let mut path = format!("/FCALL/{FUNCTION}/{}", entries.len());
+    for entry in entries {
+        path.push('/');
+        encode_into(&mut path, entry.redis_key.as_bytes());
+    }
+    let _ = write!(path, "/{nonce}");
+    for entry in entries {
+        let (op, amount) = match entry.adjust {
+            Adjust::Refund(n) => (0, n),
+            Adjust::Charge(n) => (1, n),
+        };
+        let _ = write!(path, "/{op}/{amount}");
+        write_set(&mut path, entry.limits.as_slice());
+    }
+    path
+}
+
+/// The next call's entries, taken from the front of `queued`: at most
+/// `max_keys`, and a `:path` of at most `max_path_bytes` (one entry always
+/// goes, so that none is stuck).
+pub fn take_batch(queued: &mut Vec<Entry>, max_keys: usize, max_path_bytes: usize) -> Vec<Entry> {
+    let mut bytes = FUNCTION.len() + 2 * 24;
+    let mut take = 0;
+    for entry in queued.iter().take(max_keys.max(1)) {
+        // "/<key>" encoded (at most 3 bytes a byte), "/<op>/<amount>", the set.
+        let size = 1 + 3 * entry.redis_key.len() + 14 + set_bytes(entry.limits.as_slice());
+        if take > 0 && bytes + size > max_path_bytes {
+            break;
+        }
+        bytes += size;
+        take += 1;
+    }
+    queued.drain(..take).collect()
+}
+
+/// Whether the answer is this call's: `{nonce, now_us}`.
+pub fn check(status: Option<u32>, body: &[u8], nonce: u64) -> Result<(), BackendError> {
+    let numbers = fcall_integers(status, body)?;
+    check_nonce(&numbers, nonce)
+}

@@ -1,0 +1,377 @@
+//! Settlement: the configuration, what a response says, the arithmetic on
+//! both kinds of limit, which limits a request reserved, and a local store
+//! settling a token budget.
+
+use super::body::BodyScan;
+use super::*;
+use crate::calendar::PeriodKind;
+use crate::config::Config;
+use crate::gcra::{decide, peek, Clock};
+use crate::pipeline::{start, Start};
+use crate::testing::{limit, policy, quota_limit, Headers, MemStore, S};
+
+const BUDGET: &str = r#"{
+  "limits": ["1000/s"],
+  "rules": [
+    {"name": "plain", "match": {"path": "/plain"}, "limits": ["5/min"]},
+    {"name": "chat", "match": {"path_prefix": "/v1"},
+     "limits": [{"quota": "1000/day", "reset": "calendar", "name": "tokens"}, {"rate": "3000/h", "name": "tokens-h"}],
+     "cost": {"header": "x-estimate", "default": 300, "max": 1000},
+     "settle": {"header": "x-usage-tokens"}}
+  ]
+}"#;
+
+fn settle_config(settle: &str) -> Result<Policy, crate::ConfigError> {
+    let json = format!(
+        r#"{{"limits": ["1/s"], "rules": [{{"name": "r", "match": {{"path": "/x"}}, "limits": ["9/s"], "settle": {settle}}}]}}"#
+    );
+    Config::from_json(json.as_bytes()).and_then(Policy::compile)
+}
+
+#[test]
+fn settle_takes_exactly_one_source_and_names_the_field_it_refuses() {
+    let ok = settle_config(r#"{"json": "usage.total_tokens", "max_body_bytes": 4096}"#).unwrap();
+    assert_eq!(
+        ok.rules[0].settle,
+        Some(Source::Json {
+            path: vec!["usage".into(), "total_tokens".into()],
+            max_body_bytes: 4096
+        })
+    );
+    let header = settle_config(r#"{"header": "X-Usage-Tokens"}"#).unwrap();
+    assert_eq!(
+        header.rules[0].settle,
+        Some(Source::Header("x-usage-tokens".into()))
+    );
+    for (bad, field) in [
+        (r#"{}"#, "rules[0].settle"),
+        (r#"{"header": "a", "trailer": "b"}"#, "rules[0].settle"),
+        (r#"{"header": "a b"}"#, "rules[0].settle.header"),
+        (r#"{"trailer": ""}"#, "rules[0].settle.trailer"),
+        (r#"{"json": "a..b"}"#, "rules[0].settle.json"),
+        (r#"{"json": "a.b.c.d.e.f.g.h.i"}"#, "rules[0].settle.json"),
+        (
+            r#"{"json": "a", "max_body_bytes": 0}"#,
+            "rules[0].settle.max_body_bytes",
+        ),
+        (
+            r#"{"json": "a", "max_body_bytes": 2000000}"#,
+            "rules[0].settle.max_body_bytes",
+        ),
+        (
+            r#"{"header": "a", "max_body_bytes": 10}"#,
+            "rules[0].settle.max_body_bytes",
+        ),
+    ] {
+        let error = settle_config(bad).unwrap_err();
+        assert_eq!(error.field, field, "{bad}: {error}");
+    }
+    assert!(settle_config(r#"{"header": "a", "extra": 1}"#).is_err());
+}
+
+#[test]
+fn a_value_is_plain_digits_from_zero_to_the_largest_cost() {
+    assert_eq!(parse_value(b"300"), Observed::Value(300));
+    assert_eq!(parse_value(b" 0 "), Observed::Value(0));
+    assert_eq!(parse_value(b"1000000000"), Observed::Value(MAX_COST));
+    for bad in [
+        &b""[..],
+        b"-1",
+        b"+3",
+        b"3.0",
+        b"1e3",
+        b"abc",
+        b"1000000001",
+        b"99999999999",
+        b"3 4",
+    ] {
+        assert_eq!(parse_value(bad), Observed::Malformed, "{bad:?}");
+    }
+}
+
+#[test]
+fn a_header_given_twice_is_malformed_and_an_absent_one_missing() {
+    let map = crate::header_map::serialize(&[
+        (b":status", b"200"),
+        (b"x-usage-tokens", b"300"),
+        (b"x-twice", b"1"),
+        (b"x-twice", b"2"),
+    ]);
+    assert_eq!(observe_header(&map, "x-usage-tokens"), Observed::Value(300));
+    assert_eq!(observe_header(&map, "x-twice"), Observed::Malformed);
+    assert_eq!(observe_header(&map, "x-other"), Observed::Missing);
+    assert_eq!(observe_header(b"\xff", "x-usage-tokens"), Observed::Missing);
+}
+
+#[test]
+fn the_outcome_is_the_difference_and_only_a_value_moves_the_store() {
+    assert_eq!(Outcome::of(300, Observed::Value(300)), Outcome::Exact);
+    assert_eq!(Outcome::of(300, Observed::Value(120)), Outcome::Refund(180));
+    assert_eq!(Outcome::of(300, Observed::Value(0)), Outcome::Refund(300));
+    assert_eq!(Outcome::of(300, Observed::Value(450)), Outcome::Charge(150));
+    assert_eq!(Outcome::of(300, Observed::Missing).adjust(), None);
+    assert_eq!(Outcome::of(300, Observed::Malformed).adjust(), None);
+    assert_eq!(Outcome::Aborted.adjust(), None);
+    assert_eq!(Outcome::Refund(4).adjust(), Some(Adjust::Refund(4)));
+    let names: std::collections::HashSet<_> = Outcome::NAMES.iter().collect();
+    assert_eq!(names.len(), Outcome::NAMES.len());
+}
+
+#[test]
+fn a_rate_gets_back_what_was_unused_but_never_more_than_a_full_bucket() {
+    let l = limit(10, 10, 10); // T = 1 s, capacity 10 s
+    let now = 1_000 * S;
+    let clock = Clock::wall(now);
+    // 6 reserved: TAT now + 6 s; 4 of them unused.
+    let tat = now + 6 * S;
+    assert_eq!(apply(Adjust::Refund(4), &l, tat, clock), now + 2 * S);
+    assert_eq!(apply(Adjust::Refund(40), &l, tat, clock), now);
+    // Nothing owed: nothing to give back.
+    assert_eq!(apply(Adjust::Refund(4), &l, now - S, clock), now - S);
+    assert_eq!(apply(Adjust::Refund(4), &l, 0, clock), 0);
+    // A charge is debt, past the capacity too.
+    assert_eq!(apply(Adjust::Charge(7), &l, tat, clock), now + 13 * S);
+    assert_eq!(apply(Adjust::Charge(2), &l, 0, clock), now + 2 * S);
+    let far = apply(
+        Adjust::Charge(MAX_COST),
+        &limit(1, 86_400 * 366, 1),
+        tat,
+        clock,
+    );
+    assert_eq!(far, now + MAX_DEBT_NANOS);
+    // The debt throttles: a request waits until it drains below the tolerance.
+    let mut tats = [now + 13 * S];
+    let d = decide(&[l], &mut tats, now);
+    assert!(!d.allowed);
+    assert_eq!(d.retry_after_nanos, 4 * S);
+}
+
+#[test]
+fn a_quota_settles_in_its_current_period() {
+    let q = quota_limit("tokens", 1000, PeriodKind::Day, 0);
+    let day = 86_400 * S;
+    let now = 20_000 * day + 3_600 * S;
+    let clock = Clock::wall(now);
+    let mut tats = [0];
+    let reserve = |tats: &mut [u64; 1], cost: u64| decide(&[q.costing(cost)], tats, clock).allowed;
+    assert!(reserve(&mut tats, 300));
+    tats[0] = apply(Adjust::Refund(100), &q, tats[0], clock);
+    assert_eq!(peek(&[q], &tats, clock).states()[0].remaining, 800);
+    tats[0] = apply(Adjust::Charge(850), &q, tats[0], clock);
+    let state = peek(&[q], &tats, clock).states()[0];
+    assert_eq!(state.remaining, 0);
+    assert!(!reserve(&mut tats, 1));
+    // Refunds never go below nothing used.
+    tats[0] = apply(Adjust::Refund(5_000), &q, tats[0], clock);
+    assert_eq!(peek(&[q], &tats, clock).states()[0].remaining, 1000);
+    // A refund that lands in the next period has nothing to give back; a
+    // charge lands in the period it reaches.
+    assert!(reserve(&mut tats, 400));
+    let tomorrow = Clock::wall(now + day);
+    let after = apply(Adjust::Refund(400), &q, tats[0], tomorrow);
+    assert_eq!(peek(&[q], &[after], tomorrow).states()[0].remaining, 1000);
+    let charged = apply(Adjust::Charge(30), &q, tats[0], tomorrow);
+    assert_eq!(peek(&[q], &[charged], tomorrow).states()[0].remaining, 970);
+    // No wall clock: a quota cannot be placed, and is left as it is.
+    let unplaced = Clock::local(now, None);
+    assert_eq!(apply(Adjust::Charge(30), &q, tats[0], unplaced), tats[0]);
+}
+
+#[test]
+fn a_request_reserves_on_its_settling_rules_limits_only() {
+    let p = policy(BUDGET);
+    let applied = |path: &str, extra: &[(&str, &[u8])]| {
+        let mut pairs: Vec<(&str, &[u8])> = vec![(":path", path.as_bytes()), ("x-api-key", b"k")];
+        pairs.extend_from_slice(extra);
+        match start(&p, &Headers::of(&pairs).map()) {
+            Start::Decide { applied, .. } => applied,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(reserved(&p, &applied("/plain", &[])).is_empty());
+    let chat = reserved(&p, &applied("/v1/chat", &[]));
+    assert_eq!(chat.len(), 1);
+    assert_eq!(chat[0].estimate, 300);
+    assert_eq!(chat[0].rule, 1);
+    let names: Vec<_> = chat[0].limits.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["tokens", "tokens-h"]);
+    assert!(chat[0].limits.iter().all(|l| l.cost == 1));
+    assert_eq!(
+        chat[0].source(&p),
+        Some(&Source::Header("x-usage-tokens".into()))
+    );
+    let estimated = reserved(&p, &applied("/v1/chat", &[("x-estimate", b"800")]));
+    assert_eq!(estimated[0].estimate, 800);
+}
+
+#[test]
+fn a_local_store_settles_a_token_budget_exactly() {
+    // 1,000 tokens a day, 300-token responses: settled, the fourth request
+    // would pass the budget and is denied, whatever was estimated.
+    let p = policy(BUDGET);
+    let table = p.slot_table().unwrap();
+    let now = 20_000 * 86_400 * S;
+    let clock = Clock::local(now, Some(now));
+    for estimate in ["300", "500", "100"] {
+        let mut store = MemStore::default();
+        let mut admitted = 0;
+        let mut used = 0;
+        for _ in 0..6 {
+            let headers = Headers::of(&[
+                (":path", b"/v1/chat"),
+                ("x-api-key", b"k"),
+                ("x-estimate", estimate.as_bytes()),
+            ]);
+            let Start::Decide { hash, applied, .. } = start(&p, &headers.map()) else {
+                panic!()
+            };
+            let limits = p.limits(&applied);
+            let outcome = table
+                .decide(&mut store, hash, limits.as_slice(), clock)
+                .unwrap();
+            let crate::slots::Outcome::Decided { decision, .. } = outcome else {
+                panic!("{outcome:?}")
+            };
+            if !decision.allowed {
+                continue;
+            }
+            admitted += 1;
+            used += 300;
+            for r in reserved(&p, &applied) {
+                let outcome = Outcome::of(r.estimate, Observed::Value(300));
+                if let Some(adjust) = outcome.adjust() {
+                    table
+                        .rewrite(&mut store, hash, r.limits.as_slice(), clock, |l, v, c| {
+                            apply(adjust, l, v, c)
+                        })
+                        .unwrap();
+                }
+            }
+        }
+        // A reservation of 500 on 600 settled does not fit: 2 admitted.
+        // Of 100, the fourth fits at 900 + 100 and settles to 1,200: debt.
+        let want = match estimate {
+            "300" => 3,
+            "500" => 2,
+            _ => 4,
+        };
+        assert_eq!(admitted, want, "estimate {estimate}");
+        assert_eq!(used, 300 * want);
+    }
+}
+
+#[test]
+fn a_json_body_is_read_at_its_end_and_bounded() {
+    let path: Vec<String> = vec!["usage".into(), "total_tokens".into()];
+    let mut scan = BodyScan::new(Some(b"application/json"), 1024);
+    scan.feed(br#"{"id": "x", "usage": {"prompt": 10, "#, &path);
+    scan.feed(br#""total_tokens": 300}}"#, &path);
+    assert_eq!(scan.finish(&path), Observed::Value(300));
+    let read = |body: &[u8], max: usize| {
+        let mut scan = BodyScan::new(None, max);
+        scan.feed(body, &path);
+        scan.finish(&path)
+    };
+    assert_eq!(read(br#"{"usage": {}}"#, 1024), Observed::Missing);
+    assert_eq!(read(b"<html>502</html>", 1024), Observed::Missing);
+    assert_eq!(
+        read(br#"{"usage": {"total_tokens": -3}}"#, 1024),
+        Observed::Malformed
+    );
+    assert_eq!(
+        read(br#"{"usage": {"total_tokens": 2.5}}"#, 1024),
+        Observed::Malformed
+    );
+    assert_eq!(
+        read(br#"{"usage": {"total_tokens": null}}"#, 1024),
+        Observed::Malformed
+    );
+    assert_eq!(
+        read(br#"{"usage": {"total_tokens": 300}}"#, 10),
+        Observed::Malformed
+    );
+    assert_eq!(read(b"", 1024), Observed::Missing);
+}
+
+#[test]
+fn an_event_stream_is_read_by_line_and_its_last_usage_wins() {
+    let path: Vec<String> = vec!["usage".into(), "total_tokens".into()];
+    let stream = concat!(
+        "data: {\"delta\": \"he\"}\n\n",
+        "data: {\"usage\": {\"total_tokens\": 12}}\n\n",
+        "event: x\r\ndata: {\"delta\": \"llo\", \"total_tokens\": 1}\r\n\r\n",
+        "data: {\"usage\": {\"total_tokens\": 42}}\n\n",
+        "data: [DONE]\n\n"
+    );
+    // Split at every byte boundary: the answer never depends on chunking.
+    for cut in 0..stream.len() {
+        let mut scan = BodyScan::new(Some(b"text/event-stream; charset=utf-8"), 256);
+        let (a, b) = stream.as_bytes().split_at(cut);
+        scan.feed(a, &path);
+        scan.feed(b, &path);
+        assert_eq!(scan.finish(&path), Observed::Value(42), "cut at {cut}");
+    }
+    // A line past the bound is skipped, not misread; the stream goes on.
+    let mut scan = BodyScan::new(Some(b"text/event-stream"), 64);
+    let long = format!(
+        "data: {{\"usage\": {{\"total_tokens\": 7}}, \"pad\": \"{}\"}}\n",
+        "x".repeat(100)
+    );
+    scan.feed(long.as_bytes(), &path);
+    assert_eq!(
+        BodyScan::new(Some(b"text/event-stream"), 64).finish(&path),
+        Observed::Missing
+    );
+    scan.feed(b"data: {\"usage\": {\"total_tokens\": 9}}", &path);
+    assert_eq!(scan.finish(&path), Observed::Value(9));
+    // The last event without a final newline still counts; none at all is missing.
+    let mut none = BodyScan::new(Some(b"text/event-stream"), 64);
+    none.feed(b"data: {\"delta\": 1}\n\n", &path);
+    assert_eq!(none.finish(&path), Observed::Missing);
+}
+
+#[test]
+fn a_settle_call_names_each_entry_and_its_answer_is_checked() {
+    let entries = [
+        redis::Entry {
+            redis_key: "rl:a".into(),
+            adjust: Adjust::Refund(4),
+            limits: [limit(3, 60, 3)].into_iter().collect(),
+        },
+        redis::Entry {
+            redis_key: "rl:b".into(),
+            adjust: Adjust::Charge(2),
+            limits: [limit(3, 60, 3)].into_iter().collect(),
+        },
+    ];
+    assert_eq!(
+        redis::path(9, &entries),
+        "/FCALL/apikey_ratelimit_settle/2/rl%3Aa/rl%3Ab/9/0/4/1/3%2F60s/20000000/60000000/1/2/1/3%2F60s/20000000/60000000"
+    );
+    assert!(redis::check(Some(200), br#"{"FCALL":[9,1000]}"#, 9).is_ok());
+    assert!(redis::check(Some(200), br#"{"FCALL":[8,1000]}"#, 9).is_err());
+    assert!(redis::check(Some(503), b"", 9).is_err());
+    assert!(crate::webdis::LIBRARY.contains(&format!(
+        "redis.register_function('{}', settle)",
+        redis::FUNCTION
+    )));
+}
+
+#[test]
+fn settlements_go_in_calls_bounded_by_keys_and_path_bytes() {
+    let entry = |k: usize| redis::Entry {
+        redis_key: format!("apikey_ratelimit:api:{k:064}"),
+        adjust: Adjust::Charge(1),
+        limits: [limit(3, 60, 3)].into_iter().collect(),
+    };
+    let mut queued: Vec<_> = (0..10).map(entry).collect();
+    let first = redis::take_batch(&mut queued, 4, 100_000);
+    assert_eq!(first.len(), 4);
+    assert_eq!(queued.len(), 6);
+    let small = redis::take_batch(&mut queued, 64, 500);
+    assert!(!small.is_empty() && small.len() < 6, "{}", small.len());
+    assert!(redis::path(1, &small).len() <= 500);
+    // One entry always goes, however small the bound.
+    assert_eq!(redis::take_batch(&mut queued, 64, 1).len(), 1);
+    assert!(redis::take_batch(&mut Vec::new(), 64, 1).is_empty());
+}

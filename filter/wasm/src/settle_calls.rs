@@ -1,0 +1,106 @@
+//! Global mode's settlements, sent by the worker's root context: a request
+//! whose response said its real cost queues its settlement here and goes
+//! on at once; the root sends the queued ones, many to a call
+//! (`apikey_ratelimit_settle`), from its own callbacks, so no call's answer
+//! is filed under a request that may be gone, and no response waits.
+//! A call that fails loses its entries (counted `settle_failed`, logged):
+//! a lost refund leaves the estimate charged, a lost charge under-counts
+//! by that much.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+
+use ratelimit_core::batch::wire::NONCE_LIMIT;
+use ratelimit_core::settle::redis::{self, Entry};
+
+use crate::filter::Filter;
+use crate::host;
+use crate::metrics::{SETTLE_CALLS, SETTLE_FAILED};
+use crate::webdis_store::WebdisStore;
+
+/// Settlements one worker keeps waiting for a call, at most; past it they
+/// are dropped (counted): Redis is then far behind.
+const MAX_QUEUED: usize = 100_000;
+
+#[derive(Default)]
+pub struct SettleCalls {
+    queued: RefCell<Vec<Entry>>,
+    /// Calls out: their nonce and how many entries they carry.
+    out: RefCell<HashMap<u32, (u64, u64)>>,
+    /// The root has been asked to wake and has not yet.
+    pub wake_pending: Cell<bool>,
+}
+
+impl SettleCalls {
+    /// Queues a settlement; `false` if the queue is full (it is dropped).
+    pub fn queue(&self, entry: Entry) -> bool {
+        let mut queued = self.queued.borrow_mut();
+        if queued.len() >= MAX_QUEUED {
+            return false;
+        }
+        queued.push(entry);
+        true
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.out.borrow().len()
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.queued.borrow().len()
+    }
+
+    /// Sends what is queued (from a root callback), in calls of at most
+    /// `max_keys_per_call` entries (and webdis's path bound), at most
+    /// `max_calls_in_flight` out.
+    pub fn send(&self, filter: &Filter, webdis: &WebdisStore) {
+        let settings = webdis.batch_settings();
+        let timeout_ms = u32::try_from(settings.timeout_nanos / 1_000_000).unwrap_or(u32::MAX);
+        loop {
+            if self.outstanding() >= settings.max_in_flight {
+                return;
+            }
+            let batch = redis::take_batch(
+                &mut self.queued.borrow_mut(),
+                settings.max_keys,
+                settings.max_path_bytes,
+            );
+            if batch.is_empty() {
+                return;
+            }
+            let count = u64::try_from(batch.len()).unwrap_or(u64::MAX);
+            let nonce = host::random_bytes::<8>()
+                .map(u64::from_le_bytes)
+                .unwrap_or(count)
+                % NONCE_LIMIT;
+            let path = redis::path(nonce, &batch);
+            filter.metrics.settled(SETTLE_CALLS, 1);
+            match webdis.dispatch(&path, timeout_ms) {
+                Ok(token) => {
+                    self.out.borrow_mut().insert(token, (nonce, count));
+                }
+                Err(status) => {
+                    filter.metrics.settled(SETTLE_FAILED, count);
+                    filter.log_backend_error(&ratelimit_core::webdis::BackendError::dispatch(
+                        format!(
+                            "settlement call refused by Envoy (host status {})",
+                            status.0
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// The answer to `token`, if it is a settlement call's (`false` if not).
+    pub fn answered(&self, filter: &Filter, token: u32, status: Option<u32>, body: &[u8]) -> bool {
+        let Some((nonce, count)) = self.out.borrow_mut().remove(&token) else {
+            return false;
+        };
+        if let Err(error) = redis::check(status, body, nonce) {
+            filter.metrics.settled(SETTLE_FAILED, count);
+            filter.log_backend_error(&error);
+        }
+        true
+    }
+}
