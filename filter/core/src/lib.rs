@@ -31,7 +31,8 @@
 //! - [`calls`]: the calls a root context has sent, by the host's token.
 //! - [`response`]: 429/401/400/503 bodies and the quota headers.
 //! - [`pipeline`]: one request from headers to action and metrics.
-//! - [`admin`]: the operators' API (inspect, reset, grant a key), its token.
+//! - [`admin`]: the operators' API (inspect, reset, grant a key), its token, and
+//!   which state a key named plain or `sha256:` leads to ([`admin::target`]).
 //! - [`plugin_name`]: the plugin's name, stable across Istio versions.
 
 // A panic in the filter aborts the VM: outside tests, no way to panic.
