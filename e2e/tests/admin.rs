@@ -5,7 +5,9 @@
 //! local mode it acts on shared data, in global mode on Redis. Without the token every call is 401 (none)
 //! or 403 (a wrong one); with it, inspect matches the headers, reset
 //! restores the full quota on the next request, and grant extends it. The
-//! log names keys by their SHA-256 only.
+//! log names keys by their SHA-256 only. A key may be named `sha256:<hex>`
+//! wherever that addresses its state exactly: in global mode without
+//! `key_hash_secret` always, elsewhere only for keys listed in plain.
 
 use e2e::backend::RedisWebdis;
 use e2e::envoy::Envoy;
@@ -29,10 +31,11 @@ fn sha256_hex(text: &str) -> String {
 }
 
 /// Adds `admin_api`, a copy of the first listener whose plugin is the
-/// admin API: `LIMITS` and `store`, and the token's hash.
-fn add_admin_listener(config: &mut EnvoyConfig, store: &str) {
+/// admin API: `LIMITS` and `extra` (the store, overrides), and the token's
+/// hash.
+fn add_admin_listener(config: &mut EnvoyConfig, extra: &str) {
     let admin_plugin = format!(
-        r#"{{{LIMITS}{store}, "admin": {{"token_sha256": "{}"}}}}"#,
+        r#"{{{LIMITS}{extra}, "admin": {{"token_sha256": "{}"}}}}"#,
         sha256_hex(TOKEN)
     );
     let listeners = config
@@ -50,28 +53,74 @@ fn add_admin_listener(config: &mut EnvoyConfig, store: &str) {
     listeners.push(admin);
 }
 
-/// Local mode: the data-plane listener (`api`) and the admin one.
-fn start_local() -> (Upstream, Envoy) {
+/// Local mode: the data-plane listener (`api`) and the admin one, both
+/// with `extra`.
+fn start_local(extra: &str) -> (Upstream, Envoy) {
     let upstream = Upstream::start();
     let mut config = local_config(&upstream);
-    config.set_plugin_config(&format!("{{{LIMITS}}}")).unwrap();
-    add_admin_listener(&mut config, "");
+    config
+        .set_plugin_config(&format!("{{{LIMITS}{extra}}}"))
+        .unwrap();
+    add_admin_listener(&mut config, extra);
     let envoy = Envoy::start(&config, 2).unwrap_or_else(|e| panic!("{e:?}"));
     (upstream, envoy)
 }
 
 const GLOBAL: &str = r#", "store": {"webdis": {"timeout_ms": 5000}}"#;
+const GLOBAL_WITH_SECRET: &str =
+    r#", "store": {"webdis": {"timeout_ms": 5000, "key_hash_secret": "pepper-1"}}"#;
 
-/// Global mode: the same, over one Redis and webdis.
-fn start_global() -> (Upstream, RedisWebdis, Envoy) {
+/// Global mode: the same, over one Redis and webdis; `extra` holds the
+/// store.
+fn start_global(extra: &str) -> (Upstream, RedisWebdis, Envoy) {
     let upstream = Upstream::start();
     let backend = RedisWebdis::start();
-    let plugin = format!("{{{LIMITS}{GLOBAL}}}");
+    let plugin = format!("{{{LIMITS}{extra}}}");
     let mut config = global_test_config(&upstream, backend.webdis.port(), Some(&plugin));
-    add_admin_listener(&mut config, GLOBAL);
+    add_admin_listener(&mut config, extra);
     let envoy = Envoy::start(&config, 2).unwrap_or_else(|e| panic!("{e:?}"));
     (upstream, backend, envoy)
 }
+
+/// A key listed as `sha256:` (on `2/min`) and one listed in plain (on
+/// `4/min`), each an override: a plan of one key.
+const HASHED_KEY: &str = "hashed-key-7";
+const LISTED_KEY: &str = "listed-key-8";
+
+fn overrides() -> String {
+    format!(
+        r#", "overrides": [{{"key": "sha256:{}", "limits": ["2/min"]}},
+                           {{"key": "{LISTED_KEY}", "limits": ["4/min"]}}]"#,
+        sha256_hex(HASHED_KEY)
+    )
+}
+
+/// `sha256:<hex>` of `key`, the hex in upper case (either case is
+/// accepted).
+fn digest_name(key: &str) -> String {
+    format!("sha256:{}", sha256_hex(key).to_uppercase())
+}
+
+fn by_digest(key: &str) -> String {
+    format!("/keys/{}", digest_name(key))
+}
+
+/// The refusal of a `sha256:` key the mode cannot address.
+fn assert_refused(r: &Response, why: &str) {
+    assert_eq!(r.status, 400, "{r:?}");
+    let body: Value = serde_json::from_str(&r.body_str()).unwrap();
+    assert_eq!(
+        body["detail"].as_str().unwrap(),
+        format!(
+            "A sha256: key cannot address this key's state: {why}. Send the plain key instead, percent-encoded: /keys/<key>."
+        ),
+        "{body}"
+    );
+}
+
+const LOCAL_WHY: &str = "local slots are chosen by a keyed hash of the plain key";
+const SECRET_WHY: &str =
+    "with store.webdis.key_hash_secret its Redis key is an HMAC of the plain key";
 
 fn send(addr: &str, method: &str, path: &str, headers: &[(&str, &[u8])]) -> Response {
     let mut all = vec![("Connection", b"close".as_slice())];
@@ -111,14 +160,14 @@ fn remaining(r: &Response) -> Vec<u64> {
 
 #[test]
 fn the_admin_listener_inspects_resets_and_grants_with_the_token_only_in_local_mode() {
-    let (_upstream, envoy) = start_local();
-    inspect_reset_and_grant(&envoy);
+    let (_upstream, envoy) = start_local("");
+    inspect_reset_and_grant(&envoy, "customer-key-42", "customer-key-42");
 }
 
 #[test]
 fn the_admin_listener_inspects_resets_and_grants_with_the_token_only_in_global_mode() {
-    let (_upstream, backend, envoy) = start_global();
-    inspect_reset_and_grant(&envoy);
+    let (_upstream, backend, envoy) = start_global(GLOBAL);
+    inspect_reset_and_grant(&envoy, "customer-key-42", "customer-key-42");
     // Redis holds the key under its hash only.
     let keys = backend.redis.keys();
     assert_eq!(keys.len(), 1, "{keys:?}");
@@ -128,18 +177,112 @@ fn the_admin_listener_inspects_resets_and_grants_with_the_token_only_in_global_m
     );
 }
 
-/// The story, in either mode: the 429s of a spent key come from Redis or
-/// (global mode) this Envoy's deny cache, which a reset or grant clears.
-fn inspect_reset_and_grant(envoy: &Envoy) {
+#[test]
+fn the_admin_listener_acts_by_sha256_as_by_plain_key_in_global_mode() {
+    let (_upstream, backend, envoy) = start_global(&format!("{GLOBAL}{}", overrides()));
+    // A key no plan lists, named only by its digest: the same answers as by
+    // the plain key, and the data path (with its deny cache) sees them.
+    let key = "customer-key-43";
+    inspect_reset_and_grant(&envoy, key, &digest_name(key));
     let api = envoy.listener_addr("api").unwrap();
     let ops = envoy.listener_addr("admin_api").unwrap();
-    let key = "customer-key-42";
+    // Overrides are found by digest, whether listed as `sha256:` or plain.
+    for (listed, left) in [(HASHED_KEY, 2), (LISTED_KEY, 4)] {
+        assert_eq!(remaining(&admin(&ops, "GET", &by_digest(listed))), [left]);
+        assert_eq!(get(&api, listed).status, 200);
+        assert_eq!(
+            remaining(&admin(&ops, "GET", &by_digest(listed))),
+            [left - 1]
+        );
+        assert_eq!(
+            remaining(&admin(&ops, "DELETE", &by_digest(listed))),
+            [left]
+        );
+    }
+    // A broken digest is a 400 of its own.
+    let r = admin(&ops, "GET", "/keys/sha256:abc");
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.body_str().contains("64 hex"), "{r:?}");
+    let mut keys = backend.redis.keys();
+    keys.sort();
+    let mut want: Vec<String> = [key, HASHED_KEY, LISTED_KEY]
+        .iter()
+        .map(|k| sha256_hex(k))
+        .collect();
+    want.sort();
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    for k in &keys {
+        assert!(want.iter().any(|w| k.ends_with(w.as_str())), "{keys:?}");
+    }
+    let log = envoy.proc().log();
+    for listed in [HASHED_KEY, LISTED_KEY] {
+        assert!(
+            log.contains(&format!(
+                "admin reset of key sha256:{}: 200",
+                sha256_hex(listed)
+            )),
+            "{log}"
+        );
+        assert!(!log.contains(listed), "the plain key is in the log");
+    }
+}
+
+#[test]
+fn a_sha256_key_is_refused_in_global_mode_with_a_secret_unless_listed_in_plain() {
+    let extra = format!("{GLOBAL_WITH_SECRET}{}", overrides());
+    let (_upstream, _backend, envoy) = start_global(&extra);
+    let api = envoy.listener_addr("api").unwrap();
+    let ops = envoy.listener_addr("admin_api").unwrap();
+    for key in ["customer-key-44", HASHED_KEY] {
+        for (method, path) in [
+            ("GET", by_digest(key)),
+            ("DELETE", by_digest(key)),
+            ("POST", format!("{}/grant?amount=1", by_digest(key))),
+        ] {
+            assert_refused(&admin(&ops, method, &path), SECRET_WHY);
+        }
+    }
+    // The configuration lists this one in plain: its digest leads to it.
+    assert_eq!(get(&api, LISTED_KEY).status, 200);
+    assert_eq!(remaining(&admin(&ops, "GET", &by_digest(LISTED_KEY))), [3]);
+    assert_eq!(
+        remaining(&admin(&ops, "DELETE", &by_digest(LISTED_KEY))),
+        [4]
+    );
+    assert_eq!(get(&api, LISTED_KEY).ratelimit_remaining("4/min"), 3);
+}
+
+#[test]
+fn a_sha256_key_is_refused_in_local_mode_unless_listed_in_plain() {
+    let (_upstream, envoy) = start_local(&overrides());
+    let api = envoy.listener_addr("api").unwrap();
+    let ops = envoy.listener_addr("admin_api").unwrap();
+    for key in ["customer-key-45", HASHED_KEY] {
+        assert_refused(&admin(&ops, "GET", &by_digest(key)), LOCAL_WHY);
+        let grant = format!("{}/grant?amount=1", by_digest(key));
+        assert_refused(&admin(&ops, "POST", &grant), LOCAL_WHY);
+    }
+    assert_eq!(get(&api, LISTED_KEY).status, 200);
+    assert_eq!(remaining(&admin(&ops, "GET", &by_digest(LISTED_KEY))), [3]);
+    assert_eq!(
+        remaining(&admin(&ops, "DELETE", &by_digest(LISTED_KEY))),
+        [4]
+    );
+    assert_eq!(get(&api, LISTED_KEY).ratelimit_remaining("4/min"), 3);
+}
+
+/// The story, in either mode, for `key` named `name` in admin paths: the
+/// 429s of a spent key come from Redis or (global mode) this Envoy's deny
+/// cache, which a reset or grant clears.
+fn inspect_reset_and_grant(envoy: &Envoy, key: &str, name: &str) {
+    let api = envoy.listener_addr("api").unwrap();
+    let ops = envoy.listener_addr("admin_api").unwrap();
 
     // Without the token: 401; with a wrong one: 403; nothing changes.
     for (method, path) in [
-        ("GET", format!("/keys/{key}")),
-        ("DELETE", format!("/keys/{key}")),
-        ("POST", format!("/keys/{key}/grant?amount=5")),
+        ("GET", format!("/keys/{name}")),
+        ("DELETE", format!("/keys/{name}")),
+        ("POST", format!("/keys/{name}/grant?amount=5")),
     ] {
         let r = send(&ops, method, &path, &[]);
         assert_eq!(r.status, 401, "{r:?}");
@@ -157,7 +300,7 @@ fn inspect_reset_and_grant(envoy: &Envoy) {
     }
     assert_eq!(get(&api, key).status, 429);
     let last = last.unwrap();
-    let inspected = remaining(&admin(&ops, "GET", &format!("/keys/{key}")));
+    let inspected = remaining(&admin(&ops, "GET", &format!("/keys/{name}")));
     assert_eq!(
         inspected,
         [
@@ -168,14 +311,18 @@ fn inspect_reset_and_grant(envoy: &Envoy) {
     assert_eq!(inspected, [0, 2]);
 
     // Grant 1: exactly one more request fits.
-    let granted = remaining(&admin(&ops, "POST", &format!("/keys/{key}/grant?amount=1")));
+    let granted = remaining(&admin(
+        &ops,
+        "POST",
+        &format!("/keys/{name}/grant?amount=1"),
+    ));
     assert_eq!(granted, [1, 3]);
     assert_eq!(get(&api, key).status, 200);
     assert_eq!(get(&api, key).status, 429);
 
     // Reset: the full quota on the next request.
     assert_eq!(
-        remaining(&admin(&ops, "DELETE", &format!("/keys/{key}"))),
+        remaining(&admin(&ops, "DELETE", &format!("/keys/{name}"))),
         [3, 5]
     );
     let r = get(&api, key);

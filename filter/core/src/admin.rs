@@ -9,9 +9,9 @@
 //!
 //! Every call needs `Authorization: Bearer <token>` whose SHA-256 is the
 //! configured `token_sha256` (compared in constant time): 401 without one,
-//! 403 with a wrong one. Local mode acts on this Envoy's shared data, so
-//! `<key>` is the plain key (the slots are chosen by a keyed hash of it);
-//! global mode acts on Redis, in one call ([`redis`]).
+//! 403 with a wrong one. `<key>` is the plain key, or `sha256:<hex>` where
+//! that finds the key's state exactly ([`target`]). Local mode acts on this
+//! Envoy's shared data; global mode acts on Redis, in one call ([`redis`]).
 
 use std::borrow::Cow;
 
@@ -50,34 +50,40 @@ impl Op {
     }
 }
 
-/// An authorized call: the operation and the plain key it is about.
+/// The key an admin path names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyName {
+    /// The plain key.
+    Plain(Vec<u8>),
+    /// `sha256:<64 hex digits>` (either case): the key's SHA-256.
+    Sha256([u8; 32]),
+}
+
+impl KeyName {
+    /// The key's SHA-256, which the logs name.
+    pub fn digest(&self) -> [u8; 32] {
+        match self {
+            KeyName::Plain(key) => Sha256::digest(key).into(),
+            KeyName::Sha256(digest) => *digest,
+        }
+    }
+}
+
+/// An authorized call: the operation and the key it is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Command {
     pub op: Op,
-    pub key: Vec<u8>,
+    pub key: KeyName,
 }
 
 impl Admin {
     pub fn compile(config: &AdminConfig) -> Result<Admin, ConfigError> {
-        let hex = config.token_sha256.as_bytes();
-        let mut token_sha256 = [0u8; 32];
-        let valid = hex.len() == 64
-            && token_sha256
-                .iter_mut()
-                .zip(hex.chunks(2))
-                .all(|(out, pair)| {
-                    std::str::from_utf8(pair)
-                        .ok()
-                        .and_then(|p| u8::from_str_radix(p, 16).ok())
-                        .map(|b| *out = b)
-                        .is_some()
-                });
-        if !valid {
-            return Err(ConfigError::new(
+        let token_sha256 = parse_sha256(config.token_sha256.as_bytes()).ok_or_else(|| {
+            ConfigError::new(
                 "admin.token_sha256",
                 "must be the 64 hex digits of the token's SHA-256 (`printf %s \"$TOKEN\" | sha256sum`)",
-            ));
-        }
+            )
+        })?;
         Ok(Admin { token_sha256 })
     }
 
@@ -126,16 +132,17 @@ impl Admin {
         let key = decode(segment)
             .filter(|k| !k.is_empty() && !k.contains(&b'/'))
             .ok_or_else(|| refusal(400, "The key in the path is empty or badly escaped."))?;
-        if key.starts_with(b"sha256:") {
-            return Err(refusal(
-                400,
-                "The admin API needs the plain key: its plan and its state are found from it.",
-            ));
-        }
-        Ok(Command {
-            op,
-            key: key.into_owned(),
-        })
+        // As in the configuration: `sha256:` introduces a digest, never a key.
+        let key = match key.strip_prefix(b"sha256:") {
+            Some(hex) => KeyName::Sha256(parse_sha256(hex).ok_or_else(|| {
+                refusal(
+                    400,
+                    "A sha256: key must be followed by the 64 hex digits of the key's SHA-256.",
+                )
+            })?),
+            None => KeyName::Plain(key.into_owned()),
+        };
+        Ok(Command { op, key })
     }
 }
 
@@ -153,10 +160,31 @@ pub fn apply(op: Op, limit: &Limit, value: u64, clock: Clock) -> u64 {
 
 /// The hex SHA-256 of a key, which the logs name instead of the key.
 pub fn key_digest(key: &[u8]) -> String {
-    Sha256::digest(key)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&Sha256::digest(key).into())
+}
+
+/// A digest in lower-case hex, as the logs and Redis keys write it.
+pub fn hex(digest: &[u8; 32]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The 32 bytes of 64 hex digits (either case; nothing else, not even a
+/// sign, which `u8::from_str_radix` would take).
+fn parse_sha256(hex: &[u8]) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let nibble = |b: &u8| {
+        char::from(*b)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    };
+    let mut out = [0u8; 32];
+    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        let [high, low] = pair else { return None };
+        *byte = (nibble(high)? << 4) | nibble(low)?;
+    }
+    Some(out)
 }
 
 /// The token of `Bearer <token>` (the scheme in any case).
@@ -214,6 +242,7 @@ fn refusal(status: u32, detail: &str) -> LocalReply {
 }
 
 pub mod redis;
+pub mod target;
 
 #[cfg(test)]
 mod tests;

@@ -32,7 +32,8 @@
 //! - [`response`]: 429/401/400/503 bodies and the quota headers.
 //! - [`pipeline`]: one request from headers to action and metrics.
 //! - [`settle`]: cost settled from the response: reservation, refund, debt.
-//! - [`admin`]: the operators' API (inspect, reset, grant a key), its token.
+//! - [`admin`]: the operators' API (inspect, reset, grant a key), its token, and
+//!   which state a key named plain or `sha256:` leads to ([`admin::target`]).
 //! - [`plugin_name`]: the plugin's name, stable across Istio versions.
 
 // A panic in the filter aborts the VM: outside tests, no way to panic.

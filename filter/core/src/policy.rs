@@ -561,6 +561,18 @@ impl Policy {
         }
     }
 
+    /// The plan of the key whose SHA-256 is `digest`, as a request carrying
+    /// that key would get it, and the key when it is listed in plain; `None`
+    /// for a digest no plan lists under `unknown_keys: reject`. For the
+    /// admin API only (see `Registry::by_digest`).
+    pub fn digest_plan(&self, digest: &[u8; 32]) -> Option<(u16, Option<&[u8]>)> {
+        match self.registry.by_digest(digest) {
+            Some(found) => Some(found),
+            None if self.unknown_keys == UnknownKeys::Reject => None,
+            None => Some((self.default_plan, None)),
+        }
+    }
+
     /// Whether the request asks for its key's usage: `GET` or `HEAD` of the
     /// introspection path, normalized as the rules normalize paths.
     pub fn introspects<'a>(&self, headers: &impl RequestHeaders<'a>) -> bool {

@@ -52,6 +52,12 @@ pub fn redis_key(prefix: &str, secret: Option<&[u8]>, key: &[u8]) -> String {
         None => Sha256::digest(key).into(),
         Some(secret) => hmac_sha256(secret, key),
     };
+    digest_key(prefix, &digest)
+}
+
+/// The Redis key of the API key whose SHA-256 (or, with a secret, HMAC) is
+/// `digest`: the admin API's `sha256:` keys reach their state through it.
+pub fn digest_key(prefix: &str, digest: &[u8; 32]) -> String {
     let mut out = String::with_capacity(prefix.len() + 64);
     out.push_str(prefix);
     for b in digest {
@@ -315,6 +321,10 @@ mod tests {
         assert_eq!(
             redis_key("rl:", None, b"1234"),
             "rl:03ac674216f3e15c761ee1a5e255f067953623c8b388b4459e13f978d7c846f4"
+        );
+        assert_eq!(
+            digest_key("rl:", &Sha256::digest(b"1234").into()),
+            redis_key("rl:", None, b"1234")
         );
         // RFC 4231 test case 2: HMAC-SHA256("Jefe", "what do ya want for nothing?")
         assert_eq!(

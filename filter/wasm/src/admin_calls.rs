@@ -27,8 +27,9 @@ pub struct AdminCall {
     pub op: Op,
     /// The key's SHA-256, which the log names.
     pub digest: String,
-    /// The key's hash, for this Envoy's deny cache.
-    pub hash: KeyHash,
+    /// The key's hash, for this Envoy's deny cache; `None` when the call
+    /// names the key by its SHA-256 only, which cannot find its entry.
+    pub hash: Option<KeyHash>,
     gone: bool,
 }
 
@@ -40,7 +41,7 @@ impl AdminCall {
         applied: Applied,
         op: Op,
         digest: String,
-        hash: KeyHash,
+        hash: Option<KeyHash>,
     ) -> AdminCall {
         AdminCall {
             hash,
@@ -126,9 +127,13 @@ impl AdminCalls {
     ) -> Option<Option<Answered>> {
         let call = self.out.borrow_mut().remove(&token)?;
         // A reset or grant is done in Redis even if its request left: this
-        // Envoy's cached denial of the key must not outlive it.
+        // Envoy's cached denial of the key must not outlive it. Without the
+        // plain key its entry cannot be found, so every entry goes.
         if call.op != Op::Inspect && status == Some(200) {
-            webdis.forget(call.hash);
+            match call.hash {
+                Some(hash) => webdis.forget(hash),
+                None => webdis.forget_all(),
+            }
         }
         if call.gone {
             return Some(None);
@@ -152,13 +157,17 @@ impl AdminCalls {
 
 /// Every admin action is logged, under the key's SHA-256 only.
 pub fn log(filter: &Filter, call: &AdminCall, outcome: &str) {
+    log_outcome(filter, call.op, &call.digest, outcome);
+}
+
+/// The log line of `op` on the key whose hex SHA-256 is `digest`.
+pub fn log_outcome(filter: &Filter, op: Op, digest: &str, outcome: &str) {
     host::log(
         LOG_INFO,
         &format!(
-            "plugin '{}': admin {} of key sha256:{}: {outcome}",
+            "plugin '{}': admin {} of key sha256:{digest}: {outcome}",
             filter.plugin_name(),
-            call.op.name(),
-            call.digest
+            op.name(),
         ),
     );
 }

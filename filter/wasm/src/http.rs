@@ -10,7 +10,7 @@ use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
-use ratelimit_core::admin::{self, Admin, Command, Op};
+use ratelimit_core::admin::{self, Admin, Op};
 use ratelimit_core::applied::Applied;
 use ratelimit_core::batch::queue::{RequestId, Ticket};
 use ratelimit_core::batch::wire::NONCE_LIMIT;
@@ -105,20 +105,18 @@ impl Request {
                 return respond(&reply);
             }
         };
-        let digest = admin::key_digest(&command.key);
-        if let Store::Webdis(webdis) = &filter.store {
-            return self.admin_global(filter, webdis, command, digest);
-        }
-        let reply = self.admin_call(filter, &command);
-        host::log(
-            LOG_INFO,
-            &format!(
-                "plugin '{}': admin {} of key sha256:{digest}: {}",
-                filter.plugin_name(),
-                command.op.name(),
-                reply.status
-            ),
-        );
+        let digest = admin::hex(&command.key.digest());
+        let op = command.op;
+        let reply = match admin::target::target(&filter.policy, command.key) {
+            Err(reply) => reply,
+            Ok(target) => match &filter.store {
+                Store::Webdis(webdis) => {
+                    return self.admin_global(filter, webdis, op, target, digest)
+                }
+                Store::Local { .. } => self.admin_call(filter, op, &target),
+            },
+        };
+        crate::admin_calls::log_outcome(filter, op, &digest, &reply.status.to_string());
         respond(&reply)
     }
 
@@ -128,30 +126,31 @@ impl Request {
         &mut self,
         filter: &Filter,
         webdis: &WebdisStore,
-        command: Command,
+        op: Op,
+        target: admin::target::Target,
         digest: String,
     ) -> Action {
         let policy = &filter.policy;
-        let Some((hash, plan)) = policy.key_plan(&command.key) else {
-            return respond(&response::detail_reply(404, "This key is not registered."));
-        };
-        let applied = policy.all_of_plan(plan);
+        let applied = policy.all_of_plan(target.plan);
         let limits = policy.limits(&applied);
-        let redis_key = webdis.redis_key(&Subject::Key(command.key.as_slice().into()));
+        // By the plain key when known; else by its digest (`target` allows
+        // that only without a secret, which the store checks again).
+        let (redis_key, hash) = match &target.plain {
+            Some((key, hash)) => (
+                Some(webdis.redis_key(&Subject::Key(key.as_slice().into()))),
+                Some(*hash),
+            ),
+            None => (webdis.digest_redis_key(&target.digest), None),
+        };
+        let Some(redis_key) = redis_key else {
+            return respond(&response::unavailable());
+        };
         let nonce = host::random_bytes::<8>()
             .map(u64::from_le_bytes)
             .unwrap_or(u64::from(self.context_id))
             % NONCE_LIMIT;
-        let path = admin::redis::path(nonce, &redis_key, command.op, limits.as_slice());
-        let call = AdminCall::new(
-            self.context_id,
-            path,
-            nonce,
-            applied,
-            command.op,
-            digest,
-            hash,
-        );
+        let path = admin::redis::path(nonce, &redis_key, op, limits.as_slice());
+        let call = AdminCall::new(self.context_id, path, nonce, applied, op, digest, hash);
         if !self.callouts.admin(call) {
             return respond(&response::unavailable());
         }
@@ -159,21 +158,25 @@ impl Request {
         Action::Pause
     }
 
-    fn admin_call(&mut self, filter: &Filter, command: &Command) -> LocalReply {
+    fn admin_call(
+        &mut self,
+        filter: &Filter,
+        op: Op,
+        target: &admin::target::Target,
+    ) -> LocalReply {
         let policy = &filter.policy;
-        let Store::Local { table, prefix } = &filter.store else {
+        // Local mode always knows the plain key (`target` refuses others).
+        let (Store::Local { table, prefix }, Some((_, hash))) = (&filter.store, &target.plain)
+        else {
             return response::unavailable();
         };
-        let Some((hash, plan)) = policy.key_plan(&command.key) else {
-            return response::detail_reply(404, "This key is not registered.");
-        };
-        let applied = policy.all_of_plan(plan);
+        let hash = *hash;
+        let applied = policy.all_of_plan(target.plan);
         let limits = policy.limits(&applied);
         let (Ok(now), Ok(wall)) = (self.clock(), Request::wall_clock(filter)) else {
             return response::unavailable();
         };
         let mut store = SharedStore::new(prefix);
-        let op = command.op;
         let clock = Clock::local(now, wall);
         let changed = match op {
             Op::Inspect => Ok(Rewritten::Done),
@@ -185,7 +188,7 @@ impl Request {
             return response::unavailable();
         }
         let reading = table
-            .peek(&mut store, hash, limits.as_slice(), Clock::local(now, wall))
+            .peek(&mut store, hash, limits.as_slice(), clock)
             .map_err(|_| StoreFailure::Host);
         match pipeline::inspected(policy, &applied, Events::default(), reading) {
             (pipeline::Action::Respond(reply), _) => reply,

@@ -73,6 +73,16 @@ impl WebdisStore {
         }
     }
 
+    /// The Redis key of the API key whose SHA-256 is `digest` (the admin
+    /// API's `sha256:` keys); `None` with a secret, whose keys are HMACs of
+    /// the plain key.
+    pub fn digest_redis_key(&self, digest: &[u8; 32]) -> Option<String> {
+        match self.secret {
+            Some(_) => None,
+            None => Some(webdis::digest_key(&self.key_prefix, digest)),
+        }
+    }
+
     /// A denial from the local cache, if the cached state already denies
     /// (`wall`: see `deny_cache::lookup`).
     pub fn cached_denial(
@@ -110,6 +120,25 @@ impl WebdisStore {
                 }
             }
         });
+    }
+
+    /// Forgets every cached denial: after the admin API reset or granted a
+    /// key it knows only by its SHA-256, whose slot the keyed hash of the
+    /// plain key would choose. One read per slot (a write per entry held),
+    /// and each throttled key asks Redis once more; admin calls only.
+    pub fn forget_all(&self) {
+        for slot in 0..self.cache_slots {
+            with_slot_key(&self.cache_prefix, slot, |name| {
+                for _ in 0..8 {
+                    let Ok(Some((current, cas))) = host::get_shared_data(name) else {
+                        return;
+                    };
+                    if current.is_empty() || host::set_shared_data(name, &[], cas).is_ok() {
+                        return;
+                    }
+                }
+            });
+        }
     }
 
     /// Remembers what Redis said about a key (a lower bound of its state).

@@ -65,7 +65,7 @@ fn every_call_needs_the_token() {
         call(&p, "GET", "/keys/a%20b", good),
         Ok(Command {
             op: Op::Inspect,
-            key: b"a b".to_vec()
+            key: KeyName::Plain(b"a b".to_vec())
         })
     );
     assert_eq!(call(&p, "DELETE", "/keys/k", good).unwrap().op, Op::Reset);
@@ -80,14 +80,169 @@ fn every_call_needs_the_token() {
     );
     assert_eq!(status(call(&p, "POST", "/keys/k", good)), 405);
     assert_eq!(status(call(&p, "GET", "/other", good)), 404);
+}
+
+#[test]
+fn a_sha256_path_names_a_digest_in_either_case_and_bad_hex_is_a_400() {
+    let p = admin_policy();
+    let good = Some("Bearer secret-token");
+    let digest = parse_sha256(TOKEN_SHA256.as_bytes()).unwrap();
+    for (method, path, op) in [
+        ("GET", format!("/keys/sha256:{TOKEN_SHA256}"), Op::Inspect),
+        (
+            "DELETE",
+            format!("/keys/sha256:{}", TOKEN_SHA256.to_uppercase()),
+            Op::Reset,
+        ),
+        (
+            "POST",
+            format!("/keys/sha256%3A{TOKEN_SHA256}/grant?amount=3"),
+            Op::Grant(3),
+        ),
+    ] {
+        assert_eq!(
+            call(&p, method, &path, good),
+            Ok(Command {
+                op,
+                key: KeyName::Sha256(digest)
+            }),
+            "{path}"
+        );
+    }
+    let bad = Err(refusal(
+        400,
+        "A sha256: key must be followed by the 64 hex digits of the key's SHA-256.",
+    ));
+    let plus = format!("+{}", &TOKEN_SHA256[1..]);
+    for hex in [
+        "",
+        "abc",
+        &TOKEN_SHA256[1..],
+        &format!("{TOKEN_SHA256}0"),
+        &"g".repeat(64),
+        &plus,
+    ] {
+        assert_eq!(
+            call(&p, "GET", &format!("/keys/sha256:{hex}"), good),
+            bad,
+            "{hex}"
+        );
+    }
+    // The token still comes first.
+    assert_eq!(status(call(&p, "GET", "/keys/sha256:abc", None)), 401);
     assert_eq!(
-        status(call(
-            &p,
-            "GET",
-            &format!("/keys/sha256:{TOKEN_SHA256}"),
-            good
-        )),
-        400
+        KeyName::Plain(b"1234".to_vec()).digest(),
+        parse_sha256(DIGEST_1234.as_bytes()).unwrap()
+    );
+    assert_eq!(hex(&KeyName::Sha256(digest).digest()), TOKEN_SHA256);
+}
+
+/// sha256("1234").
+const DIGEST_1234: &str = "03ac674216f3e15c761ee1a5e255f067953623c8b388b4459e13f978d7c846f4";
+
+/// A policy with keys and overrides listed both ways, over `store`.
+fn listed_policy(store: &str, unknown_keys: &str) -> crate::Policy {
+    policy(&format!(
+        r#"{{"limits": ["3/min"], "plans": {{"pro": ["10/min"]}},
+            "keys": {{"pro": ["plain-pro", "sha256:{}"]}},
+            "overrides": [{{"key": "plain-over", "limits": ["1/min"]}},
+                          {{"key": "sha256:{}", "limits": ["2/min"]}}],
+            "unknown_keys": "{unknown_keys}", "store": {store},
+            "admin": {{"token_sha256": "{TOKEN_SHA256}"}}}}"#,
+        key_digest(b"hashed-pro"),
+        key_digest(b"hashed-over").to_uppercase(),
+    ))
+}
+
+const STORES: [&str; 3] = [
+    r#"{"webdis": {}}"#,
+    r#"{"webdis": {"key_hash_secret": "s"}}"#,
+    r#"{"local": {}}"#,
+];
+
+/// The plan name a target is on, and whether its plain key is known.
+fn resolved(p: &crate::Policy, name: KeyName) -> Result<(String, bool), u32> {
+    target::target(p, name)
+        .map(|t| (p.plans[usize::from(t.plan)].name.clone(), t.plain.is_some()))
+        .map_err(|r| r.status)
+}
+
+fn by_digest(key: &[u8]) -> KeyName {
+    KeyName::Sha256(KeyName::Plain(key.to_vec()).digest())
+}
+
+#[test]
+fn a_digest_finds_the_plan_of_plain_sha256_and_override_keys() {
+    for store in STORES {
+        let p = listed_policy(store, "default_plan");
+        for (key, plan) in [
+            (&b"plain-pro"[..], "pro"),
+            (b"hashed-pro", "pro"),
+            (b"plain-over", "overrides[0]"),
+            (b"hashed-over", "overrides[1]"),
+            (b"unlisted", "default"),
+        ] {
+            // By plain key: as a request, everywhere.
+            let plain = target::target(&p, KeyName::Plain(key.to_vec())).unwrap();
+            assert_eq!(p.plans[usize::from(plain.plan)].name, plan);
+            assert_eq!(
+                plain.plain,
+                Some((key.to_vec(), p.key_plan(key).unwrap().0))
+            );
+            assert_eq!(plain.digest, KeyName::Plain(key.to_vec()).digest());
+            // By digest: a key listed in plain is found itself, the same
+            // target; otherwise the digest reaches only a secret-less Redis.
+            let hashed = target::target(&p, by_digest(key));
+            let listed_plain = key.starts_with(b"plain-");
+            match (listed_plain, store) {
+                (true, _) => assert_eq!(hashed, Ok(plain), "{store}"),
+                (false, r#"{"webdis": {}}"#) => {
+                    let t = hashed.unwrap();
+                    assert_eq!(
+                        (t.plan, t.digest, t.plain),
+                        (plain.plan, plain.digest, None)
+                    );
+                }
+                (false, _) => assert_eq!(hashed.unwrap_err().status, 400, "{store}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn an_unlisted_digest_is_a_404_under_unknown_keys_reject() {
+    for store in STORES {
+        let p = listed_policy(store, "reject");
+        assert_eq!(resolved(&p, by_digest(b"unlisted")), Err(404));
+        assert_eq!(resolved(&p, KeyName::Plain(b"unlisted".to_vec())), Err(404));
+        assert_eq!(
+            resolved(&p, by_digest(b"plain-over")),
+            Ok(("overrides[0]".into(), true))
+        );
+    }
+    let p = listed_policy(STORES[0], "reject");
+    assert_eq!(
+        resolved(&p, by_digest(b"hashed-pro")),
+        Ok(("pro".into(), false))
+    );
+}
+
+#[test]
+fn a_digest_the_store_cannot_address_is_refused_saying_what_to_send() {
+    let detail = |store: &str| {
+        let p = listed_policy(store, "default_plan");
+        let reply = target::target(&p, by_digest(b"unlisted")).unwrap_err();
+        assert_eq!(reply.status, 400);
+        reply.body
+    };
+    let secret = detail(STORES[1]);
+    assert!(secret.contains("with store.webdis.key_hash_secret its Redis key is an HMAC of the plain key. Send the plain key instead"), "{secret}");
+    let local = detail(STORES[2]);
+    assert!(
+        local.contains(
+            "local slots are chosen by a keyed hash of the plain key. Send the plain key instead"
+        ),
+        "{local}"
     );
 }
 

@@ -157,6 +157,24 @@ impl Registry {
         None
     }
 
+    /// The plan of the key whose SHA-256 is `digest`, and the key itself
+    /// when it is listed in plain. For the admin API only: the plan is one
+    /// probe of `digests` (kept anyway, to refuse duplicates), but a plain
+    /// key is found by hashing the plain keys until one matches, so that
+    /// the data path pays nothing, neither per request nor in memory.
+    pub fn by_digest(&self, digest: &[u8; 32]) -> Option<(u16, Option<&[u8]>)> {
+        let origin = self.digests.get(digest)?;
+        if origin.hashed {
+            return Some((origin.plan, None));
+        }
+        let key = self
+            .plain
+            .values()
+            .map(|(key, _)| &**key)
+            .find(|key| <[u8; 32]>::from(Sha256::digest(key)) == *digest);
+        Some((origin.plan, key))
+    }
+
     pub fn len(&self) -> usize {
         self.digests.len()
     }
@@ -199,6 +217,18 @@ mod tests {
         assert!(r.add("k[4]", "sha256:abc", 1, 64).is_err());
         assert!(r.add("k[5]", "", 1, 64).is_err());
         assert_eq!(r.len(), 2);
+    }
+
+    #[test]
+    fn a_digest_finds_its_plan_and_a_plain_key_too() {
+        let mut r = Registry::default();
+        r.add("k[0]", "gold", 1, 64).unwrap();
+        r.add("k[1]", &format!("sha256:{}", sha256_hex(b"1234")), 2, 64)
+            .unwrap();
+        let digest = |key: &[u8]| -> [u8; 32] { Sha256::digest(key).into() };
+        assert_eq!(r.by_digest(&digest(b"gold")), Some((1, Some(&b"gold"[..]))));
+        assert_eq!(r.by_digest(&digest(b"1234")), Some((2, None)));
+        assert_eq!(r.by_digest(&digest(b"other")), None);
     }
 
     #[test]
@@ -267,6 +297,10 @@ mod tests {
         assert_eq!(r.plan_of(b"plain-key", 5), Some(1));
         assert_eq!(r.plan_of(b"other", 5), None);
         assert!(r.recent.entries.borrow().is_empty());
+    }
+
+    fn sha256_hex(key: &[u8]) -> String {
+        hex(&Sha256::digest(key))
     }
 
     fn hex(bytes: &[u8]) -> String {
