@@ -13,8 +13,12 @@ use std::time::Duration;
 /// Read and write timeout of every connection unless set otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Largest response head we accept before calling the answer broken.
+/// Largest response head we accept before calling the answer broken; also the
+/// bound on a chunk-size line and on a chunked body's trailer section.
 const MAX_HEAD: usize = 1 << 20;
+
+/// Header or trailer fields, in order: names as sent, values as raw bytes.
+pub type Fields = Vec<(String, Vec<u8>)>;
 
 /// A parsed response. Its `Debug` shows header values and body as (lossy) text, so an
 /// assertion message is readable.
@@ -24,9 +28,10 @@ pub struct Response {
     pub version: u8,
     pub status: u16,
     pub reason: String,
-    /// In order, names as sent; values as raw bytes.
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: Fields,
     pub body: Vec<u8>,
+    /// The trailer fields after a chunked body.
+    pub trailers: Fields,
 }
 
 impl Response {
@@ -58,6 +63,14 @@ impl Response {
             .map(|(_, v)| v.as_slice())
     }
 
+    /// The first value of trailer field `name` (case-insensitive), if it is UTF-8.
+    pub fn trailer(&self, name: &str) -> Option<&str> {
+        self.trailers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+
     /// Every value of header `name` (case-insensitive), in order, lossy UTF-8.
     pub fn header_all(&self, name: &str) -> Vec<Cow<'_, str>> {
         self.headers
@@ -86,7 +99,11 @@ impl std::fmt::Debug for Response {
         for (n, v) in &self.headers {
             writeln!(f, "{n}: {}", String::from_utf8_lossy(v).escape_debug())?;
         }
-        write!(f, "\n{}", self.body_str())
+        write!(f, "\n{}", self.body_str())?;
+        for (n, v) in &self.trailers {
+            write!(f, "\n{n}: {}", String::from_utf8_lossy(v).escape_debug())?;
+        }
+        Ok(())
     }
 }
 
@@ -228,7 +245,7 @@ impl Conn {
                 .iter()
                 .any(|v| v.to_ascii_lowercase().contains("chunked"))
             {
-                resp.body = self.read_chunked()?;
+                (resp.body, resp.trailers) = self.read_chunked()?;
             } else if let Some(len) = resp.header("content-length") {
                 let len: usize = len.trim().parse().map_err(|_| {
                     io::Error::new(io::ErrorKind::InvalidData, "bad content-length")
@@ -334,11 +351,18 @@ impl Conn {
         Ok(())
     }
 
-    fn read_line(&mut self) -> io::Result<Vec<u8>> {
+    /// One CRLF-ended line of a chunked body, at most `limit` bytes.
+    fn read_line(&mut self, limit: usize) -> io::Result<Vec<u8>> {
         loop {
             if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                if i > limit {
+                    break;
+                }
                 let line: Vec<u8> = self.buf.drain(..i + 2).take(i).collect();
                 return Ok(line);
+            }
+            if self.buf.len() > limit + 1 {
+                break;
             }
             if self.read_more()? == 0 {
                 return Err(io::Error::new(
@@ -347,12 +371,18 @@ impl Conn {
                 ));
             }
         }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a line of a chunked body is longer than {limit} bytes"),
+        ))
     }
 
-    fn read_chunked(&mut self) -> io::Result<Vec<u8>> {
+    /// A chunked body and its trailer fields (a trailer section of at most
+    /// [`MAX_HEAD`] bytes).
+    fn read_chunked(&mut self) -> io::Result<(Vec<u8>, Fields)> {
         let mut body = Vec::new();
         loop {
-            let line = self.read_line()?;
+            let line = self.read_line(MAX_HEAD)?;
             let size_hex = line.split(|&b| b == b';').next().unwrap_or(&[]);
             let size_hex = std::str::from_utf8(size_hex).unwrap_or("").trim();
             let size = usize::from_str_radix(size_hex, 16).map_err(|_| {
@@ -362,13 +392,43 @@ impl Conn {
                 )
             })?;
             if size == 0 {
-                // Trailers, up to the empty line.
-                while !self.read_line()?.is_empty() {}
-                return Ok(body);
+                return Ok((body, self.read_trailers()?));
             }
-            self.fill_to(size + 2)?;
+            let with_crlf = size.checked_add(2).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "chunk size overflows")
+            })?;
+            self.fill_to(with_crlf)?;
             body.extend(self.buf.drain(..size));
             self.buf.drain(..2);
+        }
+    }
+
+    /// The trailer section after the last chunk, up to the empty line.
+    fn read_trailers(&mut self) -> io::Result<Fields> {
+        let mut trailers = Vec::new();
+        let mut left = MAX_HEAD;
+        loop {
+            let line = self.read_line(left)?;
+            if line.is_empty() {
+                return Ok(trailers);
+            }
+            left = left.saturating_sub(line.len() + 2);
+            let field = line
+                .iter()
+                .position(|&b| b == b':')
+                .and_then(|colon| Some((line.get(..colon)?, line.get(colon + 1..)?)))
+                .and_then(|(name, value)| Some((std::str::from_utf8(name).ok()?, value)))
+                .filter(|(name, _)| {
+                    !name.is_empty() && !name.contains(|c: char| c.is_whitespace())
+                });
+            let Some((name, value)) = field else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("bad trailer field {:?}", String::from_utf8_lossy(&line)),
+                ));
+            };
+            let value = value.trim_ascii();
+            trailers.push((name.to_owned(), value.to_vec()));
         }
     }
 }
@@ -405,6 +465,7 @@ fn parse_head(buf: &[u8]) -> io::Result<Option<(Response, usize)>> {
                         .map(|h| (h.name.to_owned(), h.value.to_vec()))
                         .collect(),
                     body: Vec::new(),
+                    trailers: Vec::new(),
                 };
                 return Ok(Some((resp, len)));
             }

@@ -454,7 +454,7 @@ fn canned_server(responses: Vec<&'static [u8]>) -> String {
 fn http_client_reads_every_body_framing() {
     let addr = canned_server(vec![
         b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nx-a: 2\r\n\r\nhello",
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nTrailer: x\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Usage: 7\r\nx-more:  a b \r\n\r\n",
         b"HTTP/1.1 204 No Content\r\nX-V: \xff\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",
         b"HTTP/1.1 404 Not Found\r\n\r\nuntil close",
@@ -465,6 +465,11 @@ fn http_client_reads_every_body_framing() {
     assert_eq!(r.header_all("x-a"), vec!["1", "2"]);
     let r = c.get("/").unwrap();
     assert_eq!(r.body_str(), "abcde");
+    assert_eq!(
+        (r.trailer("x-usage"), r.trailer("X-MORE")),
+        (Some("7"), Some("a b"))
+    );
+    assert_eq!(r.header("x-usage"), None, "a trailer is not a header");
     let r = c.get("/").unwrap();
     assert_eq!((r.status, r.body.len()), (204, 0));
     assert_eq!(r.header("x-v"), None);

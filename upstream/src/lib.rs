@@ -6,6 +6,11 @@
 //! * any method, any path: `200`, `content-type: application/json`,
 //!   body `"ok"` (a JSON string, as DRF renders `Response("ok")`);
 //! * `GET /healthz`: `200`, body `{"status":"healthy"}`;
+//! * any method, `/metered?tokens=T&via=header|trailer|json|sse&delay_ms=D&status=S`:
+//!   usage `T` (echoed as sent; absent: none) as header or trailer
+//!   `x-usage-tokens`, as `{"usage":{"total_tokens":T}}`, or as the last SSE
+//!   event before `data: [DONE]`; the trailer needs `TE: trailers` over
+//!   HTTP/1.1 (hyper's rule). Details and 400s: `src/metered.rs`;
 //! * `HEAD` gets the same headers and no body.
 //!
 //! HTTP/1.1 (with keep-alive) and h2c are both served on the same port.
@@ -15,6 +20,7 @@
 //! * `src/lib.rs`: crate docs and [`run`], the accept loop with graceful
 //!   shutdown.
 //! * `src/service.rs`: the request handler (what each path answers).
+//! * `src/metered.rs`: `/metered`'s query, answers and streamed bodies.
 //! * `src/main.rs`: the `upstream` binary: argument/env parsing, runtime,
 //!   binding, signal handling.
 
@@ -22,6 +28,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 #![deny(clippy::panic, clippy::indexing_slicing)]
 
+mod metered;
 mod service;
 
 use std::future::Future;
@@ -33,6 +40,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+pub use metered::{MAX_DELAY_MS, MAX_TOKENS_LEN, MAX_TOKENS_VALUES, METERED_PATH, USAGE_FIELD};
 pub use service::{HEALTH_BODY, HEALTH_PATH, OK_BODY};
 
 /// How long in-flight requests get to finish once shutdown starts. Idle

@@ -9,60 +9,9 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{assert_ok, Conn};
-use tokio::sync::oneshot;
-
-/// `run` on 127.0.0.1:0 in its own runtime; the test thread is the client.
-struct Server {
-    runtime: tokio::runtime::Runtime,
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
-}
-
-impl Server {
-    fn start() -> Self {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = runtime.spawn(upstream::run(listener, async move {
-            let _ = stopped.await;
-        }));
-        Self {
-            runtime,
-            addr,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    fn trigger_shutdown(&mut self) {
-        self.stop.take().unwrap().send(()).unwrap();
-    }
-
-    /// Waits for `run` to return and how long that took; fails past `limit`.
-    fn join(&mut self, limit: Duration) -> Duration {
-        let started = Instant::now();
-        let task = self.task.take().unwrap();
-        let result = self
-            .runtime
-            .block_on(async { tokio::time::timeout(limit, task).await })
-            .unwrap_or_else(|_| panic!("run did not return within {limit:?}"))
-            .expect("run task panicked");
-        assert!(result.is_ok(), "run returned {result:?}");
-        started.elapsed()
-    }
-}
+use common::{assert_ok, Conn, Server};
 
 #[test]
 fn root_answers_ok_json_string() {

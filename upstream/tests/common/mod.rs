@@ -2,7 +2,7 @@
 //! (`e2e::http`), which writes request bytes exactly as given, so they see
 //! what goes on the wire. These wrappers panic instead of returning errors,
 //! and check what every answer of this server must be: HTTP/1.1, its body
-//! framed by `content-length`.
+//! framed by `content-length` (`/metered`'s streamed bodies: by chunks).
 #![allow(
     dead_code,
     clippy::unwrap_used,
@@ -12,11 +12,61 @@
 )]
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use e2e::http::Response;
+use tokio::sync::oneshot;
 
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `run` on 127.0.0.1:0 in its own runtime; the test thread is the client.
+pub struct Server {
+    runtime: tokio::runtime::Runtime,
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Server {
+    pub fn start() -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = runtime.spawn(upstream::run(listener, async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            runtime,
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn trigger_shutdown(&mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+    }
+
+    /// Waits for `run` to return and how long that took; fails past `limit`.
+    pub fn join(&mut self, limit: Duration) -> Duration {
+        let started = Instant::now();
+        let task = self.task.take().unwrap();
+        let result = self
+            .runtime
+            .block_on(async { tokio::time::timeout(limit, task).await })
+            .unwrap_or_else(|_| panic!("run did not return within {limit:?}"))
+            .expect("run task panicked");
+        assert!(result.is_ok(), "run returned {result:?}");
+        started.elapsed()
+    }
+}
 
 /// One client connection, kept open across requests (keep-alive).
 pub struct Conn(e2e::http::Conn);
@@ -42,6 +92,30 @@ impl Conn {
             .request_with_body(method, target.as_bytes(), &headers, body)
             .expect("request");
         checked(response, method == "HEAD")
+    }
+
+    /// Sends `METHOD target` with `headers` and no body, and reads the
+    /// answer, which (unlike [`Conn::request`]'s) may come chunked.
+    pub fn send(&mut self, method: &str, target: &str, headers: &[(&str, &str)]) -> Response {
+        let headers: Vec<(&str, &[u8])> = headers.iter().map(|(n, v)| (*n, v.as_bytes())).collect();
+        let response = self
+            .0
+            .request(method, target.as_bytes(), &headers)
+            .expect("request");
+        assert_eq!(response.version, 1, "not HTTP/1.1: {response:?}");
+        if method != "HEAD" && response.status != 204 {
+            let chunked = response.header("transfer-encoding") == Some("chunked");
+            assert!(
+                chunked != response.header("content-length").is_some(),
+                "not framed by exactly one of content-length and chunked: {response:?}"
+            );
+        }
+        response
+    }
+
+    /// Sets the read and write timeout from now on.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.0.set_timeout(timeout).expect("set timeout");
     }
 
     /// Reads one response.
