@@ -215,3 +215,33 @@ fn json_bodies_and_event_streams_settle_in_global_mode_after_the_request_is_gone
     assert!(envoy.metric("settle_calls") >= 3);
     assert_eq!(envoy.metric("settle_failed"), 0);
 }
+
+/// A trailer is read when the upstream sends one (hyper, over HTTP/1.1,
+/// only to a client that sent `TE: trailers`); a response that ends
+/// without it keeps the reservation.
+#[test]
+fn a_trailer_settles_and_a_response_without_it_keeps_the_reservation() {
+    let envoy = OneEnvoy::local(&config(r#"{"trailer": "x-usage-tokens"}"#, ""), 2);
+    let addr = envoy.addr();
+    let r = Conn::connect(&addr)
+        .unwrap()
+        .request(
+            "GET",
+            b"/metered?tokens=50&via=trailer",
+            &[
+                ("Connection", b"close"),
+                ("TE", b"trailers"),
+                ("x-api-key", b"trailer"),
+            ],
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.trailer("x-usage-tokens"), Some("50"), "{r:?}");
+    assert_eq!(tokens_left(&addr, "trailer"), 950);
+    let r = send(&addr, "trailer", "/metered?tokens=50&via=trailer", None);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.trailer("x-usage-tokens"), None, "{r:?}");
+    assert_eq!(tokens_left(&addr, "trailer"), 650);
+    assert_eq!(envoy.metric("settle_refunded"), 1);
+    assert_eq!(envoy.metric("settle_missing"), 1);
+}

@@ -302,8 +302,17 @@ impl Drop for Request {
         if self.admin_call {
             self.callouts.release_admin(self.context_id);
         }
-        if let (Some(filter), Some(settling)) = (&self.filter, self.settling.take()) {
-            settling.abort(filter);
+        if let Some(filter) = &self.filter {
+            match (
+                self.settling.take(),
+                self.settle_key.take(),
+                self.quota.take(),
+            ) {
+                (Some(settling), _, _) => settling.abort(filter),
+                // Admitted, and gone before its response began.
+                (None, Some(_), Some(quota)) => Settling::abort_unanswered(filter, &quota),
+                _ => {}
+            }
         }
     }
 }

@@ -152,6 +152,16 @@ impl Settling {
         let open = u64::try_from(self.open.len()).unwrap_or(u64::MAX);
         filter.metrics.settled(Outcome::Aborted.index(), open);
     }
+
+    /// The stream went away before its response began: every reservation
+    /// of an admitted request is kept.
+    pub fn abort_unanswered(filter: &Filter, quota: &Quota) {
+        if quota.decision.allowed {
+            let open = settle::reserved(&filter.policy, &quota.applied).len();
+            let open = u64::try_from(open).unwrap_or(u64::MAX);
+            filter.metrics.settled(Outcome::Aborted.index(), open);
+        }
+    }
 }
 
 fn header_of(map: &[u8], name: &str) -> Option<Vec<u8>> {
