@@ -189,6 +189,10 @@ pub struct HeaderCostConfig {
     pub default: u64,
     /// A larger value is refused (400) and consumes nothing.
     pub max: u64,
+    /// A smaller value is charged as this (default 1): with `settle`, the
+    /// least a client may reserve, whatever estimate it sends.
+    #[serde(default)]
+    pub min: Option<u64>,
 }
 
 /// What happens to a key that no plan lists.

@@ -39,10 +39,12 @@ enum HeaderCondition {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cost {
     Fixed(u64),
-    /// Read from a request header: absent is `default`, above `max` is 400.
+    /// Read from a request header: absent is `default`, above `max` is 400,
+    /// below `min` is `min`.
     Header {
         name: String,
         default: u64,
+        min: u64,
         max: u64,
     },
 }
@@ -158,7 +160,12 @@ impl Rule {
     ) -> Result<u64, CostError> {
         match &self.cost {
             Cost::Fixed(cost) => Ok(*cost),
-            Cost::Header { name, default, max } => {
+            Cost::Header {
+                name,
+                default,
+                min,
+                max,
+            } => {
                 let malformed = CostError::Malformed { rule: index };
                 let value = match headers.single(name.as_bytes()) {
                     Ok(None) => return Ok(*default),
@@ -169,7 +176,7 @@ impl Rule {
                 if cost > *max {
                     return Err(CostError::AboveMax { rule: index, cost });
                 }
-                Ok(cost)
+                Ok(cost.max(*min))
             }
         }
     }
@@ -319,9 +326,17 @@ pub fn compile(
                     ),
                 ));
             }
+            let min = h.min.unwrap_or(1);
+            if !(1..=h.default).contains(&min) {
+                return Err(ConfigError::new(
+                    format!("{field}.cost.min"),
+                    format!("must be from 1 to the default ({}), got {min}", h.default),
+                ));
+            }
             Cost::Header {
                 name: h.header.to_ascii_lowercase(),
                 default: h.default,
+                min,
                 max: h.max,
             }
         }

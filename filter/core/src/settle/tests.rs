@@ -16,7 +16,7 @@ const BUDGET: &str = r#"{
     {"name": "plain", "match": {"path": "/plain"}, "limits": ["5/min"]},
     {"name": "chat", "match": {"path_prefix": "/v1"},
      "limits": [{"quota": "1000/day", "reset": "calendar", "name": "tokens"}, {"rate": "3000/h", "name": "tokens-h"}],
-     "cost": {"header": "x-estimate", "default": 300, "max": 1000},
+     "cost": {"header": "x-estimate", "default": 300, "min": 50, "max": 1000},
      "settle": {"header": "x-usage-tokens"}}
   ]
 }"#;
@@ -67,6 +67,16 @@ fn settle_takes_exactly_one_source_and_names_the_field_it_refuses() {
         assert_eq!(error.field, field, "{bad}: {error}");
     }
     assert!(settle_config(r#"{"header": "a", "extra": 1}"#).is_err());
+    let min = |min: u64| {
+        let json = format!(
+            r#"{{"limits": ["1/s"], "rules": [{{"name": "r", "match": {{"path": "/x"}}, "limits": ["900/s"],
+                "cost": {{"header": "x-e", "default": 10, "min": {min}, "max": 100}}}}]}}"#
+        );
+        Config::from_json(json.as_bytes()).and_then(Policy::compile)
+    };
+    assert!(min(10).is_ok());
+    assert_eq!(min(0).unwrap_err().field, "rules[0].cost.min");
+    assert_eq!(min(11).unwrap_err().field, "rules[0].cost.min");
 }
 
 #[test]
@@ -202,6 +212,9 @@ fn a_request_reserves_on_its_settling_rules_limits_only() {
     );
     let estimated = reserved(&p, &applied("/v1/chat", &[("x-estimate", b"800")]));
     assert_eq!(estimated[0].estimate, 800);
+    // A client cannot reserve less than `min`, whatever it sends.
+    let low = reserved(&p, &applied("/v1/chat", &[("x-estimate", b"1")]));
+    assert_eq!(low[0].estimate, 50);
 }
 
 #[test]
