@@ -126,7 +126,7 @@ bench-smoke: bench-build
 
 ## fuzz: each target in FUZZ_TARGETS for FUZZ_SECONDS (not a test; docs/fuzzing.md)
 FUZZ_DIR          := filter/fuzz
-FUZZ_TARGETS      ?= config key header_map webdis_reply
+FUZZ_TARGETS      ?= config key header_map webdis_reply settle_body
 FUZZ_SECONDS      ?= 60
 FUZZ_ARGS         ?=
 CARGO_FUZZ_VERSION := 0.13.2
