@@ -20,6 +20,10 @@
 //! `plans.rs` does the same for `apikey_ratelimit_batch2`, the call of
 //! `plans_from_redis`: keys' plans moved in Redis between calls, and rules'
 //! limits at random costs.
+//!
+//! `settle.rs` mixes those decisions with `apikey_ratelimit_settle` calls
+//! (refunds and charges of costs settled from responses) against
+//! `settle::apply`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -38,6 +42,8 @@ use ratelimit_core::webdis::{self, FailureClass};
 mod plans;
 #[path = "global_differential/quotas.rs"]
 mod quotas;
+#[path = "global_differential/settle.rs"]
+mod settle;
 
 /// Nanoseconds per microsecond: the model counts in the first, Redis in the second.
 const US: u64 = 1_000;

@@ -37,7 +37,10 @@ pub fn path(nonce: u64, entries: &[Entry]) -> String {
             Adjust::Charge(n) => (1, n),
         };
         let _ = write!(path, "/{op}/{amount}");
-        write_set(&mut path, entry.limits.as_slice());
+        // The function's unit is one interval (a quota's unit): each limit
+        // is sent costing 1, whatever it cost the request.
+        let units: PerLimit<Limit> = entry.limits.iter().map(|l| l.costing(1)).collect();
+        write_set(&mut path, units.as_slice());
     }
     path
 }
