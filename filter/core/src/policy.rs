@@ -639,6 +639,18 @@ impl Policy {
         self.rule_limits.get(rule).map_or(0, Vec::len)
     }
 
+    /// Rule `rule`'s limits, each costing 1.
+    pub fn rule_units(&self, rule: usize) -> PerLimit<Limit> {
+        self.rule_limits
+            .get(rule)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| self.instance(*id).map(|l| l.costing(1)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Keys the store hashes with `hasher` from now on.
     pub fn reseed(&self, hasher: KeyHasher) {
         self.hasher.set(hasher);

@@ -249,14 +249,12 @@ pub fn apply(adjust: Adjust, limit: &Limit, value: u64, clock: Clock) -> u64 {
 
 /// One settling rule a request matched: what it reserved, and where the
 /// response says what it cost.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reserved {
     /// The rule's index in the policy.
     pub rule: usize,
     /// The rule's cost for this request, reserved on its limits.
     pub estimate: u64,
-    /// The rule's limits, each costing 1 (the unit of a settlement).
-    pub limits: PerLimit<Limit>,
 }
 
 impl Reserved {
@@ -264,12 +262,17 @@ impl Reserved {
     pub fn source<'p>(&self, policy: &'p Policy) -> Option<&'p Source> {
         policy.rules.get(self.rule)?.settle.as_ref()
     }
+
+    /// The rule's limits, each costing 1 (the unit of a settlement).
+    pub fn limits(&self, policy: &Policy) -> PerLimit<Limit> {
+        policy.rule_units(self.rule)
+    }
 }
 
 /// The settling rules an admitted request matched, in rule order (empty
-/// for most requests: no allocation then). `applied` lists the plan's
-/// limits, then each matched rule's in rule order, so the rules' limits
-/// are its tail.
+/// for most requests: no allocation then), with the cost each reserved.
+/// `applied` lists the plan's limits, then each matched rule's in rule
+/// order, so the rules' limits are its tail.
 pub fn reserved(policy: &Policy, applied: &Applied) -> Vec<Reserved> {
     if applied.rules & policy.settling_rules() == 0 {
         return Vec::new();
@@ -284,21 +287,15 @@ pub fn reserved(policy: &Policy, applied: &Applied) -> Vec<Reserved> {
     };
     let mut out = Vec::new();
     for rule in applied.matched_rules() {
-        let count = policy.rule_limit_count(rule);
-        let mine = refs.get(at..at + count).unwrap_or_default();
-        at += count;
+        let first = refs.get(at);
+        at += policy.rule_limit_count(rule);
         let settles = policy.rules.get(rule).is_some_and(|r| r.settle.is_some());
-        let Some(first) = mine.first().filter(|_| settles) else {
-            continue;
-        };
-        out.push(Reserved {
-            rule,
-            estimate: u64::from(first.cost),
-            limits: mine
-                .iter()
-                .filter_map(|r| policy.instance(r.instance).map(|l| l.costing(1)))
-                .collect(),
-        });
+        if let Some(first) = first.filter(|_| settles) {
+            out.push(Reserved {
+                rule,
+                estimate: u64::from(first.cost),
+            });
+        }
     }
     out
 }

@@ -28,13 +28,11 @@ use ratelimit_core::deny_cache;
 use ratelimit_core::webdis::BackendError;
 use ratelimit_core::Event;
 
-use ratelimit_core::settle::redis::Entry;
-
 use crate::admin_calls::{AdminCall, AdminCalls, Answered};
 use crate::filter::Filter;
 use crate::host::{self, Status, LOG_ERROR, LOG_INFO};
 use crate::metrics::SETTLE_FAILED;
-use crate::settle_calls::SettleCalls;
+use crate::settle_calls::{Queued, SettleCalls};
 use crate::shared_store::{table_prefix, with_slot_key};
 use crate::verdict::{self, Pending};
 use crate::webdis_store::WebdisStore;
@@ -119,8 +117,8 @@ impl Callouts {
     }
 
     /// Queues a request's settlement for the root to send, waking it once.
-    pub fn settle(&self, filter: &Filter, entry: Entry) {
-        if !self.settlements.queue(entry) {
+    pub fn settle(&self, filter: &Filter, settlement: Queued) {
+        if !self.settlements.queue(settlement) {
             filter.metrics.settled(SETTLE_FAILED, 1);
             return;
         }

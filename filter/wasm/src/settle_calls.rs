@@ -8,23 +8,32 @@
 //! by that much.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use ratelimit_core::batch::wire::NONCE_LIMIT;
-use ratelimit_core::settle::redis::{self, Entry};
+use ratelimit_core::settle::redis::{self, Entry, Gather};
+use ratelimit_core::settle::Adjust;
 
 use crate::filter::Filter;
 use crate::host;
 use crate::metrics::{SETTLE_CALLS, SETTLE_FAILED};
 use crate::webdis_store::WebdisStore;
 
-/// Settlements one worker keeps waiting for a call, at most; past it they
-/// are dropped (counted): Redis is then far behind.
+/// Settlements one worker keeps waiting for a call, at most (each about
+/// 100 bytes); past it they are dropped (counted): Redis is then far behind.
 const MAX_QUEUED: usize = 100_000;
+
+/// One request's settlement of one rule, waiting: its limits are the
+/// rule's, found when the call is built.
+pub struct Queued {
+    pub redis_key: String,
+    pub adjust: Adjust,
+    pub rule: usize,
+}
 
 #[derive(Default)]
 pub struct SettleCalls {
-    queued: RefCell<Vec<Entry>>,
+    queued: RefCell<VecDeque<Queued>>,
     /// Calls out: their nonce and how many entries they carry.
     out: RefCell<HashMap<u32, (u64, u64)>>,
     /// The root has been asked to wake and has not yet.
@@ -33,12 +42,12 @@ pub struct SettleCalls {
 
 impl SettleCalls {
     /// Queues a settlement; `false` if the queue is full (it is dropped).
-    pub fn queue(&self, entry: Entry) -> bool {
+    pub fn queue(&self, settlement: Queued) -> bool {
         let mut queued = self.queued.borrow_mut();
         if queued.len() >= MAX_QUEUED {
             return false;
         }
-        queued.push(entry);
+        queued.push_back(settlement);
         true
     }
 
@@ -60,11 +69,24 @@ impl SettleCalls {
             if self.outstanding() >= settings.max_in_flight {
                 return;
             }
-            let batch = redis::take_batch(
-                &mut self.queued.borrow_mut(),
-                settings.max_keys,
-                settings.max_path_bytes,
-            );
+            let mut call = Gather::new(settings.max_keys, settings.max_path_bytes);
+            {
+                let mut queued = self.queued.borrow_mut();
+                while let Some(next) = queued.front() {
+                    let limits = filter.policy.rule_units(next.rule);
+                    if !call.fits(&next.redis_key, limits.as_slice()) {
+                        break;
+                    }
+                    if let Some(next) = queued.pop_front() {
+                        call.push(Entry {
+                            limits,
+                            redis_key: next.redis_key,
+                            adjust: next.adjust,
+                        });
+                    }
+                }
+            }
+            let batch = call.entries();
             if batch.is_empty() {
                 return;
             }
@@ -73,7 +95,7 @@ impl SettleCalls {
                 .map(u64::from_le_bytes)
                 .unwrap_or(count)
                 % NONCE_LIMIT;
-            let path = redis::path(nonce, &batch);
+            let path = redis::path(nonce, batch);
             filter.metrics.settled(SETTLE_CALLS, 1);
             match webdis.dispatch(&path, timeout_ms) {
                 Ok(token) => {

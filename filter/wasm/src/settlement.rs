@@ -12,13 +12,14 @@ use ratelimit_core::gcra::Clock;
 use ratelimit_core::hash::KeyHash;
 use ratelimit_core::pipeline::Quota;
 use ratelimit_core::settle::body::BodyScan;
-use ratelimit_core::settle::{self, redis, Observed, Outcome, Reserved, Source};
+use ratelimit_core::settle::{self, Observed, Outcome, Reserved, Source};
 use ratelimit_core::slots::Rewritten;
 
 use crate::callouts::Callouts;
 use crate::filter::{Filter, Store};
 use crate::host;
 use crate::metrics::SETTLE_FAILED;
+use crate::settle_calls::Queued;
 use crate::shared_store::SharedStore;
 
 /// Where a request's counters are: its slot's key hash, and in global
@@ -197,7 +198,7 @@ fn settle_one(
                 table.rewrite(
                     &mut SharedStore::new(prefix),
                     key.hash,
-                    reserved.limits.as_slice(),
+                    reserved.limits(&filter.policy).as_slice(),
                     Clock::local(now, wall),
                     |limit, value, clock| settle::apply(adjust, limit, value, clock),
                 )
@@ -218,10 +219,10 @@ fn settle_one(
             }
             callouts.settle(
                 filter,
-                redis::Entry {
+                Queued {
                     redis_key,
                     adjust,
-                    limits: reserved.limits,
+                    rule: reserved.rule,
                 },
             );
         }

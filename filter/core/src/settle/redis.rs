@@ -45,22 +45,49 @@ pub fn path(nonce: u64, entries: &[Entry]) -> String {
     path
 }
 
-/// The next call's entries, taken from the front of `queued`: at most
-/// `max_keys`, and a `:path` of at most `max_path_bytes` (one entry always
-/// goes, so that none is stuck).
-pub fn take_batch(queued: &mut Vec<Entry>, max_keys: usize, max_path_bytes: usize) -> Vec<Entry> {
-    let mut bytes = FUNCTION.len() + 2 * 24;
-    let mut take = 0;
-    for entry in queued.iter().take(max_keys.max(1)) {
-        // "/<key>" encoded (at most 3 bytes a byte), "/<op>/<amount>", the set.
-        let size = 1 + 3 * entry.redis_key.len() + 14 + set_bytes(entry.limits.as_slice());
-        if take > 0 && bytes + size > max_path_bytes {
-            break;
+/// A call's entries, gathered within its bounds: at most `max_keys`, and
+/// a `:path` of at most `max_path_bytes` (webdis reads no more). The first
+/// entry always goes, so that none is stuck.
+#[derive(Debug)]
+pub struct Gather {
+    entries: Vec<Entry>,
+    bytes: usize,
+    max_keys: usize,
+    max_path_bytes: usize,
+}
+
+impl Gather {
+    pub fn new(max_keys: usize, max_path_bytes: usize) -> Gather {
+        Gather {
+            entries: Vec::new(),
+            bytes: FUNCTION.len() + 2 * 24,
+            max_keys: max_keys.max(1),
+            max_path_bytes,
         }
-        bytes += size;
-        take += 1;
     }
-    queued.drain(..take).collect()
+
+    /// Whether an entry for `redis_key` on `limits` fits the call.
+    pub fn fits(&self, redis_key: &str, limits: &[Limit]) -> bool {
+        self.entries.is_empty()
+            || (self.entries.len() < self.max_keys
+                && self.bytes + entry_bytes(redis_key, limits) <= self.max_path_bytes)
+    }
+
+    /// Adds `entry` (check [`Gather::fits`] first).
+    pub fn push(&mut self, entry: Entry) {
+        self.bytes += entry_bytes(&entry.redis_key, entry.limits.as_slice());
+        self.entries.push(entry);
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+}
+
+/// At most what an entry adds to a call's `:path`: "/<key>" encoded (3
+/// bytes a byte at most), "/<op>/<amount>", the set.
+fn entry_bytes(redis_key: &str, limits: &[Limit]) -> usize {
+    1 + 3 * redis_key.len() + 14 + set_bytes(limits)
 }
 
 /// Whether the answer is this call's: `{nonce, now_us}`.

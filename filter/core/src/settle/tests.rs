@@ -203,9 +203,10 @@ fn a_request_reserves_on_its_settling_rules_limits_only() {
     assert_eq!(chat.len(), 1);
     assert_eq!(chat[0].estimate, 300);
     assert_eq!(chat[0].rule, 1);
-    let names: Vec<_> = chat[0].limits.iter().map(|l| l.name.as_str()).collect();
+    let limits = chat[0].limits(&p);
+    let names: Vec<_> = limits.iter().map(|l| l.name.as_str()).collect();
     assert_eq!(names, ["tokens", "tokens-h"]);
-    assert!(chat[0].limits.iter().all(|l| l.cost == 1));
+    assert!(limits.iter().all(|l| l.cost == 1));
     assert_eq!(
         chat[0].source(&p),
         Some(&Source::Header("x-usage-tokens".into()))
@@ -254,9 +255,13 @@ fn a_local_store_settles_a_token_budget_exactly() {
                 let outcome = Outcome::of(r.estimate, Observed::Value(300));
                 if let Some(adjust) = outcome.adjust() {
                     table
-                        .rewrite(&mut store, hash, r.limits.as_slice(), clock, |l, v, c| {
-                            apply(adjust, l, v, c)
-                        })
+                        .rewrite(
+                            &mut store,
+                            hash,
+                            r.limits(&p).as_slice(),
+                            clock,
+                            |l, v, c| apply(adjust, l, v, c),
+                        )
                         .unwrap();
                 }
             }
@@ -377,14 +382,24 @@ fn settlements_go_in_calls_bounded_by_keys_and_path_bytes() {
         adjust: Adjust::Charge(1),
         limits: [limit(3, 60, 3)].into_iter().collect(),
     };
-    let mut queued: Vec<_> = (0..10).map(entry).collect();
-    let first = redis::take_batch(&mut queued, 4, 100_000);
-    assert_eq!(first.len(), 4);
-    assert_eq!(queued.len(), 6);
-    let small = redis::take_batch(&mut queued, 64, 500);
-    assert!(!small.is_empty() && small.len() < 6, "{}", small.len());
-    assert!(redis::path(1, &small).len() <= 500);
+    let gather = |max_keys, max_bytes| {
+        let mut call = redis::Gather::new(max_keys, max_bytes);
+        let mut taken = 0;
+        while taken < 10 {
+            let next = entry(taken);
+            if !call.fits(&next.redis_key, next.limits.as_slice()) {
+                break;
+            }
+            call.push(next);
+            taken += 1;
+        }
+        (taken, redis::path(1, call.entries()).len())
+    };
+    assert_eq!(gather(4, 100_000).0, 4);
+    assert_eq!(gather(64, 100_000).0, 10);
+    let (small, bytes) = gather(64, 900);
+    assert!(small > 1 && small < 10, "{small}");
+    assert!(bytes <= 900, "{bytes}");
     // One entry always goes, however small the bound.
-    assert_eq!(redis::take_batch(&mut queued, 64, 1).len(), 1);
-    assert!(redis::take_batch(&mut Vec::new(), 64, 1).is_empty());
+    assert_eq!(gather(64, 1).0, 1);
 }
