@@ -332,6 +332,35 @@ impl EnvoyConfig {
         Ok(())
     }
 
+    /// Adds listener `name`, a copy of the first one on a free port whose
+    /// plugin runs `plugin_json` (the admin API's listener: same plugin
+    /// `name`, `root_id` and `vm_id` as the data plane's, so the same shared
+    /// data). Call after [`EnvoyConfig::set_plugin_config`], which would
+    /// overwrite it.
+    pub fn add_listener_with_plugin(&mut self, name: &str, plugin_json: &str) -> Result<(), Error> {
+        let listeners = self
+            .root
+            .pointer_mut("/static_resources/listeners")
+            .and_then(Value::as_array_mut)
+            .ok_or_else(|| Error("static_resources.listeners: not a list".into()))?;
+        let mut listener = listeners
+            .first()
+            .cloned()
+            .ok_or_else(|| Error("no listener to copy".into()))?;
+        listener["name"] = name.into();
+        listener["address"]["socket_address"]["port_value"] = free_port().into();
+        let hcm = listener
+            .pointer_mut("/filter_chains/0/filters/0/typed_config")
+            .ok_or_else(|| Error("the first listener has no HTTP connection manager".into()))?;
+        hcm["stat_prefix"] = name.into();
+        let wasm = hcm
+            .pointer_mut("/http_filters/0/typed_config/config")
+            .ok_or_else(|| Error("the first HTTP filter is not the Wasm filter".into()))?;
+        wasm["configuration"]["value"] = plugin_json.into();
+        listeners.push(listener);
+        Ok(())
+    }
+
     /// Removes the HTTP filter named `name` from every HTTP connection manager.
     pub fn remove_http_filter(&mut self, name: &str) -> Result<(), Error> {
         let hcms = self.typed_configs(HCM_TYPE);

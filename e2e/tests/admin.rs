@@ -13,7 +13,6 @@ use e2e::backend::RedisWebdis;
 use e2e::envoy::Envoy;
 use e2e::envoy_config::EnvoyConfig;
 use e2e::http::{Conn, Response};
-use e2e::ports::free_port;
 use e2e::topology::{global_test_config, local_config};
 use e2e::upstream::Upstream;
 use serde_json::Value;
@@ -38,19 +37,9 @@ fn add_admin_listener(config: &mut EnvoyConfig, extra: &str) {
         r#"{{{LIMITS}{extra}, "admin": {{"token_sha256": "{}"}}}}"#,
         sha256_hex(TOKEN)
     );
-    let listeners = config
-        .json_mut()
-        .pointer_mut("/static_resources/listeners")
-        .and_then(Value::as_array_mut)
+    config
+        .add_listener_with_plugin("admin_api", &admin_plugin)
         .unwrap();
-    let mut admin = listeners[0].clone();
-    admin["name"] = "admin_api".into();
-    admin["address"]["socket_address"]["port_value"] = free_port().into();
-    let filter = &mut admin["filter_chains"][0]["filters"][0]["typed_config"];
-    filter["stat_prefix"] = "admin_api".into();
-    let wasm = &mut filter["http_filters"][0]["typed_config"]["config"];
-    wasm["configuration"]["value"] = admin_plugin.into();
-    listeners.push(admin);
 }
 
 /// Local mode: the data-plane listener (`api`) and the admin one, both
@@ -103,6 +92,17 @@ fn digest_name(key: &str) -> String {
 
 fn by_digest(key: &str) -> String {
     format!("/keys/{}", digest_name(key))
+}
+
+/// Where the admin function counts resets and grants, under the default
+/// key prefix of the plugin `api`.
+const EPOCH_KEY: &str = "apikey_ratelimit:api:epoch";
+
+/// Redis's keys but the admin epoch: the keys' states, sorted.
+fn state_keys(backend: &RedisWebdis) -> Vec<String> {
+    let mut keys = backend.redis.keys();
+    keys.retain(|k| k != EPOCH_KEY);
+    keys
 }
 
 /// The refusal of a `sha256:` key the mode cannot address.
@@ -168,9 +168,11 @@ fn the_admin_listener_inspects_resets_and_grants_with_the_token_only_in_local_mo
 fn the_admin_listener_inspects_resets_and_grants_with_the_token_only_in_global_mode() {
     let (_upstream, backend, envoy) = start_global(GLOBAL);
     inspect_reset_and_grant(&envoy, "customer-key-42", "customer-key-42");
-    // Redis holds the key under its hash only.
-    let keys = backend.redis.keys();
+    // Redis holds the key under its hash only, and the admin epoch, counted
+    // up by the grant and the reset (`admin_epoch.rs`).
+    let keys = state_keys(&backend);
     assert_eq!(keys.len(), 1, "{keys:?}");
+    assert_eq!(backend.redis.cli(&["GET", EPOCH_KEY]).trim(), "2");
     assert!(
         keys[0].ends_with(&sha256_hex("customer-key-42")),
         "{keys:?}"
@@ -203,8 +205,7 @@ fn the_admin_listener_acts_by_sha256_as_by_plain_key_in_global_mode() {
     let r = admin(&ops, "GET", "/keys/sha256:abc");
     assert_eq!(r.status, 400, "{r:?}");
     assert!(r.body_str().contains("64 hex"), "{r:?}");
-    let mut keys = backend.redis.keys();
-    keys.sort();
+    let keys = state_keys(&backend);
     let mut want: Vec<String> = [key, HASHED_KEY, LISTED_KEY]
         .iter()
         .map(|k| sha256_hex(k))

@@ -103,7 +103,16 @@ fn webdis_refuses_every_command_but_fcall_and_no_script_can_run() {
     commands.sort_unstable();
     assert_eq!(
         commands,
-        ["+fcall", "+hmget", "+hset", "+pexpireat", "+time", "-@all"],
+        [
+            "+fcall",
+            "+get",
+            "+hmget",
+            "+hset",
+            "+incr",
+            "+pexpireat",
+            "+time",
+            "-@all"
+        ],
         "{user}"
     );
     assert!(user.contains("~apikey_ratelimit:*"), "{user}");

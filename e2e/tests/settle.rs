@@ -89,18 +89,22 @@ fn wave(addr: &str, key: &str, n: usize, estimate: u64) -> usize {
 
 /// 30 concurrent requests of one key, each estimated and reported at 300:
 /// exactly 3 admitted (1,000 / 300). Then another key in waves of 30
-/// estimated at 400: 2 fit (800); settled to 600, 1 more fits (1,000);
-/// settled to 900, none: again exactly the 3 that the settled total
-/// allows, which only refunds landing between waves make possible.
+/// estimated at 400, each wave's refunds settled before the next: 2
+/// reservations fit at once (800), refunds (in the same wave, or before
+/// the next) make room for a third (600 + 400), never a fourth (900 +
+/// 400): exactly the 3 that the settled total allows, where lost refunds
+/// would admit 2.
 fn concurrent_budget_admits_exactly_three(addr: &str, key: &str) {
     assert_eq!(wave(addr, key, 30, 300), 3);
     assert_eq!(settles_to(addr, key, 100), 100);
     let waves = format!("{key}-waves");
-    assert_eq!(wave(addr, &waves, 30, 400), 2);
-    assert_eq!(settles_to(addr, &waves, 400), 400);
-    assert_eq!(wave(addr, &waves, 30, 400), 1);
-    assert_eq!(settles_to(addr, &waves, 100), 100);
-    assert_eq!(wave(addr, &waves, 30, 400), 0);
+    let mut admitted = 0;
+    for round in 0..4 {
+        admitted += wave(addr, &waves, 30, 400);
+        let left = 1000 - 300 * admitted as u64;
+        assert_eq!(settles_to(addr, &waves, left), left, "round {round}");
+    }
+    assert_eq!(admitted, 3);
 }
 
 /// One key, one request at a time: each estimate reserved, then settled to

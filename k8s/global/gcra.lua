@@ -481,7 +481,7 @@ end
 
 -- apikey_ratelimit_admin is an operator's call on one key (the admin API):
 --
---   FCALL apikey_ratelimit_admin 1 <key> <nonce> <op> <amount> <n> (<name> <T> <C>) x n
+--   FCALL apikey_ratelimit_admin 2 <key> <prefix>epoch <nonce> <op> <amount> <n> (<name> <T> <C>) x n
 --   -> {nonce, now_us, debt_1, ..., debt_n}
 --
 -- <op> 0 inspects, 1 resets (every field of the set to 0: full buckets,
@@ -490,6 +490,11 @@ end
 -- below 0. The debts are those after the change, as apikey_ratelimit_batch
 -- answers them for a count of 0. Only fields the key holds are written, and
 -- never its expiry: values only go down, so the expiry stays late enough.
+-- A reset or grant also counts up <prefix>epoch (INCR, before anything
+-- else is written, so a key that holds no count fails the call first):
+-- every filter worker polls it (apikey_ratelimit_epoch, below) and stops
+-- trusting the denials it cached before, so the change reaches every
+-- replica. The 1-key form of earlier filters counts nothing.
 -- The most a quota's used count holds (the filter packs it in 30 bits),
 -- and how far past now a charge may put a TAT (50 years, in microseconds).
 local MAX_USED = 2^30 - 1
@@ -521,8 +526,8 @@ end
 
 local function admin(keys, args)
   local what = 'apikey_ratelimit_admin'
-  if #keys ~= 1 then
-    return redis.error_reply('ERR ' .. what .. ': expected 1 key')
+  if #keys ~= 1 and #keys ~= 2 then
+    return redis.error_reply('ERR ' .. what .. ': expected the key, then the epoch key')
   end
   local nonce, op, amount = tonumber(args[1]), tonumber(args[2]), tonumber(args[3])
   if not is_count(nonce) or not is_count(op) or op > 2 or not is_count(amount) then
@@ -552,10 +557,35 @@ local function admin(keys, args)
     end
     out[#out + 1] = math.max(value - now, 0)
   end
+  if op > 0 and keys[2] then
+    redis.call('INCR', keys[2])
+  end
   if #fields > 0 then
     redis.call('HSET', keys[1], unpack(fields))
   end
   return out
+end
+
+-- apikey_ratelimit_epoch reads the admin epoch (see apikey_ratelimit_admin),
+-- writing nothing (so it is registered no-writes):
+--
+--   FCALL apikey_ratelimit_epoch 1 <prefix>epoch <nonce>
+--   -> {nonce, epoch}                       -- 0 while no reset or grant
+local function epoch(keys, args)
+  local what = 'apikey_ratelimit_epoch'
+  local nonce = tonumber(args[1])
+  if #keys ~= 1 or #args ~= 1 or not is_count(nonce) then
+    return redis.error_reply('ERR ' .. what .. ': expected 1 key and the nonce')
+  end
+  local stored = redis.call('GET', keys[1])
+  if stored == false then
+    return {nonce, 0}
+  end
+  local value = tonumber(stored)
+  if not is_count(value) then
+    return redis.error_reply('ERR ' .. what .. ': the epoch key holds no count')
+  end
+  return {nonce, value}
 end
 
 -- apikey_ratelimit_settle: requests' real costs, once their responses said
@@ -622,3 +652,4 @@ redis.register_function('apikey_ratelimit_admin', admin)
 redis.register_function('apikey_ratelimit_batch2', batch2)
 redis.register_function('apikey_ratelimit_gcra', gcra)
 redis.register_function('apikey_ratelimit_settle', settle)
+redis.register_function{function_name = 'apikey_ratelimit_epoch', callback = epoch, flags = {'no-writes'}}

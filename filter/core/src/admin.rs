@@ -241,6 +241,7 @@ fn refusal(status: u32, detail: &str) -> LocalReply {
     reply
 }
 
+pub mod epoch;
 pub mod redis;
 pub mod target;
 

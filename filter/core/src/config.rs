@@ -338,6 +338,10 @@ pub struct WebdisStoreConfig {
     /// fallback. Off: no extra work, and the calls are those of before.
     #[serde(default)]
     pub plans_from_redis: bool,
+    /// How often each worker reads the admin epoch (`admin::epoch`), so
+    /// that a reset or grant reaches its deny cache; 0 turns it off.
+    #[serde(default = "default_admin_sync_ms")]
+    pub admin_sync_ms: u32,
 }
 
 impl Default for WebdisStoreConfig {
@@ -353,6 +357,7 @@ impl Default for WebdisStoreConfig {
             max_calls_in_flight: default_max_calls_in_flight(),
             max_waiting: default_max_waiting(),
             plans_from_redis: false,
+            admin_sync_ms: default_admin_sync_ms(),
         }
     }
 }
@@ -379,6 +384,10 @@ fn default_max_calls_in_flight() -> u32 {
 
 fn default_max_waiting() -> u32 {
     10_000
+}
+
+fn default_admin_sync_ms() -> u32 {
+    1_000
 }
 
 fn default_key_sources() -> Vec<KeySourceConfig> {

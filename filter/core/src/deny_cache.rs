@@ -31,6 +31,10 @@
 //! is ahead and too little is left; its `Retry-After` is the end rounded up
 //! plus the slack. Which calendar period Redis is in is Redis's to say: the
 //! cache never reads it from a clock of its own.
+//!
+//! The `key` of every function here is the key's hash as the worker's
+//! admin epoch files it (`admin::epoch::Poller::cache_key`): after an
+//! operator's reset or grant, entries learnt before are simply misses.
 
 use crate::gcra::{self, Clock, Decision, Limit, LimitState};
 use crate::hash::KeyHash;
@@ -79,11 +83,6 @@ pub fn lookup(
     }
     decision.retry_after_nanos = decision.retry_after_nanos.saturating_add(state.guard);
     Some(decision)
-}
-
-/// Whether a cache entry is `key`'s.
-pub fn holds(entry: &[u8], key: KeyHash) -> bool {
-    KeyState::decode(entry).is_some_and(|state| state.fingerprint == key.fingerprint)
 }
 
 /// Whether an answer on `limits` is worth a cache entry: only one that

@@ -33,7 +33,9 @@
 //! - [`pipeline`]: one request from headers to action and metrics.
 //! - [`settle`]: cost settled from the response: reservation, refund, debt.
 //! - [`admin`]: the operators' API (inspect, reset, grant a key), its token, and
-//!   which state a key named plain or `sha256:` leads to ([`admin::target`]).
+//!   which state a key named plain or `sha256:` leads to ([`admin::target`]);
+//!   the admin epoch that carries a reset to every replica's deny cache
+//!   ([`admin::epoch`]).
 //! - [`plugin_name`]: the plugin's name, stable across Istio versions.
 
 // A panic in the filter aborts the VM: outside tests, no way to panic.

@@ -792,6 +792,12 @@ pub const MAX_CALLS_IN_FLIGHT: u32 = 64;
 /// Most requests one worker may keep waiting for webdis.
 pub const MAX_WAITING: u32 = 1_000_000;
 
+/// The shortest and longest period between two reads of the admin epoch:
+/// the root's tick (50 ms) sends them, and a minute is the most a reset
+/// should take to reach every replica.
+pub const MIN_ADMIN_SYNC_MS: u32 = 50;
+pub const MAX_ADMIN_SYNC_MS: u32 = 60_000;
+
 fn check_store(store: &StoreConfig) -> Result<(), ConfigError> {
     match store {
         StoreConfig::Webdis(w) => {
@@ -852,6 +858,17 @@ fn check_store(store: &StoreConfig) -> Result<(), ConfigError> {
                 1..=MAX_WAITING,
                 "",
             )?;
+            if w.admin_sync_ms != 0
+                && !(MIN_ADMIN_SYNC_MS..=MAX_ADMIN_SYNC_MS).contains(&w.admin_sync_ms)
+            {
+                return Err(ConfigError::new(
+                    "store.webdis.admin_sync_ms",
+                    format!(
+                        "must be 0 (off) or from {MIN_ADMIN_SYNC_MS} to {MAX_ADMIN_SYNC_MS}, got {}",
+                        w.admin_sync_ms
+                    ),
+                ));
+            }
             if w.cache_slots != 0 && !(PROBES as u32..=MAX_SLOTS).contains(&w.cache_slots) {
                 return Err(ConfigError::new(
                     "store.webdis.cache_slots",
@@ -1083,6 +1100,14 @@ mod tests {
                 r#"{"limits": ["1/s"], "store": {"local": {"max_cas_retries": 0}}}"#,
                 "store.local.max_cas_retries",
             ),
+            (
+                r#"{"limits": ["1/s"], "store": {"webdis": {"admin_sync_ms": 49}}}"#,
+                "store.webdis.admin_sync_ms",
+            ),
+            (
+                r#"{"limits": ["1/s"], "store": {"webdis": {"admin_sync_ms": 60001}}}"#,
+                "store.webdis.admin_sync_ms",
+            ),
         ];
         for (json, field) in cases {
             let e = error(json);
@@ -1110,6 +1135,16 @@ mod tests {
             message(r#"{"limits": ["1/s"], "store": {"local": {"max_cas_retries": 1001}}}"#),
             "must be from 1 to 1000, got 1001"
         );
+        assert_eq!(
+            message(r#"{"limits": ["1/s"], "store": {"webdis": {"admin_sync_ms": 10}}}"#),
+            "must be 0 (off) or from 50 to 60000, got 10"
+        );
+        for ok in [0, 50, 1000, 60_000] {
+            let json = format!(
+                r#"{{"limits": ["1/s"], "store": {{"webdis": {{"admin_sync_ms": {ok}}}}}}}"#
+            );
+            assert!(Policy::from_json(json.as_bytes()).is_ok(), "{json}");
+        }
     }
 
     #[test]

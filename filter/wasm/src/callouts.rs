@@ -25,10 +25,12 @@ use ratelimit_core::batch::queue::{
     queue_full_error, Batcher, Finished, Learnt, Outgoing, RequestId, Ticket, Verdict,
 };
 use ratelimit_core::deny_cache;
+use ratelimit_core::hash::KeyHash;
 use ratelimit_core::webdis::BackendError;
 use ratelimit_core::Event;
 
 use crate::admin_calls::{AdminCall, AdminCalls, Answered};
+use crate::epoch_poll::EpochPoll;
 use crate::filter::Filter;
 use crate::host::{self, Status, LOG_ERROR, LOG_INFO};
 use crate::metrics::SETTLE_FAILED;
@@ -49,6 +51,8 @@ pub struct Callouts {
     admin: AdminCalls,
     /// Settlements of cost from the response (`settle_calls.rs`).
     settlements: SettleCalls,
+    /// The admin epoch the deny cache files entries under (`epoch_poll.rs`).
+    epoch: EpochPoll,
 }
 
 impl Callouts {
@@ -75,7 +79,13 @@ impl Callouts {
         let batcher =
             Batcher::new(webdis.batch_settings(), seed).with_plans_key(webdis.plans_key());
         *self.batcher.borrow_mut() = Some(batcher);
+        self.epoch.open(filter, webdis);
         Ok(())
+    }
+
+    /// `key` as the deny cache files it under this worker's admin epoch.
+    pub fn cache_key(&self, key: KeyHash) -> KeyHash {
+        self.epoch.cache_key(key)
     }
 
     /// Queues request `ticket.context_id` for the next call; the root is
@@ -200,8 +210,21 @@ impl Callouts {
         self.finish_all(filter, finished);
         self.send_admin(filter, webdis);
         self.settlements.send(filter, webdis);
+        if !self.closing() {
+            self.epoch.send(filter, webdis, now);
+        }
         self.pump(filter, webdis);
         self.finish_if_closing(filter);
+    }
+
+    /// The host asked to delete the root: no new poll goes out.
+    fn closing(&self) -> bool {
+        self.admin.closing.get()
+            || self
+                .batcher
+                .borrow()
+                .as_ref()
+                .is_some_and(Batcher::is_closing)
     }
 
     /// Sends every call that is due, finishing requests that end without
@@ -218,9 +241,10 @@ impl Callouts {
             let outgoing = match &mut *self.batcher.borrow_mut() {
                 Some(batcher) => {
                     let cached = |ticket: &Ticket| {
+                        let key = self.epoch.cache_key(ticket.hash);
                         let cacheable = filter.policy.cacheable(&ticket.applied);
                         webdis.cached_denial(
-                            ticket.hash,
+                            key,
                             filter.policy.limits(&cacheable).as_slice(),
                             now,
                             wall,
@@ -291,6 +315,10 @@ impl Callouts {
             self.finish_if_closing(filter);
             return;
         }
+        if self.epoch.answered(filter, token, status, &body) {
+            self.finish_if_closing(filter);
+            return;
+        }
         let received_at = host::now_nanos().unwrap_or(0);
         let mut finished = Vec::new();
         let mut learnt = Vec::new();
@@ -310,7 +338,11 @@ impl Callouts {
             filter.metrics.orphaned_answer(Some(received_at));
         }
         for learnt in &learnt {
-            remember(filter, webdis, learnt);
+            // Not an answer to a call sent before this worker learnt its
+            // epoch: it may predate a reset.
+            if let Some(key) = self.epoch.remembered_key(learnt.hash, learnt.sent_at) {
+                remember(filter, webdis, key, learnt);
+            }
         }
         self.finish_all(filter, finished);
         self.pump(filter, webdis);
@@ -387,10 +419,11 @@ impl Callouts {
     /// tells the host it is done.
     fn finish_if_closing(&self, filter: &Filter) {
         let finish = match &mut *self.batcher.borrow_mut() {
-            // A root closing for its admin calls or settlements alone has
-            // an idle batcher.
+            // A root closing for its admin calls, settlements or epoch
+            // poll alone has an idle batcher.
             Some(batcher) if self.admin.closing.get() => {
                 self.admin.outstanding() == 0
+                    && self.epoch.outstanding() == 0
                     && self.settlements.outstanding() == 0
                     && self.settlements.waiting() == 0
                     && batcher.waiting() == 0
@@ -423,6 +456,7 @@ impl Callouts {
             return true;
         };
         if self.admin.outstanding() > 0
+            || self.epoch.outstanding() > 0
             || self.settlements.outstanding() > 0
             || self.settlements.waiting() > 0
         {
@@ -430,8 +464,9 @@ impl Callouts {
             host::log(
                 LOG_INFO,
                 &format!(
-                    "root context closing: waiting for {} admin call(s), {} settlement call(s) and {} settlement(s) to send",
+                    "root context closing: waiting for {} admin call(s), {} epoch poll(s), {} settlement call(s) and {} settlement(s) to send",
                     self.admin.outstanding(),
+                    self.epoch.outstanding(),
                     self.settlements.outstanding(),
                     self.settlements.waiting()
                 ),
@@ -453,15 +488,16 @@ impl Callouts {
     }
 }
 
-/// Writes what an answer taught into the deny cache.
-fn remember(filter: &Filter, webdis: &WebdisStore, learnt: &Learnt) {
+/// Writes what an answer taught into the deny cache, under `key` (the
+/// key's hash as the worker's epoch files it).
+fn remember(filter: &Filter, webdis: &WebdisStore, key: KeyHash, learnt: &Learnt) {
     let answer = deny_cache::Answer {
         sent_at: learnt.sent_at,
         received_at: learnt.received_at,
         states: learnt.states.as_slice(),
     };
     let limits = filter.policy.limits(&learnt.applied);
-    webdis.remember(learnt.hash, limits.as_slice(), answer);
+    webdis.remember(key, limits.as_slice(), answer);
 }
 
 /// A process-wide number for a new queue: a counter in shared data.

@@ -149,7 +149,7 @@ impl Request {
             .map(u64::from_le_bytes)
             .unwrap_or(u64::from(self.context_id))
             % NONCE_LIMIT;
-        let path = admin::redis::path(nonce, &redis_key, op, limits.as_slice());
+        let path = admin::redis::path(nonce, &redis_key, webdis.epoch_key(), op, limits.as_slice());
         let call = AdminCall::new(self.context_id, path, nonce, applied, op, digest, hash);
         if !self.callouts.admin(call) {
             return respond(&response::unavailable());
@@ -258,7 +258,11 @@ impl Request {
         let limits = policy.limits(&cacheable);
         let cached = match peek {
             true => None,
-            false => webdis.cached_denial(hash, limits.as_slice(), now, wall),
+            // Filed under this worker's admin epoch.
+            false => {
+                let key = self.callouts.cache_key(hash);
+                webdis.cached_denial(key, limits.as_slice(), now, wall)
+            }
         };
         if let Some(decision) = cached {
             events.insert(Event::BackendCacheHit);

@@ -23,6 +23,8 @@
 //! - `webdis_store.rs`: the global store: calls to webdis, the deny cache.
 //! - `callouts.rs`: the webdis calls, sent and answered by the root context
 //!   for its requests (`ratelimit_core::calls` keeps the books).
+//! - `admin_calls.rs`: the admin API's Redis calls; `epoch_poll.rs`: the
+//!   admin epoch the root polls, under which the deny cache files entries.
 //! - `settlement.rs`: a request's cost settled from its response;
 //!   `settle_calls.rs`: global mode's settlements, sent by the root.
 //! - `metrics.rs`: one counter per core event.
@@ -35,6 +37,7 @@
 
 mod admin_calls;
 mod callouts;
+mod epoch_poll;
 mod filter;
 mod host;
 mod http;

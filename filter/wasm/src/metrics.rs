@@ -15,7 +15,10 @@
 //! `timeout_ms` before being sent), `backend_queue_full` (requests turned
 //! away by a full queue), `backend_resume_failures` (a request the host
 //! would not let the root finish: must stay 0) and
-//! `backend_answers_orphaned` (answers to a call the root never sent).
+//! `backend_answers_orphaned` (answers to a call the root never sent), and
+//! the admin epoch's polls (`admin_epoch_polls` sent, of which
+//! `admin_epoch_poll_failures` failed, and `admin_epoch_changes`: a worker
+//! saw the epoch move after a reset or grant, one per worker and change).
 //!
 //! Settlements of cost from the response: `settle_exact`, `_refunded`,
 //! `_charged` (settled, by direction), `_missing`, `_malformed`, `_aborted`
@@ -48,13 +51,16 @@ pub const TICK_MILLIS: u32 = 250;
 pub const WATCHDOG_TICK_MILLIS: u32 = 50;
 
 /// The root's own counters, besides the core's events.
-const CALL_COUNTERS: [&str; 6] = [
+const CALL_COUNTERS: [&str; 9] = [
     "backend_batched_requests",
     "backend_requests_gone",
     "backend_requests_expired",
     "backend_queue_full",
     "backend_resume_failures",
     "backend_answers_orphaned",
+    "admin_epoch_polls",
+    "admin_epoch_poll_failures",
+    "admin_epoch_changes",
 ];
 const BATCHED: usize = 0;
 const GONE: usize = 1;
@@ -62,6 +68,9 @@ const EXPIRED: usize = 2;
 const QUEUE_FULL: usize = 3;
 const RESUME_FAILURES: usize = 4;
 const ORPHANED: usize = 5;
+pub const EPOCH_POLLS: usize = 6;
+pub const EPOCH_POLL_FAILURES: usize = 7;
+pub const EPOCH_CHANGES: usize = 8;
 
 /// Settlements from the response (`ratelimit_core::settle`): one counter
 /// per outcome, then failed store writes (`settle_failed`: a local CAS
@@ -209,6 +218,12 @@ impl Metrics {
         self.add_call_counter(GONE, counts.gone);
         self.add_call_counter(EXPIRED, counts.expired);
         self.add_call_counter(QUEUE_FULL, counts.queue_full);
+    }
+
+    /// Counts one admin epoch event (`EPOCH_POLLS`, `EPOCH_POLL_FAILURES`,
+    /// `EPOCH_CHANGES`).
+    pub fn epoch(&self, index: usize) {
+        self.add_call_counter(index, 1);
     }
 
     fn add_call_counter(&self, index: usize, by: u64) {

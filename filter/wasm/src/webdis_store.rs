@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use ratelimit_core::admin::epoch;
 use ratelimit_core::batch::{self, queue::Settings, wire_plans};
 use ratelimit_core::config::WebdisStoreConfig;
 use ratelimit_core::deny_cache;
@@ -25,10 +26,17 @@ pub struct WebdisStore {
     secret: Option<Vec<u8>>,
     cache_slots: u32,
     cache_prefix: Vec<u8>,
+    /// The admin epoch's Redis key (`ratelimit_core::admin::epoch`).
+    epoch_key: String,
+    admin_sync_ms: u32,
 }
 
 impl WebdisStore {
     pub fn new(config: &WebdisStoreConfig, plugin_name: &str) -> WebdisStore {
+        let key_prefix = config
+            .key_prefix
+            .clone()
+            .unwrap_or_else(|| webdis::default_key_prefix(plugin_name));
         WebdisStore {
             cluster: config.cluster.clone(),
             authority: config
@@ -37,17 +45,27 @@ impl WebdisStore {
                 .unwrap_or_else(|| config.cluster.clone()),
             batch: batch::settings(config),
             // Computed once here, not per request.
-            key_prefix: config
-                .key_prefix
-                .clone()
-                .unwrap_or_else(|| webdis::default_key_prefix(plugin_name)),
+            epoch_key: epoch::key(&key_prefix),
+            key_prefix,
             secret: config
                 .key_hash_secret
                 .as_ref()
                 .map(|s| s.as_bytes().to_vec()),
             cache_slots: config.cache_slots,
             cache_prefix: table_prefix(plugin_name, "deny"),
+            admin_sync_ms: config.admin_sync_ms,
         }
+    }
+
+    /// The Redis key the admin function counts resets and grants in, and
+    /// workers poll.
+    pub fn epoch_key(&self) -> &str {
+        &self.epoch_key
+    }
+
+    /// How often a worker polls the admin epoch (0: never).
+    pub fn admin_sync_ms(&self) -> u32 {
+        self.admin_sync_ms
     }
 
     pub fn cluster(&self) -> &str {
@@ -84,7 +102,8 @@ impl WebdisStore {
     }
 
     /// A denial from the local cache, if the cached state already denies
-    /// (`wall`: see `deny_cache::lookup`).
+    /// (`wall`: see `deny_cache::lookup`). `key` is as the worker's admin
+    /// epoch files it (`Callouts::cache_key`), here and in `remember`.
     pub fn cached_denial(
         &self,
         key: KeyHash,
@@ -101,25 +120,15 @@ impl WebdisStore {
     }
 
     /// Forgets a key's cached denial (after the admin API reset or granted
-    /// it in Redis), so that this Envoy's next request of it asks Redis.
+    /// it in Redis, or a refund), so that this Envoy's next request of it
+    /// asks Redis. The slot is emptied whatever it holds: its entry may be
+    /// filed under any worker's epoch, and another key's entry there only
+    /// costs that key one more call.
     pub fn forget(&self, key: KeyHash) {
         if self.cache_slots == 0 {
             return;
         }
-        let slot = deny_cache::slot(key, self.cache_slots);
-        with_slot_key(&self.cache_prefix, slot, |name| {
-            for _ in 0..8 {
-                let Ok(Some((current, cas))) = host::get_shared_data(name) else {
-                    return;
-                };
-                if !deny_cache::holds(&current, key) {
-                    return;
-                }
-                if host::set_shared_data(name, &[], cas).is_ok() {
-                    return;
-                }
-            }
-        });
+        self.empty_slot(deny_cache::slot(key, self.cache_slots));
     }
 
     /// Forgets every cached denial: after the admin API reset or granted a
@@ -128,17 +137,21 @@ impl WebdisStore {
     /// and each throttled key asks Redis once more; admin calls only.
     pub fn forget_all(&self) {
         for slot in 0..self.cache_slots {
-            with_slot_key(&self.cache_prefix, slot, |name| {
-                for _ in 0..8 {
-                    let Ok(Some((current, cas))) = host::get_shared_data(name) else {
-                        return;
-                    };
-                    if current.is_empty() || host::set_shared_data(name, &[], cas).is_ok() {
-                        return;
-                    }
-                }
-            });
+            self.empty_slot(slot);
         }
+    }
+
+    fn empty_slot(&self, slot: u32) {
+        with_slot_key(&self.cache_prefix, slot, |name| {
+            for _ in 0..8 {
+                let Ok(Some((current, cas))) = host::get_shared_data(name) else {
+                    return;
+                };
+                if current.is_empty() || host::set_shared_data(name, &[], cas).is_ok() {
+                    return;
+                }
+            }
+        });
     }
 
     /// Remembers what Redis said about a key (a lower bound of its state).

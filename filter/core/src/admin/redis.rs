@@ -13,15 +13,18 @@ use crate::webdis::{encode_into, fcall_integers, parse_error, BackendError};
 pub const FUNCTION: &str = "apikey_ratelimit_admin";
 
 /// The `:path` of call `nonce` doing `op` on `redis_key` over `limits`
-/// (each costing 1).
-pub fn path(nonce: u64, redis_key: &str, op: Op, limits: &[Limit]) -> String {
+/// (each costing 1). A reset or grant also counts up `epoch_key`, the
+/// admin epoch every replica polls ([`crate::admin::epoch`]).
+pub fn path(nonce: u64, redis_key: &str, epoch_key: &str, op: Op, limits: &[Limit]) -> String {
     let (code, amount) = match op {
         Op::Inspect => (0, 0),
         Op::Reset => (1, 0),
         Op::Grant(n) => (2, n),
     };
-    let mut path = format!("/FCALL/{FUNCTION}/1/");
+    let mut path = format!("/FCALL/{FUNCTION}/2/");
     encode_into(&mut path, redis_key.as_bytes());
+    path.push('/');
+    encode_into(&mut path, epoch_key.as_bytes());
     let _ = write!(path, "/{nonce}/{code}/{amount}");
     write_set(&mut path, limits);
     path
@@ -55,8 +58,8 @@ mod tests {
     fn a_call_names_its_op_and_set_and_its_answer_is_read_back() {
         let limits = [limit(3, 60, 3)];
         assert_eq!(
-            path(9, "rl:k", Op::Grant(2), &limits),
-            "/FCALL/apikey_ratelimit_admin/1/rl%3Ak/9/2/2/1/3%2F60s/20000000/60000000"
+            path(9, "rl:k", "rl:epoch", Op::Grant(2), &limits),
+            "/FCALL/apikey_ratelimit_admin/2/rl%3Ak/rl%3Aepoch/9/2/2/1/3%2F60s/20000000/60000000"
         );
         let read = reading(
             Some(200),
