@@ -256,6 +256,15 @@ mod tests {
             workers_configured_ms: None,
             wasm_memory_mib: None,
             rule_matches_per_request: 0.0,
+            settled_per_request: None,
+            settle_failed: None,
+            settle_calls_per_request: None,
+            settle_entries_per_call: None,
+            settle_lag_ms: None,
+            settle_lag_max_ms: None,
+            settle_probes: None,
+            settle_drain_ms: None,
+            settle_state_agrees: None,
         }
     }
 

@@ -15,7 +15,9 @@
 //! `measure.rs` (one run), `wrk.rs` (the load generator), `report.rs`
 //! (medians, ratios, the table), `aims.rs` (global mode against local mode,
 //! and the aims), `policies.rs` (the registry and rules setups, and
-//! their table), `chart.rs` (the PNG), this file (the runs).
+//! their table), `settlement.rs` (cost settled from the response: its
+//! setups, their drain and table), `chart.rs` (the PNG), this file (the
+//! runs).
 //!
 //! Usage: see [`options::USAGE`]. `--one-connection` measures latency:
 //! local and global mode at one connection on a 2-worker Envoy.
@@ -33,6 +35,7 @@ mod measure;
 mod options;
 mod policies;
 mod report;
+mod settlement;
 mod setups;
 mod wrk;
 
@@ -124,10 +127,12 @@ fn run(options: &Options) -> Result<(), String> {
         .iter()
         .filter(|s| {
             // Every ratio is taken against the baselines: they always run,
-            // and so does a setup others are measured beside.
+            // and so do the setups a chosen one is measured beside.
             BASELINES.contains(&s.id)
                 || chosen(s.id)
-                || all.iter().any(|o| o.beside == Some(s.id) && chosen(o.id))
+                || all.iter().any(|o| {
+                    chosen(o.id) && setups::beside_chain(o, &all).iter().any(|b| b.id == s.id)
+                })
         })
         .copied()
         .collect();
@@ -154,11 +159,15 @@ fn run(options: &Options) -> Result<(), String> {
         rule_mix: &rule_mix,
     };
     let mut samples = Vec::new();
-    for (repeat, block, setup) in schedule(&setups, options) {
+    let runs = schedule(&setups, options);
+    for &(repeat, block, setup) in &runs {
         for &route in &options.routes {
+            if !runs_on(setup, route, &runs, (repeat, block)) {
+                continue;
+            }
             let sample = bench.measure(setup, route, (repeat, block))?;
             eprintln!(
-                "bench: [{}/{}] {:<15} {:<16} {:>8.0} req/s  p50 {:.2} ms  p99 {:.2} ms{}",
+                "bench: [{}/{}] {:<15} {:<16} {:>8.0} req/s  p50 {:.2} ms  p99 {:.2} ms{}{}",
                 repeat + 1,
                 options.repeats,
                 setup.id,
@@ -166,7 +175,8 @@ fn run(options: &Options) -> Result<(), String> {
                 sample.measured.rps,
                 sample.measured.p50_ms,
                 sample.measured.p99_ms,
-                backend_summary(setup, &sample)
+                backend_summary(setup, &sample),
+                settle_summary(&sample)
             );
             samples.push(sample);
         }
@@ -187,6 +197,7 @@ fn run(options: &Options) -> Result<(), String> {
     table.push_str(&report::markdown(&rows));
     table.push_str(&aims::global_table(&rows, &setups));
     table.push_str(&policies::table(&rows, &setups));
+    table.push_str(&settlement::table(&rows));
     table.push_str(&aims::targets(
         &rows,
         &setups,
@@ -233,8 +244,9 @@ const BASELINES: [&str; 2] = ["no-filter", "empty-wasm"];
 /// drifts by tens of percent within minutes, so each setup is measured in
 /// a block right after the two baselines, and compared with those: seconds
 /// apart, not minutes. Each round starts one setup later. A setup measured
-/// beside another joins that one's block, and the block's order flips
-/// every round (A, B, C then C, B, A), so a drift within it favours none.
+/// beside another joins that one's block (or, through a chain of them, the
+/// block of the last), and the block's order flips every round (A, B, C
+/// then C, B, A), so a drift within it favours none.
 /// The smoke run just runs each setup once.
 fn schedule<'a>(setups: &'a [Setup], options: &Options) -> Vec<(usize, usize, &'a Setup)> {
     if options.smoke {
@@ -258,7 +270,11 @@ fn schedule<'a>(setups: &'a [Setup], options: &Options) -> Vec<(usize, usize, &'
         for (block, setup) in rotated.enumerate() {
             runs.extend(baselines.iter().map(|s| (repeat, block, *s)));
             let mut together: Vec<&Setup> = std::iter::once(*setup)
-                .chain(setups.iter().filter(|s| s.beside == Some(setup.id)))
+                .chain(setups.iter().filter(|s| {
+                    setups::beside_chain(s, setups)
+                        .last()
+                        .is_some_and(|head| head.id == setup.id)
+                }))
                 .collect();
             if repeat % 2 == 1 {
                 together.reverse();
@@ -267,6 +283,28 @@ fn schedule<'a>(setups: &'a [Setup], options: &Options) -> Vec<(usize, usize, &'
         }
     }
     runs
+}
+
+/// Whether `setup` runs on `route` in its block: where it can, and for a
+/// baseline, where a setup of its block does (all routes in a block of
+/// baselines alone).
+fn runs_on(
+    setup: &Setup,
+    route: setups::Route,
+    runs: &[(usize, usize, &Setup)],
+    block: (usize, usize),
+) -> bool {
+    if !setup.runs_on(route) {
+        return false;
+    }
+    if !BASELINES.contains(&setup.id) {
+        return true;
+    }
+    let mut measured = runs
+        .iter()
+        .filter(|(r, b, s)| (*r, *b) == block && !BASELINES.contains(&s.id))
+        .peekable();
+    measured.peek().is_none() || measured.any(|(_, _, s)| s.runs_on(route))
 }
 
 /// Moves every thread of a process to one CPU (`taskset`, util-linux).
@@ -294,6 +332,45 @@ fn backend_summary(setup: &Setup, sample: &Sample) -> String {
         sample.requests_per_call(),
         sample.backend_cpu_us_per_request
     )
+}
+
+/// A settlement run's figures, for the progress line.
+fn settle_summary(sample: &Sample) -> String {
+    let Some(c) = &sample.settle else {
+        return String::new();
+    };
+    let requests = sample.measured.requests.max(1) as f64;
+    let mut text = format!(
+        "  settled {:.3}/req  settle_failed {}",
+        c.settled_by_load() as f64 / requests,
+        c.failed
+    );
+    if c.calls > 0 {
+        text.push_str(&format!(
+            "  settle calls {:.4}/req ({:.1} entries each)",
+            c.calls as f64 / requests,
+            c.settled as f64 / c.calls as f64
+        ));
+    }
+    let lags: Vec<f64> = c.probe_lags_ms.iter().flatten().copied().collect();
+    if !c.probe_lags_ms.is_empty() {
+        text.push_str(&format!(
+            "  lag {} ms ({} of {} probes seen)",
+            lags.iter()
+                .map(|l| format!("{l:.2}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            lags.len(),
+            c.probe_lags_ms.len()
+        ));
+    }
+    if let Some(d) = &c.drain {
+        text.push_str(&format!(
+            "  after wrk: used {} at {:.1} ms, {} at {:.1} ms (quiet {}, = counters {})",
+            d.used_first, d.first_read_ms, d.used_final, d.ms, d.quiet, d.agrees
+        ));
+    }
+    text
 }
 
 fn machine() -> String {
@@ -351,7 +428,70 @@ fn smoke_checks(samples: &[Sample]) -> Result<(), String> {
                 s.route.name()
             ));
         }
+        // The settlement setups settle every response, or none, and lose
+        // none; in global mode through calls of their own.
+        if let Some(c) = &s.settle {
+            let settles = settlement::settles(s.setup);
+            let ok = c.failed == 0
+                && if settles {
+                    c.settled > 0 && (!global || c.calls > 0)
+                } else {
+                    c.settled == 0 && c.calls == 0
+                };
+            if !ok {
+                return Err(format!(
+                    "smoke: {} on {} counted {c:?}",
+                    s.setup,
+                    s.route.name()
+                ));
+            }
+        }
     }
     eprintln!("bench: smoke run ok ({} runs)", samples.len());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use setups::Route;
+
+    #[test]
+    fn the_settlement_setups_share_one_block_on_the_upstream_route_only() {
+        let all = setups::all();
+        for (settle, fixed) in settlement::PAIRS {
+            let s = all.iter().find(|s| s.id == settle).unwrap();
+            assert_eq!(s.beside, Some(fixed), "{settle}");
+        }
+        let options = options::parse(["--repeats".to_string(), "2".to_string()]).unwrap();
+        let runs = schedule(&all, &options);
+        let block_of = |id: &str, repeat: usize| {
+            runs.iter()
+                .find(|(r, _, s)| *r == repeat && s.id == id)
+                .map(|(_, b, _)| *b)
+                .unwrap()
+        };
+        for repeat in 0..2 {
+            let block = block_of("global-fixed", repeat);
+            for id in ["global-settle", "local-fixed", "local-settle"] {
+                assert_eq!(block_of(id, repeat), block, "{id}");
+            }
+            let members: Vec<&str> = runs
+                .iter()
+                .filter(|(r, b, _)| (*r, *b) == (repeat, block))
+                .map(|(_, _, s)| s.id)
+                .collect();
+            assert_eq!(members.len(), 6, "{members:?}");
+            // The baselines run only where the block's setups do.
+            let baseline = all.iter().find(|s| s.id == "no-filter").unwrap();
+            assert!(runs_on(baseline, Route::Upstream, &runs, (repeat, block)));
+            assert!(!runs_on(baseline, Route::Direct, &runs, (repeat, block)));
+            let fixed = all.iter().find(|s| s.id == "global-fixed").unwrap();
+            assert!(!runs_on(fixed, Route::Direct, &runs, (repeat, block)));
+        }
+        // Elsewhere, baselines run on both routes.
+        let block = block_of("local-1key", 0);
+        let baseline = all.iter().find(|s| s.id == "empty-wasm").unwrap();
+        assert!(runs_on(baseline, Route::Direct, &runs, (0, block)));
+    }
 }

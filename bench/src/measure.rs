@@ -2,6 +2,7 @@
 //! what it cost Envoy, webdis and Redis.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use e2e::backend::RedisWebdis;
@@ -12,6 +13,7 @@ use e2e::upstream::Upstream;
 use crate::options::Options;
 use crate::policies;
 use crate::report::Sample;
+use crate::settlement::{self, Counted};
 use crate::setups::{self, Keys, Route, Setup};
 use crate::wrk;
 
@@ -61,24 +63,54 @@ impl Bench<'_> {
         if let Some(cpu) = self.options.envoy_cpu {
             crate::pin(envoy.proc().pid(), cpu)?;
         }
-        let (key, script) = match setup.keys {
-            Keys::One(key) => (key, None),
-            Keys::Many(_) => ("", Some(self.many_keys)),
-            Keys::RuleMix => ("", Some(self.rule_mix)),
+        let metered_key = settlement::run_key(setup.id, repeat);
+        let (target, script) = match setup.keys {
+            Keys::One(key) => (format!("/?api_key={key}"), None),
+            Keys::Many(_) => ("/?api_key=".to_string(), Some(self.many_keys)),
+            Keys::RuleMix => ("/?api_key=".to_string(), Some(self.rule_mix)),
+            Keys::Metered => (settlement::target(&metered_key), None),
         };
-        let url = format!("http://{}/?api_key={key}", envoy.addr());
+        let url = format!("http://{}{target}", envoy.addr());
         let pid = envoy.proc().pid();
         let cpu_before = cpu_nanos(pid);
         let backend_before = self.backend_cpu()?;
-        let measured = wrk::run(&wrk::Load {
+        let load = wrk::Load {
             url: &url,
             connections: self.options.connections,
             duration: self.options.duration,
             script,
-        })?;
+        };
+        // Global settlement: probes measure its lag during the load.
+        let probed = setup.is_global() && settlement::settles(setup.id);
+        let stop = AtomicBool::new(false);
+        let addr = envoy.addr();
+        let (measured, probe_lags_ms) = std::thread::scope(|scope| {
+            let probes = probed.then(|| {
+                scope.spawn(|| settlement::probe(&addr, &self.backend.redis, &metered_key, &stop))
+            });
+            let measured = wrk::run(&load);
+            stop.store(true, Ordering::Relaxed);
+            let lags = match probes.map(|p| p.join()) {
+                Some(Ok(lags)) => lags,
+                Some(Err(_)) => Err("the probe thread panicked".to_string()),
+                None => Ok(Vec::new()),
+            };
+            (measured, lags)
+        });
+        let (measured, probe_lags_ms) = (measured?, probe_lags_ms?);
+        let stopped = Instant::now();
         let backend_cpu = self.backend_cpu()?.saturating_sub(backend_before);
         let cpu = cpu_nanos(pid).saturating_sub(cpu_before);
         let peak_rss_bytes = peak_rss(pid);
+        // Before the counters, whose read waits: the drain starts now.
+        let drain = match probed {
+            true => Some(settlement::drain(
+                &self.backend.redis,
+                &metered_key,
+                stopped,
+            )?),
+            false => None,
+        };
         let requests = measured.requests.max(1) as f64;
         let rule_counters: Vec<String> = policies::RULE_NAMES
             .iter()
@@ -86,11 +118,25 @@ impl Bench<'_> {
             .collect();
         let mut names: Vec<&str> = COUNTERS.to_vec();
         names.extend(rule_counters.iter().map(String::as_str));
+        let metered = setup.keys == Keys::Metered;
+        if metered {
+            names.extend(settlement::COUNTERS);
+        }
         let read = counters(&envoy, &names);
         let [admitted, throttled, backend_calls, backend_cache_hits, backend_batched_requests, wasm_memory_bytes] =
             <[Option<u64>; COUNTERS.len()]>::try_from(&read[..COUNTERS.len()])
                 .map_err(|_| "the stats read returned too few counters".to_string())?;
-        let rule_matches = read[COUNTERS.len()..].iter().flatten().sum();
+        let rules_end = COUNTERS.len() + rule_counters.len();
+        let rule_matches = read[COUNTERS.len()..rules_end].iter().flatten().sum();
+        let settle = metered.then(|| {
+            let mut counted = Counted::from_counters(&read[rules_end..]);
+            counted.probe_lags_ms = probe_lags_ms;
+            counted.drain = drain.map(|mut d| {
+                d.agrees = settlement::agrees(d.used_final, &counted);
+                d
+            });
+            counted
+        });
         let workers_configured_ms = workers_configured_ms(&envoy.proc().log());
         Ok(Sample {
             setup: setup.id,
@@ -109,6 +155,7 @@ impl Bench<'_> {
             rule_matches,
             envoy_cpu_us_per_request: cpu as f64 / 1000.0 / requests,
             backend_cpu_us_per_request: backend_cpu.as_secs_f64() * 1e6 / requests,
+            settle,
             measured,
         })
     }

@@ -33,7 +33,7 @@ pub fn parse_args() -> Result<Options, String> {
     parse(std::env::args().skip(1))
 }
 
-fn parse(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
+pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
     let mut options = Options {
         duration: Duration::from_secs(4),
         repeats: 3,

@@ -20,6 +20,9 @@ use crate::setups::{Route, Setup};
 /// share of plain local mode's throughput, measured in the same block.
 pub const MIN_VS_LOCAL: f64 = 0.90;
 
+/// The setup the policy setups are measured beside: plain local mode.
+pub const PLAIN_LOCAL: &str = "local-1key";
+
 /// Keys in the registry, all as `sha256:` digests.
 pub const REGISTERED_KEYS: usize = 100_000;
 
@@ -162,8 +165,10 @@ pub fn table(rows: &[Row], setups: &[Setup]) -> String {
     let mut targets = String::new();
     for route in Route::ALL {
         let row = |id: &str| rows.iter().find(|r| r.setup == id && r.route == route);
+        // The policy setups are those measured beside plain local mode.
         let pairs: Vec<(&Row, &Row)> = setups
             .iter()
+            .filter(|s| s.beside == Some(PLAIN_LOCAL))
             .filter_map(|s| Some((row(s.id)?, row(s.beside?)?)))
             .collect();
         if pairs.is_empty() {

@@ -6,6 +6,7 @@ use std::fmt::Write;
 
 use serde::{Deserialize, Serialize};
 
+use crate::settlement::Counted;
 use crate::setups::{Route, Setup};
 use crate::wrk::Measured;
 
@@ -44,6 +45,8 @@ pub struct Sample {
     pub envoy_cpu_us_per_request: f64,
     /// webdis's and Redis's CPU time (utime + stime) per request, in µs.
     pub backend_cpu_us_per_request: f64,
+    /// The settlement setups' counters, and global mode's drain.
+    pub settle: Option<Counted>,
 }
 
 /// Where a run's count of requests decided through Redis comes from.
@@ -133,6 +136,34 @@ pub struct Row {
     pub wasm_memory_mib: Option<f64>,
     #[serde(default)]
     pub rule_matches_per_request: f64,
+    /// Settlement setups: requests settled per request wrk completed, and
+    /// `settle_failed` over all runs; global mode: settlement calls per
+    /// request, settled requests per call, and whether every run's final
+    /// state in Redis was what the counters say.
+    #[serde(default)]
+    pub settled_per_request: Option<f64>,
+    #[serde(default)]
+    pub settle_failed: Option<u64>,
+    #[serde(default)]
+    pub settle_calls_per_request: Option<f64>,
+    #[serde(default)]
+    pub settle_entries_per_call: Option<f64>,
+    /// Global mode's probes: lag from a response to its refund in Redis,
+    /// median and max over every probe of every run, and the probes whose
+    /// refund was not seen.
+    #[serde(default)]
+    pub settle_lag_ms: Option<f64>,
+    #[serde(default)]
+    pub settle_lag_max_ms: Option<f64>,
+    #[serde(default)]
+    pub settle_probes: Option<(usize, usize)>,
+    /// From wrk's exit to the last change of the run's key in Redis, ms
+    /// (median and max over runs; the first read's time when it never
+    /// changed).
+    #[serde(default)]
+    pub settle_drain_ms: Option<(f64, f64)>,
+    #[serde(default)]
+    pub settle_state_agrees: Option<bool>,
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -148,6 +179,56 @@ fn median(mut values: Vec<f64>) -> f64 {
 fn median_of_some(runs: &[&Sample], value: impl Fn(&Sample) -> Option<f64>) -> Option<f64> {
     let values: Vec<f64> = runs.iter().filter_map(|s| value(s)).collect();
     (!values.is_empty()).then(|| median(values))
+}
+
+/// The settlement figures of a setup's runs (all `None` for setups
+/// without settlement counters).
+struct Settled {
+    per_request: Option<f64>,
+    failed: Option<u64>,
+    calls_per_request: Option<f64>,
+    entries_per_call: Option<f64>,
+    lag_ms: Option<f64>,
+    lag_max_ms: Option<f64>,
+    /// Probes, and those whose refund was not seen.
+    probes: Option<(usize, usize)>,
+    drain_ms: Option<(f64, f64)>,
+    state_agrees: Option<bool>,
+}
+
+fn settled(runs: &[&Sample], global: bool) -> Settled {
+    let counted: Vec<(&Sample, &Counted)> = runs
+        .iter()
+        .filter_map(|s| Some((*s, s.settle.as_ref()?)))
+        .collect();
+    let of = |value: &dyn Fn(&Sample, &Counted) -> f64| {
+        (!counted.is_empty()).then(|| median(counted.iter().map(|(s, c)| value(s, c)).collect()))
+    };
+    let requests = |s: &Sample| s.measured.requests.max(1) as f64;
+    let drains: Vec<_> = counted
+        .iter()
+        .filter_map(|(_, c)| c.drain.as_ref())
+        .collect();
+    let probes: Vec<Option<f64>> = counted
+        .iter()
+        .flat_map(|(_, c)| c.probe_lags_ms.iter().copied())
+        .collect();
+    let lags: Vec<f64> = probes.iter().flatten().copied().collect();
+    Settled {
+        per_request: of(&|s, c| c.settled_by_load() as f64 / requests(s)),
+        failed: (!counted.is_empty()).then(|| counted.iter().map(|(_, c)| c.failed).sum()),
+        calls_per_request: of(&|s, c| c.calls as f64 / requests(s)).filter(|_| global),
+        entries_per_call: of(&|_, c| c.settled as f64 / c.calls.max(1) as f64).filter(|_| global),
+        lag_ms: (!lags.is_empty()).then(|| median(lags.clone())),
+        lag_max_ms: lags.iter().copied().reduce(f64::max),
+        probes: (!probes.is_empty()).then(|| (probes.len(), probes.len() - lags.len())),
+        drain_ms: drains
+            .iter()
+            .map(|d| d.ms)
+            .reduce(f64::max)
+            .map(|max| (median(drains.iter().map(|d| d.ms).collect()), max)),
+        state_agrees: (!drains.is_empty()).then(|| drains.iter().all(|d| d.quiet && d.agrees)),
+    }
 }
 
 /// Medians per setup and route. Ratios are taken block by block (a setup
@@ -185,6 +266,7 @@ pub fn summarize(setups: &[Setup], samples: &[Sample]) -> Vec<Row> {
                 global.then(|| median(runs.iter().map(|s| value(s)).collect()))
             };
             let ratio = |s: &Sample, b: &Sample| s.measured.rps / b.measured.rps.max(1e-9);
+            let settled = settled(&runs, global);
             let ratios_to_floor: Vec<f64> = runs
                 .iter()
                 .filter_map(|s| Some(ratio(s, baseline("empty-wasm", s)?)))
@@ -244,6 +326,15 @@ pub fn summarize(setups: &[Setup], samples: &[Sample]) -> Vec<Row> {
                         .map(|s| s.rule_matches as f64 / s.measured.requests.max(1) as f64)
                         .collect(),
                 ),
+                settled_per_request: settled.per_request,
+                settle_failed: settled.failed,
+                settle_calls_per_request: settled.calls_per_request,
+                settle_entries_per_call: settled.entries_per_call,
+                settle_lag_ms: settled.lag_ms,
+                settle_lag_max_ms: settled.lag_max_ms,
+                settle_probes: settled.probes,
+                settle_drain_ms: settled.drain_ms,
+                settle_state_agrees: settled.state_agrees,
             });
         }
     }

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use crate::aims::{self, Aim};
 use crate::policies;
+use crate::settlement;
 
 /// Where the single route goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -52,6 +53,9 @@ pub enum Keys {
     /// The policy setup's requests, which match its rules, with each of
     /// its keys (`policies::rules_script`).
     RuleMix,
+    /// The settlement setups' requests: `/metered`, which reports its usage
+    /// in a header, with a fresh key each run (`settlement::target`).
+    Metered,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -62,7 +66,8 @@ pub struct Setup {
     pub keys: Keys,
     /// Global setups: what the issue asks of them, against a local setup.
     pub aim: Option<Aim>,
-    /// Measured in this setup's block, next to it, and compared with it.
+    /// Measured in this setup's block (the block of the setup at the end
+    /// of the `beside` chain), next to it, and compared with it.
     pub beside: Option<&'static str>,
 }
 
@@ -70,6 +75,28 @@ impl Setup {
     pub fn is_global(&self) -> bool {
         matches!(self.filter, Filter::Ours(Mode::Global, _))
     }
+
+    /// `/metered` exists only on the upstream.
+    pub fn runs_on(&self, route: Route) -> bool {
+        self.keys != Keys::Metered || route == Route::Upstream
+    }
+}
+
+/// The setups `setup` is measured beside, nearest first, up to the one
+/// whose block they share.
+pub fn beside_chain<'a>(setup: &Setup, setups: &'a [Setup]) -> Vec<&'a Setup> {
+    let mut chain: Vec<&Setup> = Vec::new();
+    let mut next = setup.beside;
+    while let Some(id) = next {
+        match setups.iter().find(|s| s.id == id) {
+            Some(s) if !chain.iter().any(|c| c.id == id) => {
+                chain.push(s);
+                next = s.beside;
+            }
+            _ => break,
+        }
+    }
+    chain
 }
 
 /// Never throttles at any rate this machine reaches (the fastest rate the
@@ -129,7 +156,7 @@ pub fn all() -> Vec<Setup> {
             filter: Filter::Ours(Mode::Local, policies::registry_config()),
             keys: Keys::One(policies::ONE_REGISTERED_KEY),
             aim: None,
-            beside: Some("local-1key"),
+            beside: Some(policies::PLAIN_LOCAL),
         },
         Setup {
             id: "local-policies",
@@ -137,7 +164,7 @@ pub fn all() -> Vec<Setup> {
             filter: Filter::Ours(Mode::Local, policies::rules_config()),
             keys: Keys::RuleMix,
             aim: None,
-            beside: Some("local-1key"),
+            beside: Some(policies::PLAIN_LOCAL),
         },
         Setup {
             id: "local-flood",
@@ -170,6 +197,38 @@ pub fn all() -> Vec<Setup> {
             keys: Keys::One("flood"),
             aim: Some(aims::FLOOD),
             beside: None,
+        },
+        Setup {
+            id: "global-fixed",
+            title: "8a. ours, global, a rule of fixed cost 300, /metered",
+            filter: Filter::Ours(Mode::Global, settlement::config(Mode::Global, false)),
+            keys: Keys::Metered,
+            aim: None,
+            beside: None,
+        },
+        Setup {
+            id: "global-settle",
+            title: "8b. ours, global, estimate 300 settled from the response (120)",
+            filter: Filter::Ours(Mode::Global, settlement::config(Mode::Global, true)),
+            keys: Keys::Metered,
+            aim: None,
+            beside: Some("global-fixed"),
+        },
+        Setup {
+            id: "local-fixed",
+            title: "8c. ours, local, a rule of fixed cost 300, /metered",
+            filter: Filter::Ours(Mode::Local, settlement::config(Mode::Local, false)),
+            keys: Keys::Metered,
+            aim: None,
+            beside: Some("global-fixed"),
+        },
+        Setup {
+            id: "local-settle",
+            title: "8d. ours, local, estimate 300 settled from the response (120)",
+            filter: Filter::Ours(Mode::Local, settlement::config(Mode::Local, true)),
+            keys: Keys::Metered,
+            aim: None,
+            beside: Some("local-fixed"),
         },
     ]
 }

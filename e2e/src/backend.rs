@@ -22,7 +22,8 @@ use crate::process::{new_dir, Proc};
 use crate::Error;
 
 const START_TIMEOUT: Duration = Duration::from_secs(10);
-const ADMIN_USER: &str = "admin";
+/// The Redis user that loads the library (`envoy/redis-acl.conf`): may read any key.
+pub const ADMIN_USER: &str = "admin";
 
 /// A fresh random secret (hex), for passwords.
 pub fn random_secret() -> String {
