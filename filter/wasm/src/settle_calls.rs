@@ -59,7 +59,8 @@ impl SettleCalls {
         self.queued.borrow().len()
     }
 
-    /// Sends what is queued (from a root callback), in calls of at most
+    /// Sends what is queued (from a root callback), one key's refunds (and
+    /// its charges) on a rule summed into one entry, in calls of at most
     /// `max_keys_per_call` entries (and webdis's path bound), at most
     /// `max_calls_in_flight` out.
     pub fn send(&self, filter: &Filter, webdis: &WebdisStore) {
@@ -74,6 +75,10 @@ impl SettleCalls {
                 let mut queued = self.queued.borrow_mut();
                 while let Some(next) = queued.front() {
                     let limits = filter.policy.rule_units(next.rule);
+                    if call.merge(&next.redis_key, next.adjust, limits.as_slice()) {
+                        queued.pop_front();
+                        continue;
+                    }
                     if !call.fits(&next.redis_key, limits.as_slice()) {
                         break;
                     }

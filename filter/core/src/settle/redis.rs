@@ -12,6 +12,10 @@ use crate::webdis::{encode_into, fcall_integers, BackendError};
 /// The function (registered by the library, checked by a test).
 pub const FUNCTION: &str = "apikey_ratelimit_settle";
 
+/// The largest amount one entry carries (the function reads amounts as
+/// Lua doubles, exact to 2^53; its caps bind long before this).
+pub const MAX_AMOUNT: u64 = 1 << 50;
+
 /// One request's settlement of one rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -64,6 +68,36 @@ impl Gather {
             max_keys: max_keys.max(1),
             max_path_bytes,
         }
+    }
+
+    /// Adds `adjust` to an entry of the call on the same key, limits and
+    /// direction, if there is one (`false` if not). Two refunds of `a` and
+    /// `b` leave the state exactly as one of `a + b` does (each stops at a
+    /// full bucket, or at nothing used), and so do two charges (each stops
+    /// at the same caps): under a flood on one key, Redis reads and writes
+    /// the key once a call, not once a request.
+    pub fn merge(&mut self, redis_key: &str, adjust: Adjust, limits: &[Limit]) -> bool {
+        let same = self.entries.iter_mut().find(|e| {
+            e.redis_key == redis_key
+                && matches!(
+                    (e.adjust, adjust),
+                    (Adjust::Refund(_), Adjust::Refund(_)) | (Adjust::Charge(_), Adjust::Charge(_))
+                )
+                && e.limits.as_slice() == limits
+        });
+        let Some(entry) = same else {
+            return false;
+        };
+        entry.adjust = match (entry.adjust, adjust) {
+            (Adjust::Refund(a), Adjust::Refund(b)) => {
+                Adjust::Refund(a.saturating_add(b).min(MAX_AMOUNT))
+            }
+            (Adjust::Charge(a), Adjust::Charge(b)) => {
+                Adjust::Charge(a.saturating_add(b).min(MAX_AMOUNT))
+            }
+            (other, _) => other,
+        };
+        true
     }
 
     /// Whether an entry for `redis_key` on `limits` fits the call.

@@ -403,3 +403,51 @@ fn settlements_go_in_calls_bounded_by_keys_and_path_bytes() {
     // One entry always goes, however small the bound.
     assert_eq!(gather(64, 1).0, 1);
 }
+
+#[test]
+fn a_calls_refunds_of_one_key_merge_into_one_entry_that_leaves_the_same_state() {
+    let l = limit(10, 10, 10);
+    let limits: crate::per_limit::PerLimit<_> = [l].into_iter().collect();
+    let mut call = redis::Gather::new(64, 100_000);
+    let entry = |key: &str, adjust| redis::Entry {
+        redis_key: key.into(),
+        adjust,
+        limits,
+    };
+    call.push(entry("a", Adjust::Refund(2)));
+    assert!(call.merge("a", Adjust::Refund(3), limits.as_slice()));
+    assert!(!call.merge("a", Adjust::Charge(1), limits.as_slice()));
+    call.push(entry("a", Adjust::Charge(1)));
+    assert!(call.merge("a", Adjust::Charge(4), limits.as_slice()));
+    assert!(!call.merge("b", Adjust::Refund(1), limits.as_slice()));
+    let other: crate::per_limit::PerLimit<_> = [limit(3, 60, 3)].into_iter().collect();
+    assert!(!call.merge("a", Adjust::Refund(1), other.as_slice()));
+    let adjusts: Vec<_> = call.entries().iter().map(|e| e.adjust).collect();
+    assert_eq!(adjusts, [Adjust::Refund(5), Adjust::Charge(5)]);
+    // Merged or one at a time, the same state, caps and floors included.
+    let now = 1_000 * S;
+    let q = quota_limit("tokens", 1000, PeriodKind::Day, 0);
+    for (limit, value) in [(l, now + 6 * S), (l, now + 2 * S), (q, 0), (l, 0)] {
+        let clock = Clock::wall(now);
+        let start = apply(Adjust::Charge(300), &limit, value, clock);
+        for (a, b) in [(2, 3), (200, 900), (0, 7)] {
+            let one_by_one = apply(
+                Adjust::Refund(b),
+                &limit,
+                apply(Adjust::Refund(a), &limit, start, clock),
+                clock,
+            );
+            assert_eq!(
+                one_by_one,
+                apply(Adjust::Refund(a + b), &limit, start, clock)
+            );
+            let charged = apply(
+                Adjust::Charge(b),
+                &limit,
+                apply(Adjust::Charge(a), &limit, start, clock),
+                clock,
+            );
+            assert_eq!(charged, apply(Adjust::Charge(a + b), &limit, start, clock));
+        }
+    }
+}
