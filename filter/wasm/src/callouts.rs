@@ -34,7 +34,7 @@ use crate::epoch_poll::EpochPoll;
 use crate::filter::Filter;
 use crate::host::{self, Status, LOG_ERROR, LOG_INFO};
 use crate::metrics::SETTLE_FAILED;
-use crate::settle_calls::{Queued, SettleCalls};
+use crate::settle_calls::{Queued, SettleCalls, When};
 use crate::shared_store::{table_prefix, with_slot_key};
 use crate::verdict::{self, Pending};
 use crate::webdis_store::WebdisStore;
@@ -126,13 +126,25 @@ impl Callouts {
         true
     }
 
-    /// Queues a request's settlement for the root to send, waking it once.
+    /// Queues a request's settlement for the root to send, waking it if
+    /// nothing else will soon.
     pub fn settle(&self, filter: &Filter, settlement: Queued) {
-        if !self.settlements.queue(settlement) {
+        if !self
+            .settlements
+            .queue(settlement, host::now_nanos().unwrap_or(0))
+        {
             filter.metrics.settled(SETTLE_FAILED, 1);
             return;
         }
-        if self.settlements.wake_pending.get() {
+        // A call out now wakes the root when answered, which sends what
+        // waits: a wake-up of its own (a queue event and a callback) would
+        // cost more than it saves. Only an idle root is woken.
+        let busy = self.settlements.outstanding() > 0
+            || self
+                .batcher
+                .try_borrow()
+                .is_ok_and(|b| b.as_ref().is_some_and(|b| b.outstanding() > 0));
+        if busy || self.settlements.wake_pending.get() {
             return;
         }
         if let Some(queue) = self.queue.get() {
@@ -145,7 +157,7 @@ impl Callouts {
 
     /// Sends the queued settlements now (a closing root).
     pub fn send_settlements(&self, filter: &Filter, webdis: &WebdisStore) {
-        self.settlements.send(filter, webdis);
+        self.settlements.send(filter, webdis, When::Now);
     }
 
     /// The admin request of `context_id` ended.
@@ -192,9 +204,13 @@ impl Callouts {
         if let Some(batcher) = &mut *self.batcher.borrow_mut() {
             batcher.woken();
         }
-        self.settlements.wake_pending.set(false);
+        // Woken for settlements: the root was idle, send them now.
+        let when = match self.settlements.wake_pending.replace(false) {
+            true => When::Now,
+            false => When::Gathered,
+        };
         self.send_admin(filter, webdis);
-        self.settlements.send(filter, webdis);
+        self.settlements.send(filter, webdis, when);
         self.pump(filter, webdis);
         self.finish_if_closing(filter);
     }
@@ -209,7 +225,7 @@ impl Callouts {
         }
         self.finish_all(filter, finished);
         self.send_admin(filter, webdis);
-        self.settlements.send(filter, webdis);
+        self.settlements.send(filter, webdis, When::Now);
         if !self.closing() {
             self.epoch.send(filter, webdis, now);
         }
@@ -304,7 +320,7 @@ impl Callouts {
         };
         let body = host::http_call_response_body(body_size).unwrap_or_default();
         if self.settlements.answered(filter, token, status, &body) {
-            self.settlements.send(filter, webdis);
+            self.settlements.send(filter, webdis, When::Gathered);
             self.finish_if_closing(filter);
             return;
         }
@@ -346,6 +362,8 @@ impl Callouts {
         }
         self.finish_all(filter, finished);
         self.pump(filter, webdis);
+        // Settlements queued while this call was out were not woken for.
+        self.settlements.send(filter, webdis, When::Gathered);
         self.finish_if_closing(filter);
     }
 

@@ -19,6 +19,11 @@ use crate::host;
 use crate::metrics::{SETTLE_CALLS, SETTLE_FAILED};
 use crate::webdis_store::WebdisStore;
 
+/// How long a settlement may wait for others to share its call, while the
+/// root is busy with other calls (each of which costs Envoy about as much
+/// as a request does): under load, a call carries a few milliseconds' worth.
+const GATHER_NANOS: u64 = 5_000_000;
+
 /// Settlements one worker keeps waiting for a call, at most (each about
 /// 100 bytes); past it they are dropped (counted): Redis is then far behind.
 const MAX_QUEUED: usize = 100_000;
@@ -38,14 +43,28 @@ pub struct SettleCalls {
     out: RefCell<HashMap<u32, (u64, u64)>>,
     /// The root has been asked to wake and has not yet.
     pub wake_pending: Cell<bool>,
+    /// When the oldest settlement waiting was queued (host clock).
+    oldest: Cell<Option<u64>>,
+}
+
+/// When queued settlements go out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    /// Now (the root was woken for them, or is closing, or it is its tick).
+    Now,
+    /// Once the oldest has waited [`GATHER_NANOS`], or a call is full.
+    Gathered,
 }
 
 impl SettleCalls {
     /// Queues a settlement; `false` if the queue is full (it is dropped).
-    pub fn queue(&self, settlement: Queued) -> bool {
+    pub fn queue(&self, settlement: Queued, now: u64) -> bool {
         let mut queued = self.queued.borrow_mut();
         if queued.len() >= MAX_QUEUED {
             return false;
+        }
+        if queued.is_empty() {
+            self.oldest.set(Some(now));
         }
         queued.push_back(settlement);
         true
@@ -63,8 +82,18 @@ impl SettleCalls {
     /// its charges) on a rule summed into one entry, in calls of at most
     /// `max_keys_per_call` entries (and webdis's path bound), at most
     /// `max_calls_in_flight` out.
-    pub fn send(&self, filter: &Filter, webdis: &WebdisStore) {
+    pub fn send(&self, filter: &Filter, webdis: &WebdisStore, when: When) {
         let settings = webdis.batch_settings();
+        if when == When::Gathered {
+            let waited = self
+                .oldest
+                .get()
+                .map(|at| host::now_nanos().unwrap_or(u64::MAX).saturating_sub(at));
+            let full = self.waiting() >= settings.max_keys;
+            if !full && waited.is_none_or(|w| w < GATHER_NANOS) {
+                return;
+            }
+        }
         let timeout_ms = u32::try_from(settings.timeout_nanos / 1_000_000).unwrap_or(u32::MAX);
         loop {
             if self.outstanding() >= settings.max_in_flight {
@@ -90,6 +119,9 @@ impl SettleCalls {
                         });
                     }
                 }
+            }
+            if self.waiting() == 0 {
+                self.oldest.set(None);
             }
             let batch = call.entries();
             if batch.is_empty() {
