@@ -172,7 +172,7 @@ fn the_admin_listener_inspects_resets_and_grants_with_the_token_only_in_global_m
     // up by the grant and the reset (`admin_epoch.rs`).
     let keys = state_keys(&backend);
     assert_eq!(keys.len(), 1, "{keys:?}");
-    assert_eq!(backend.redis.cli(&["GET", EPOCH_KEY]).trim(), "2");
+    assert_eq!(backend.redis.cli(&["HGET", EPOCH_KEY, "n"]).trim(), "2");
     assert!(
         keys[0].ends_with(&sha256_hex("customer-key-42")),
         "{keys:?}"

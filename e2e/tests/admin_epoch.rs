@@ -180,7 +180,7 @@ fn a_reset_or_grant_reaches_every_replicas_deny_cache_within_admin_sync_ms() {
     let epoch = cluster
         .backend
         .redis
-        .cli(&["GET", "apikey_ratelimit:api:epoch"]);
+        .cli(&["HGET", "apikey_ratelimit:api:epoch", "n"]);
     assert_eq!(epoch.trim(), "2");
 }
 
@@ -257,6 +257,9 @@ fn resets_and_grants_count_the_epoch_and_malformed_calls_write_nothing() {
     backend
         .redis
         .cli(&["SET", "apikey_ratelimit:t:junk", "not-a-count"]);
+    backend
+        .redis
+        .cli(&["HSET", "apikey_ratelimit:t:bad-n", "n", "1.5"]);
     for (keys, op, amount, what) in [
         (
             &[STATE, EPOCH, "apikey_ratelimit:t:x"][..],
@@ -276,6 +279,12 @@ fn resets_and_grants_count_the_epoch_and_malformed_calls_write_nothing() {
             "an epoch that is no count",
         ),
         (&[STATE, STATE][..], "1", "0", "the state as the epoch"),
+        (
+            &[STATE, "apikey_ratelimit:t:bad-n"][..],
+            "2",
+            "1",
+            "an epoch hash whose count is no count",
+        ),
     ] {
         refused(&admin_call(&backend, keys, op, amount), what);
         assert_eq!(stored(&backend), future, "{what}");
@@ -295,7 +304,10 @@ fn resets_and_grants_count_the_epoch_and_malformed_calls_write_nothing() {
             &["1", "apikey_ratelimit:t:junk", "7"][..],
             "an epoch that is no count",
         ),
-        (&["1", STATE, "7"][..], "a hash as the epoch"),
+        (
+            &["1", "apikey_ratelimit:t:bad-n", "7"][..],
+            "an epoch hash whose count is no count",
+        ),
     ] {
         let mut call = vec!["apikey_ratelimit_epoch"];
         call.extend_from_slice(args);

@@ -490,8 +490,9 @@ end
 -- below 0. The debts are those after the change, as apikey_ratelimit_batch
 -- answers them for a count of 0. Only fields the key holds are written, and
 -- never its expiry: values only go down, so the expiry stays late enough.
--- A reset or grant also counts up <prefix>epoch (INCR, before anything
--- else is written, so a key that holds no count fails the call first):
+-- A reset or grant also counts up <prefix>epoch (a hash, field n, before
+-- anything else is written, so a key that holds no count fails the call
+-- first):
 -- every filter worker polls it (apikey_ratelimit_epoch, below) and stops
 -- trusting the denials it cached before, so the change reaches every
 -- replica. The 1-key form of earlier filters counts nothing.
@@ -558,7 +559,18 @@ local function admin(keys, args)
     out[#out + 1] = math.max(value - now, 0)
   end
   if op > 0 and keys[2] then
-    redis.call('INCR', keys[2])
+    -- A hash (HMGET and HSET are all the filter's user may run): field n.
+    -- Counted before anything else is written, so a key that holds no
+    -- count fails the call first (WRONGTYPE, or the check below).
+    if keys[2] == keys[1] then
+      return redis.error_reply('ERR ' .. what .. ': the epoch key is the state')
+    end
+    local counted = redis.call('HMGET', keys[2], 'n')[1]
+    local n = tonumber(counted) or 0
+    if counted and not is_count(n) then
+      return redis.error_reply('ERR ' .. what .. ': the epoch key holds no count')
+    end
+    redis.call('HSET', keys[2], 'n', string.format('%.0f', n + 1))
   end
   if #fields > 0 then
     redis.call('HSET', keys[1], unpack(fields))
@@ -577,7 +589,7 @@ local function epoch(keys, args)
   if #keys ~= 1 or #args ~= 1 or not is_count(nonce) then
     return redis.error_reply('ERR ' .. what .. ': expected 1 key and the nonce')
   end
-  local stored = redis.call('GET', keys[1])
+  local stored = redis.call('HMGET', keys[1], 'n')[1]
   if stored == false then
     return {nonce, 0}
   end
