@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{AdminConfig, ConfigError};
 use crate::gcra::{Clock, Limit};
+use crate::hash::{hex_byte, parse_sha256};
 use crate::key::RequestHeaders;
 use crate::response::{self, LocalReply};
 use crate::settle::{self, Adjust};
@@ -168,25 +169,6 @@ pub fn hex(digest: &[u8; 32]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The 32 bytes of 64 hex digits (either case; nothing else, not even a
-/// sign, which `u8::from_str_radix` would take).
-fn parse_sha256(hex: &[u8]) -> Option<[u8; 32]> {
-    if hex.len() != 64 {
-        return None;
-    }
-    let nibble = |b: &u8| {
-        char::from(*b)
-            .to_digit(16)
-            .and_then(|d| u8::try_from(d).ok())
-    };
-    let mut out = [0u8; 32];
-    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
-        let [high, low] = pair else { return None };
-        *byte = (nibble(high)? << 4) | nibble(low)?;
-    }
-    Some(out)
-}
-
 /// The token of `Bearer <token>` (the scheme in any case).
 fn bearer(value: &[u8]) -> Option<&[u8]> {
     let scheme = value.get(..7)?;
@@ -224,9 +206,7 @@ fn decode(segment: &[u8]) -> Option<Cow<'_, [u8]>> {
             out.push(*b);
             continue;
         }
-        let hex = [*bytes.next()?, *bytes.next()?];
-        let hex = std::str::from_utf8(&hex).ok()?;
-        out.push(u8::from_str_radix(hex, 16).ok()?);
+        out.push(hex_byte(*bytes.next()?, *bytes.next()?)?);
     }
     Some(Cow::Owned(out))
 }

@@ -88,6 +88,30 @@ pub fn name_hash(name: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(name)
 }
 
+/// The 32 bytes of 64 hex digits (either case; nothing else, not even a
+/// sign, which `u8::from_str_radix` would take): a `sha256:` key or token.
+pub fn parse_sha256(hex: &[u8]) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        let [high, low] = pair else { return None };
+        *byte = hex_byte(*high, *low)?;
+    }
+    Some(out)
+}
+
+/// The byte two hex digits spell (either case; nothing else).
+pub fn hex_byte(high: u8, low: u8) -> Option<u8> {
+    let nibble = |b: u8| {
+        char::from(b)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    };
+    Some((nibble(high)? << 4) | nibble(low)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,5 +136,26 @@ mod tests {
         assert_ne!(seeded.hash(b"1234"), other.hash(b"1234"));
         assert_eq!(KeyHasher::from_bytes(b"0123456789abcdef"), Some(seeded));
         assert_eq!(KeyHasher::from_bytes(b"short"), None);
+    }
+
+    #[test]
+    fn a_digest_is_64_hex_digits_and_nothing_else() {
+        let digest = "03ac674216f3e15c761ee1a5e255f067953623c8b388b4459e13f978d7c846f4";
+        assert!(parse_sha256(digest.as_bytes()).is_some());
+        assert_eq!(
+            parse_sha256(digest.to_uppercase().as_bytes()),
+            parse_sha256(digest.as_bytes())
+        );
+        let signed = format!("+3{}", &digest[2..]);
+        for bad in [
+            &digest[..62],
+            "",
+            signed.as_str(),
+            &format!("g{}", &digest[1..]),
+        ] {
+            assert_eq!(parse_sha256(bad.as_bytes()), None, "{bad}");
+        }
+        assert_eq!(hex_byte(b'+', b'1'), None);
+        assert_eq!(hex_byte(b'f', b'F'), Some(0xff));
     }
 }

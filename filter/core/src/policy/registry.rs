@@ -96,7 +96,7 @@ impl Registry {
     ) -> Result<(), ConfigError> {
         let (digest, hashed) = match text.strip_prefix("sha256:") {
             Some(hex) => (
-                parse_sha256(hex).ok_or_else(|| {
+                crate::hash::parse_sha256(hex.as_bytes()).ok_or_else(|| {
                     ConfigError::new(
                         field,
                         "a \"sha256:\" key must be followed by 64 hexadecimal digits",
@@ -182,19 +182,6 @@ impl Registry {
     pub fn is_empty(&self) -> bool {
         self.digests.is_empty()
     }
-}
-
-fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
-    let bytes = hex.as_bytes();
-    if bytes.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (byte, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-        let text = std::str::from_utf8(pair).ok()?;
-        *byte = u8::from_str_radix(text, 16).ok()?;
-    }
-    Some(out)
 }
 
 #[cfg(test)]
