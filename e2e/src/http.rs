@@ -522,6 +522,16 @@ pub fn get(addr: &str, target: &str) -> io::Result<Response> {
 }
 
 /// `GET target` on a fresh connection with `Connection: close` and `headers`.
+/// `method target` on a fresh connection that closes after it, with
+/// `headers`; panics (a test helper) if there is no answer.
+pub fn send_once(addr: &str, method: &str, target: &str, headers: &[(&str, &[u8])]) -> Response {
+    let mut all = vec![("Connection", b"close".as_slice())];
+    all.extend_from_slice(headers);
+    Conn::connect(addr)
+        .and_then(|mut conn| conn.request(method, target.as_bytes(), &all))
+        .unwrap_or_else(|e| panic!("{method} {target} on {addr}: {e}"))
+}
+
 pub fn get_with(addr: &str, target: &str, headers: &[(&str, &str)]) -> io::Result<Response> {
     let mut conn = Conn::connect(addr)?;
     let mut hs: Vec<(&str, &[u8])> = headers.iter().map(|(n, v)| (*n, v.as_bytes())).collect();

@@ -12,7 +12,7 @@
 use e2e::backend::RedisWebdis;
 use e2e::envoy::Envoy;
 use e2e::envoy_config::EnvoyConfig;
-use e2e::http::{Conn, Response};
+use e2e::http::{send_once as send, Response};
 use e2e::topology::{global_test_config, local_config};
 use e2e::upstream::Upstream;
 use serde_json::Value;
@@ -121,15 +121,6 @@ fn assert_refused(r: &Response, why: &str) {
 const LOCAL_WHY: &str = "local slots are chosen by a keyed hash of the plain key";
 const SECRET_WHY: &str =
     "with store.webdis.key_hash_secret its Redis key is an HMAC of the plain key";
-
-fn send(addr: &str, method: &str, path: &str, headers: &[(&str, &[u8])]) -> Response {
-    let mut all = vec![("Connection", b"close".as_slice())];
-    all.extend_from_slice(headers);
-    Conn::connect(addr)
-        .unwrap()
-        .request(method, path.as_bytes(), &all)
-        .unwrap()
-}
 
 fn admin(addr: &str, method: &str, path: &str) -> Response {
     let auth = format!("Bearer {TOKEN}");

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use e2e::backend::RedisWebdis;
 use e2e::envoy::Envoy;
-use e2e::http::{Conn, Response};
+use e2e::http::send_once as send;
 use e2e::metrics::{metric, metric_name};
 use e2e::poll_until;
 use e2e::topology::{global_test_config, start_envoys};
@@ -75,15 +75,6 @@ fn token_sha256() -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-fn send(addr: &str, method: &str, path: &str, headers: &[(&str, &[u8])]) -> Response {
-    let mut all = vec![("Connection", b"close".as_slice())];
-    all.extend_from_slice(headers);
-    Conn::connect(addr)
-        .unwrap()
-        .request(method, path.as_bytes(), &all)
-        .unwrap()
 }
 
 /// A request of `KEY`: 200 or 429, nothing else.
