@@ -266,3 +266,29 @@ fn a_trailer_settles_and_a_response_without_it_keeps_the_reservation() {
     assert_eq!(envoy.metric("settle_refunded"), 1);
     assert_eq!(envoy.metric("settle_missing"), 1);
 }
+
+/// A refund on one replica is seen by another at once. Replica B learns
+/// that the key is spent (its request is denied while A's request holds the
+/// whole budget), then A's response refunds most of it: B admits the next
+/// request. B's deny cache never decides on a settled rule's limits, which a
+/// refund lowers (its cached denial would otherwise hold until midnight).
+#[test]
+fn a_refund_on_one_replica_is_seen_by_another_at_once() {
+    let store = r#", "store": {"webdis": {"cluster": "webdis", "timeout_ms": 1000}}"#;
+    let replicas = Replicas::start(Mode::Global, 2, 1, Some(&config(HEADER, store)));
+    let (a, b) = (replicas.replicas[0].addr(), replicas.replicas[1].addr());
+    let slow = thread::scope(|s| {
+        let slow = s.spawn(|| send(&a, "k", "/metered?tokens=100&delay_ms=1500", Some(1000)));
+        thread::sleep(Duration::from_millis(500));
+        for _ in 0..3 {
+            let r = send(&b, "k", "/metered?tokens=100", Some(100));
+            assert_eq!(r.status, 429, "the budget is reserved on A: {r:?}");
+        }
+        slow.join().unwrap()
+    });
+    assert_eq!(slow.status, 200, "{slow:?}");
+    assert_eq!(settles_to(&a, "k", 900), 900);
+    let r = send(&b, "k", "/metered?tokens=100", Some(100));
+    assert_eq!(r.status, 200, "B still denies after A's refund: {r:?}");
+    assert_eq!(tokens_left(&b, "k"), 800);
+}

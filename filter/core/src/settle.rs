@@ -10,7 +10,7 @@
 //! the value, a malformed value) keeps the reservation: the estimate is
 //! what the request cost. Each case is counted ([`Outcome`]).
 
-use crate::applied::Applied;
+use crate::applied::{Applied, LimitRef};
 use crate::config::{ConfigError, SettleConfig};
 use crate::gcra::{Clock, Limit};
 use crate::header_map::HeaderMap;
@@ -271,33 +271,60 @@ impl Reserved {
 
 /// The settling rules an admitted request matched, in rule order (empty
 /// for most requests: no allocation then), with the cost each reserved.
-/// `applied` lists the plan's limits, then each matched rule's in rule
-/// order, so the rules' limits are its tail.
 pub fn reserved(policy: &Policy, applied: &Applied) -> Vec<Reserved> {
     if applied.rules & policy.settling_rules() == 0 {
         return Vec::new();
     }
+    settling_spans(policy, applied)
+        .filter_map(|(rule, refs)| {
+            refs.first().map(|first| Reserved {
+                rule,
+                estimate: u64::from(first.cost),
+            })
+        })
+        .collect()
+}
+
+/// `applied` without the limits of the rules that settle from the response
+/// (itself when none matched).
+pub fn without_settled(policy: &Policy, applied: &Applied) -> Applied {
+    if applied.rules & policy.settling_rules() == 0 {
+        return *applied;
+    }
+    let settled: PerLimit<LimitRef> = settling_spans(policy, applied)
+        .flat_map(|(_, refs)| refs.iter().copied())
+        .collect();
+    Applied {
+        limits: applied
+            .limits
+            .iter()
+            .filter(|r| !settled.iter().any(|s| s.instance == r.instance))
+            .copied()
+            .collect(),
+        ..*applied
+    }
+}
+
+/// Each matched settling rule and its limits in `applied`, which lists the
+/// plan's limits (if any), then each matched rule's in rule order: the
+/// rules' limits are its tail.
+fn settling_spans<'a>(
+    policy: &'a Policy,
+    applied: &'a Applied,
+) -> impl Iterator<Item = (usize, &'a [LimitRef])> + 'a {
     let refs = applied.limits.as_slice();
     let matched: usize = applied
         .matched_rules()
         .map(|i| policy.rule_limit_count(i))
         .sum();
-    let Some(mut at) = refs.len().checked_sub(matched) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for rule in applied.matched_rules() {
-        let first = refs.get(at);
-        at += policy.rule_limit_count(rule);
+    let mut at = refs.len().checked_sub(matched);
+    applied.matched_rules().filter_map(move |rule| {
+        let start = at?;
+        let end = start + policy.rule_limit_count(rule);
+        at = Some(end);
         let settles = policy.rules.get(rule).is_some_and(|r| r.settle.is_some());
-        if let Some(first) = first.filter(|_| settles) {
-            out.push(Reserved {
-                rule,
-                estimate: u64::from(first.cost),
-            });
-        }
-    }
-    out
+        settles.then(|| (rule, refs.get(start..end).unwrap_or_default()))
+    })
 }
 
 #[cfg(test)]

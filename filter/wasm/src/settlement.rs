@@ -208,15 +208,13 @@ fn settle_one(
                 filter.metrics.settled(SETTLE_FAILED, 1);
             }
         }
-        Store::Webdis(webdis) => {
+        // No deny cache to clear: it never decides on a settled rule's
+        // limits (`Policy::cacheable`).
+        Store::Webdis(_) => {
             let Some(redis_key) = key.redis_key.clone() else {
                 filter.metrics.settled(SETTLE_FAILED, 1);
                 return;
             };
-            if matches!(adjust, settle::Adjust::Refund(_)) {
-                // This Envoy's cached denial of the key may be too long now.
-                webdis.forget(key.hash);
-            }
             callouts.settle(
                 filter,
                 Queued {

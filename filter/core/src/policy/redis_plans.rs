@@ -177,13 +177,16 @@ impl Policy {
     /// What the deny cache may decide a request on. With plans from Redis,
     /// only its rules' limits: its key-wide ones depend on a plan that Redis
     /// may have changed since the cache learnt them, and a move must take
-    /// effect on the next request.
+    /// effect on the next request. Never the limits of a rule that settles
+    /// its cost from the response: a refund (on any replica) lowers their
+    /// state, and the cache is right only about states that never go down.
     pub fn cacheable(&self, applied: &Applied) -> Applied {
-        if self.plans_from_redis() {
+        let applied = if self.plans_from_redis() {
             self.rules_only(applied)
         } else {
             *applied
-        }
+        };
+        crate::settle::without_settled(self, &applied)
     }
 }
 

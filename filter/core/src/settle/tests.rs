@@ -219,6 +219,31 @@ fn a_request_reserves_on_its_settling_rules_limits_only() {
 }
 
 #[test]
+fn the_deny_cache_never_decides_on_a_settled_rules_limits() {
+    // A refund lowers them, on any replica: a cached denial of them could
+    // outlive the room a refund made (until the quota's period ends).
+    let p = policy(BUDGET);
+    let applied = |path: &str| {
+        let headers = Headers::of(&[(":path", path.as_bytes()), ("x-api-key", b"k")]);
+        match start(&p, &headers.map()) {
+            Start::Decide { applied, .. } => applied,
+            other => panic!("{other:?}"),
+        }
+    };
+    let names = |a: &crate::applied::Applied| -> Vec<String> {
+        p.limits(a)
+            .iter()
+            .map(|l| l.name.as_str().to_string())
+            .collect()
+    };
+    let chat = applied("/v1/chat");
+    assert_eq!(names(&chat), ["1000/s", "tokens", "tokens-h"]);
+    assert_eq!(names(&p.cacheable(&chat)), ["1000/s"]);
+    let plain = applied("/plain");
+    assert_eq!(p.cacheable(&plain), plain);
+}
+
+#[test]
 fn a_local_store_settles_a_token_budget_exactly() {
     // 1,000 tokens a day, 300-token responses: settled, the fourth request
     // would pass the budget and is denied, whatever was estimated.
