@@ -95,11 +95,9 @@ impl AdminCalls {
     /// are answered 503 at once.
     pub fn send(&self, filter: &Filter, webdis: &WebdisStore) -> Vec<Answered> {
         let queued = std::mem::take(&mut *self.queued.borrow_mut());
-        let timeout_ms =
-            u32::try_from(webdis.batch_settings().timeout_nanos / 1_000_000).unwrap_or(u32::MAX);
         let mut refused = Vec::new();
         for call in queued {
-            match webdis.dispatch(&call.path, timeout_ms) {
+            match webdis.dispatch(&call.path, webdis.call_timeout_ms()) {
                 Ok(token) => {
                     self.out.borrow_mut().insert(token, call);
                 }

@@ -249,10 +249,7 @@ impl Callouts {
         loop {
             let now = host::now_nanos().unwrap_or(0);
             // Only a quota's period length in a cached 429's headers.
-            let wall = match filter.policy.has_quotas() {
-                true => host::wall_nanos().ok(),
-                false => None,
-            };
+            let wall = filter.wall_clock().ok().flatten();
             let mut finished = Vec::new();
             let outgoing = match &mut *self.batcher.borrow_mut() {
                 Some(batcher) => {
@@ -291,12 +288,7 @@ impl Callouts {
             match webdis.dispatch(&path, timeout_ms) {
                 Ok(token) => batcher.sent(call, token, &mut finished),
                 Err(status) => {
-                    let error = BackendError::dispatch(format!(
-                        "Envoy refused the call to cluster '{}' (host status {}): is the cluster defined?",
-                        webdis.cluster(),
-                        status.0
-                    ));
-                    batcher.send_failed(call, &error, &mut finished);
+                    batcher.send_failed(call, &webdis.refused(status), &mut finished);
                 }
             }
         }

@@ -13,7 +13,7 @@
 use std::cell::RefCell;
 
 use ratelimit_core::admin::epoch::{self, Polled, Poller};
-use ratelimit_core::batch::wire::NONCE_LIMIT;
+
 use ratelimit_core::hash::KeyHash;
 use ratelimit_core::webdis::BackendError;
 
@@ -21,7 +21,7 @@ use crate::filter::Filter;
 use crate::host::{self, LOG_INFO};
 use crate::metrics::{EPOCH_CHANGES, EPOCH_POLLS, EPOCH_POLL_FAILURES};
 use crate::shared_store::{table_prefix, with_slot_key};
-use crate::webdis_store::WebdisStore;
+use crate::webdis_store::{call_nonce, WebdisStore};
 
 #[derive(Default)]
 pub struct EpochPoll {
@@ -72,25 +72,14 @@ impl EpochPoll {
         if !self.poller.borrow().due(now) {
             return;
         }
-        let nonce = host::random_bytes::<8>()
-            .map(u64::from_le_bytes)
-            .unwrap_or(now)
-            % NONCE_LIMIT;
-        let timeout_ms =
-            u32::try_from(webdis.batch_settings().timeout_nanos / 1_000_000).unwrap_or(u32::MAX);
+        let nonce = call_nonce(now);
         filter.metrics.epoch(EPOCH_POLLS);
-        match webdis.dispatch(&epoch::path(nonce, webdis.epoch_key()), timeout_ms) {
+        let path = epoch::path(nonce, webdis.epoch_key());
+        match webdis.dispatch(&path, webdis.call_timeout_ms()) {
             Ok(token) => self.poller.borrow_mut().sent(token, nonce, now),
             Err(status) => {
                 self.poller.borrow_mut().not_sent(now);
-                failed(
-                    filter,
-                    &BackendError::dispatch(format!(
-                        "Envoy refused the call to cluster '{}' (host status {})",
-                        webdis.cluster(),
-                        status.0
-                    )),
-                );
+                failed(filter, &webdis.refused(status));
             }
         }
     }

@@ -39,6 +39,15 @@ impl Filter {
         &self.plugin_name
     }
 
+    /// The wall clock, when a quota needs it (`Ok(None)` when no limit of
+    /// the policy is a quota: one host call fewer).
+    pub fn wall_clock(&self) -> Result<Option<u64>, host::Status> {
+        match self.policy.has_quotas() {
+            true => host::wall_nanos().map(Some),
+            false => Ok(None),
+        }
+    }
+
     /// A failed backend call as the pipeline's store failure, logged.
     pub fn backend_failure(&self, error: &BackendError) -> StoreFailure {
         self.log_backend_error(error);

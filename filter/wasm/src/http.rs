@@ -13,7 +13,6 @@ use proxy_wasm::types::Action;
 use ratelimit_core::admin::{self, Admin, Op};
 use ratelimit_core::applied::Applied;
 use ratelimit_core::batch::queue::{RequestId, Ticket};
-use ratelimit_core::batch::wire::NONCE_LIMIT;
 use ratelimit_core::gcra::Clock;
 use ratelimit_core::hash::KeyHash;
 use ratelimit_core::pipeline::{self, Event, Events, Quota, Start, StoreFailure, Subject};
@@ -28,7 +27,7 @@ use crate::request_headers::LazyHeaders;
 use crate::settlement::{SettleKey, Settling};
 use crate::shared_store::SharedStore;
 use crate::verdict::{carry_out, decided, respond, Pending};
-use crate::webdis_store::WebdisStore;
+use crate::webdis_store::{call_nonce, WebdisStore};
 
 pub struct Request {
     filter: Option<Rc<Filter>>,
@@ -72,15 +71,6 @@ impl Request {
         let now = host::now_nanos()?;
         self.now = Some(now);
         Ok(now)
-    }
-
-    /// The wall clock, when a quota needs it (`Ok(None)` when no limit of
-    /// the policy is a quota: one host call fewer).
-    fn wall_clock(filter: &Filter) -> Result<Option<u64>, host::Status> {
-        match filter.policy.has_quotas() {
-            true => host::wall_nanos().map(Some),
-            false => Ok(None),
-        }
     }
 
     fn apply(&mut self, filter: &Filter, action: pipeline::Action, events: Events) -> Action {
@@ -145,10 +135,7 @@ impl Request {
         let Some(redis_key) = redis_key else {
             return respond(&response::unavailable());
         };
-        let nonce = host::random_bytes::<8>()
-            .map(u64::from_le_bytes)
-            .unwrap_or(u64::from(self.context_id))
-            % NONCE_LIMIT;
+        let nonce = call_nonce(u64::from(self.context_id));
         let path = admin::redis::path(nonce, &redis_key, webdis.epoch_key(), op, limits.as_slice());
         let call = AdminCall::new(self.context_id, path, nonce, applied, op, digest, hash);
         if !self.callouts.admin(call) {
@@ -173,7 +160,7 @@ impl Request {
         let hash = *hash;
         let applied = policy.all_of_plan(target.plan);
         let limits = policy.limits(&applied);
-        let (Ok(now), Ok(wall)) = (self.clock(), Request::wall_clock(filter)) else {
+        let (Ok(now), Ok(wall)) = (self.clock(), filter.wall_clock()) else {
             return response::unavailable();
         };
         let mut store = SharedStore::new(prefix);
@@ -210,7 +197,7 @@ impl Request {
         let reading = match &filter.store {
             Store::Local { table, prefix } => {
                 let limits = policy.limits(&applied);
-                match (self.clock(), Request::wall_clock(filter)) {
+                match (self.clock(), filter.wall_clock()) {
                     (Ok(now), Ok(wall)) => table
                         .peek(
                             &mut SharedStore::new(prefix),
@@ -251,7 +238,7 @@ impl Request {
         // With plans from Redis, only the rules' limits: the key's plan
         // may have moved since the cache learnt it.
         let cacheable = policy.cacheable(&applied);
-        let (Ok(now), Ok(wall)) = (self.clock(), Request::wall_clock(filter)) else {
+        let (Ok(now), Ok(wall)) = (self.clock(), filter.wall_clock()) else {
             let (action, events) = end(events, StoreFailure::Host);
             return self.apply(filter, action, events);
         };
@@ -433,7 +420,7 @@ impl Request {
                 let limits = policy.limits(&applied);
                 // Counters on the monotonic clock; quotas' calendar on
                 // the wall clock (`docs/design.md#calendar-quotas`).
-                let clock = match (self.clock(), Request::wall_clock(filter)) {
+                let clock = match (self.clock(), filter.wall_clock()) {
                     (Ok(now), Ok(wall)) => Ok(Clock::local(now, wall)),
                     _ => Err(()),
                 };

@@ -10,14 +10,13 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 
-use ratelimit_core::batch::wire::NONCE_LIMIT;
 use ratelimit_core::settle::redis::{self, Entry, Gather};
 use ratelimit_core::settle::Adjust;
 
 use crate::filter::Filter;
 use crate::host;
 use crate::metrics::{SETTLE_CALLS, SETTLE_FAILED};
-use crate::webdis_store::WebdisStore;
+use crate::webdis_store::{call_nonce, WebdisStore};
 
 /// How long a settlement may wait for others to share its call, while the
 /// root is busy with other calls (each of which costs Envoy about as much
@@ -94,7 +93,6 @@ impl SettleCalls {
                 return;
             }
         }
-        let timeout_ms = u32::try_from(settings.timeout_nanos / 1_000_000).unwrap_or(u32::MAX);
         loop {
             if self.outstanding() >= settings.max_in_flight {
                 return;
@@ -128,24 +126,16 @@ impl SettleCalls {
                 return;
             }
             let count = u64::try_from(batch.len()).unwrap_or(u64::MAX);
-            let nonce = host::random_bytes::<8>()
-                .map(u64::from_le_bytes)
-                .unwrap_or(count)
-                % NONCE_LIMIT;
+            let nonce = call_nonce(count);
             let path = redis::path(nonce, batch);
             filter.metrics.settled(SETTLE_CALLS, 1);
-            match webdis.dispatch(&path, timeout_ms) {
+            match webdis.dispatch(&path, webdis.call_timeout_ms()) {
                 Ok(token) => {
                     self.out.borrow_mut().insert(token, (nonce, count));
                 }
                 Err(status) => {
                     filter.metrics.settled(SETTLE_FAILED, count);
-                    filter.log_backend_error(&ratelimit_core::webdis::BackendError::dispatch(
-                        format!(
-                            "settlement call refused by Envoy (host status {})",
-                            status.0
-                        ),
-                    ));
+                    filter.log_backend_error(&webdis.refused(status));
                 }
             }
         }

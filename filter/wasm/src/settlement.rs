@@ -190,10 +190,7 @@ fn settle_one(
     };
     match &filter.store {
         Store::Local { table, prefix } => {
-            let wall = match filter.policy.has_quotas() {
-                true => host::wall_nanos().ok(),
-                false => None,
-            };
+            let wall = filter.wall_clock().ok().flatten();
             let written = host::now_nanos().ok().map(|now| {
                 table.rewrite(
                     &mut SharedStore::new(prefix),

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use ratelimit_core::admin::epoch;
+use ratelimit_core::batch::wire::NONCE_LIMIT;
 use ratelimit_core::batch::{self, queue::Settings, wire_plans};
 use ratelimit_core::config::WebdisStoreConfig;
 use ratelimit_core::deny_cache;
@@ -16,6 +17,15 @@ use ratelimit_core::state::MAX_VALUE;
 use ratelimit_core::webdis;
 
 use crate::host::{self, Status};
+
+/// A fresh nonce for one call (`fallback` if the host has no randomness):
+/// every worker's calls share webdis, whose replies must be told apart.
+pub fn call_nonce(fallback: u64) -> u64 {
+    host::random_bytes::<8>()
+        .map(u64::from_le_bytes)
+        .unwrap_or(fallback)
+        % NONCE_LIMIT
+}
 use crate::shared_store::{table_prefix, with_slot_key};
 
 pub struct WebdisStore {
@@ -68,13 +78,23 @@ impl WebdisStore {
         self.admin_sync_ms
     }
 
-    pub fn cluster(&self) -> &str {
-        &self.cluster
-    }
-
     /// The bounds of a worker's queue and calls.
     pub fn batch_settings(&self) -> Settings {
         self.batch
+    }
+
+    /// The whole `timeout_ms`, for a call that decides no waiting request
+    /// (an admin call, the epoch poll, settlements).
+    pub fn call_timeout_ms(&self) -> u32 {
+        u32::try_from(self.batch.timeout_nanos / 1_000_000).unwrap_or(u32::MAX)
+    }
+
+    /// The failure of a call Envoy refused outright.
+    pub fn refused(&self, status: Status) -> webdis::BackendError {
+        webdis::BackendError::dispatch(format!(
+            "Envoy refused the call to cluster '{}' (host status {}): is the cluster defined?",
+            self.cluster, status.0
+        ))
     }
 
     /// The Redis hash of keys' plans (read when the policy says
