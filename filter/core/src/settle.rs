@@ -132,9 +132,10 @@ pub fn parse_value(value: &[u8]) -> Observed {
 }
 
 /// A response header's or trailer's value, from the map the host
-/// serialized: given twice is malformed (which one would count?).
-pub fn observe_header(map: &[u8], name: &str) -> Observed {
-    let Some(headers) = HeaderMap::parse(map) else {
+/// serialized (`None`: it could not be read, so nothing is there); given
+/// twice is malformed (which one would count?).
+pub fn observe_header(headers: Option<&HeaderMap<'_>>, name: &str) -> Observed {
+    let Some(headers) = headers else {
         return Observed::Missing;
     };
     match headers.single(name.as_bytes()) {

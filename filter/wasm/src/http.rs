@@ -257,9 +257,13 @@ impl Request {
             let (action, events) = pipeline::finish(policy, &cacheable, events, outcome);
             return self.apply(filter, action, events);
         }
+        let redis_key = webdis.redis_key(&subject);
+        if !peek {
+            self.remember_settle_key(filter, hash, &applied, Some(&redis_key));
+        }
         let ticket = Ticket {
             context_id: self.context_id,
-            redis_key: webdis.redis_key(&subject),
+            redis_key,
             hash,
             applied,
             peek,
@@ -335,10 +339,7 @@ impl HttpContext for Request {
                 hash,
                 applied,
                 events,
-            } => {
-                self.remember_settle_key(&filter, &subject, hash, &applied);
-                self.decide(&filter, subject, hash, applied, events)
-            }
+            } => self.decide(&filter, subject, hash, applied, events),
         }
     }
 
@@ -387,22 +388,19 @@ impl HttpContext for Request {
 
 impl Request {
     /// A request a settling rule matched keeps where its counters are, for
-    /// its response (`settlement.rs`).
+    /// its response (`settlement.rs`): its slot's hash, and in global mode
+    /// its Redis key (the one its decision is asked under).
     fn remember_settle_key(
         &mut self,
         filter: &Filter,
-        subject: &Subject<'_>,
         hash: KeyHash,
         applied: &Applied,
+        redis_key: Option<&str>,
     ) {
-        if applied.rules & filter.policy.settling_rules() == 0 {
-            return;
+        if applied.rules & filter.policy.settling_rules() != 0 {
+            let redis_key = redis_key.map(str::to_string);
+            self.settle_key = Some(SettleKey { hash, redis_key });
         }
-        let redis_key = match &filter.store {
-            Store::Webdis(webdis) => Some(webdis.redis_key(subject)),
-            Store::Local { .. } => None,
-        };
-        self.settle_key = Some(SettleKey { hash, redis_key });
     }
 
     /// Decides an admitted key's request in its store.
@@ -417,6 +415,7 @@ impl Request {
         let policy = &filter.policy;
         match &filter.store {
             Store::Local { table, prefix } => {
+                self.remember_settle_key(filter, hash, &applied, None);
                 let limits = policy.limits(&applied);
                 // Counters on the monotonic clock; quotas' calendar on
                 // the wall clock (`docs/design.md#calendar-quotas`).

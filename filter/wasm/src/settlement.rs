@@ -10,6 +10,8 @@
 
 use ratelimit_core::gcra::Clock;
 use ratelimit_core::hash::KeyHash;
+use ratelimit_core::header_map::HeaderMap;
+use ratelimit_core::key::RequestHeaders;
 use ratelimit_core::pipeline::Quota;
 use ratelimit_core::settle::body::BodyScan;
 use ratelimit_core::settle::{self, Observed, Outcome, Reserved, Source};
@@ -69,20 +71,20 @@ impl Settling {
     /// body scan starts. `true` when nothing is left open.
     pub fn on_headers(&mut self, filter: &Filter, callouts: &Callouts, end: bool) -> bool {
         let map = host::response_header_pairs().unwrap_or_default();
-        let mut content_type = None;
+        let headers = HeaderMap::parse(&map);
+        let content_type = headers
+            .as_ref()
+            .and_then(|h| h.single(b"content-type").ok().flatten());
         let mut i = 0;
         while let Some(open) = self.open.get_mut(i) {
             match open.reserved.source(&filter.policy) {
                 Some(Source::Header(name)) => {
-                    let observed = settle::observe_header(&map, name);
+                    let observed = settle::observe_header(headers.as_ref(), name);
                     let open = self.open.swap_remove(i);
                     settle_one(filter, callouts, &self.key, open.reserved, observed);
                     continue;
                 }
                 Some(Source::Json { max_body_bytes, .. }) => {
-                    let content_type = content_type
-                        .get_or_insert_with(|| header_of(&map, "content-type"))
-                        .as_deref();
                     open.scan = Some(BodyScan::new(content_type, *max_body_bytes));
                 }
                 _ => {}
@@ -122,10 +124,11 @@ impl Settling {
     /// The response trailers, which end the response.
     pub fn on_trailers(&mut self, filter: &Filter, callouts: &Callouts) {
         let map = host::response_trailer_pairs().unwrap_or_default();
+        let trailers = HeaderMap::parse(&map);
         let mut i = 0;
         while let Some(open) = self.open.get(i) {
             if let Some(Source::Trailer(name)) = open.reserved.source(&filter.policy) {
-                let observed = settle::observe_header(&map, name);
+                let observed = settle::observe_header(trailers.as_ref(), name);
                 let open = self.open.swap_remove(i);
                 settle_one(filter, callouts, &self.key, open.reserved, observed);
                 continue;
@@ -163,16 +166,6 @@ impl Settling {
             filter.metrics.settled(Outcome::Aborted.index(), open);
         }
     }
-}
-
-fn header_of(map: &[u8], name: &str) -> Option<Vec<u8>> {
-    use ratelimit_core::key::RequestHeaders;
-    let headers = ratelimit_core::header_map::HeaderMap::parse(map)?;
-    headers
-        .single(name.as_bytes())
-        .ok()
-        .flatten()
-        .map(<[u8]>::to_vec)
 }
 
 /// Counts one reservation's outcome and applies it to the store.
