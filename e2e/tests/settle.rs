@@ -292,3 +292,24 @@ fn a_refund_on_one_replica_is_seen_by_another_at_once() {
     assert_eq!(r.status, 200, "B still denies after A's refund: {r:?}");
     assert_eq!(tokens_left(&b, "k"), 800);
 }
+
+/// Settlements whose call fails are counted one by one, merged or not:
+/// three refunds of one key reach the root together (often one entry of
+/// one call) while webdis is gone, and `settle_failed` says 3.
+#[test]
+fn settlements_lost_with_webdis_are_each_counted() {
+    let store = r#", "store": {"webdis": {"cluster": "webdis", "timeout_ms": 1000}}"#;
+    let envoy = GlobalEnvoy::start(Some(&config(HEADER, store)), 1);
+    let addr = envoy.addr();
+    let statuses: Vec<u16> = thread::scope(|s| {
+        let slow: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| send(&addr, "k", "/metered?tokens=100&delay_ms=1000", None).status))
+            .collect();
+        thread::sleep(Duration::from_millis(400));
+        envoy.backend.webdis.proc().kill();
+        slow.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(statuses, [200, 200, 200]);
+    assert_eq!(metric_eventually(|| envoy.metric("settle_failed"), 3), 3);
+    assert_eq!(envoy.metric("settle_refunded"), 3);
+}

@@ -38,7 +38,8 @@ pub struct Queued {
 #[derive(Default)]
 pub struct SettleCalls {
     queued: RefCell<VecDeque<Queued>>,
-    /// Calls out: their nonce and how many entries they carry.
+    /// Calls out: their nonce and how many settlements they carry (merged
+    /// entries count each of theirs).
     out: RefCell<HashMap<u32, (u64, u64)>>,
     /// The root has been asked to wake and has not yet.
     pub wake_pending: Cell<bool>,
@@ -98,18 +99,21 @@ impl SettleCalls {
                 return;
             }
             let mut call = Gather::new(settings.max_keys, settings.max_path_bytes);
+            let mut count: u64 = 0;
             {
                 let mut queued = self.queued.borrow_mut();
                 while let Some(next) = queued.front() {
                     let limits = filter.policy.rule_units(next.rule);
                     if call.merge(&next.redis_key, next.adjust, limits.as_slice()) {
                         queued.pop_front();
+                        count += 1;
                         continue;
                     }
                     if !call.fits(&next.redis_key, limits.as_slice()) {
                         break;
                     }
                     if let Some(next) = queued.pop_front() {
+                        count += 1;
                         call.push(Entry {
                             limits,
                             redis_key: next.redis_key,
@@ -125,7 +129,6 @@ impl SettleCalls {
             if batch.is_empty() {
                 return;
             }
-            let count = u64::try_from(batch.len()).unwrap_or(u64::MAX);
             let nonce = call_nonce(count);
             let path = redis::path(nonce, batch);
             filter.metrics.settled(SETTLE_CALLS, 1);
