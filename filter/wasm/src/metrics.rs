@@ -74,7 +74,7 @@ pub const EPOCH_CHANGES: usize = 8;
 
 /// Settlements from the response (`ratelimit_core::settle`): one counter
 /// per outcome, then failed store writes (`settle_failed`: a local CAS
-/// that gave up, or a global call that failed: its entries are lost) and
+/// that gave up, or a global call that failed: each settlement it carried is lost) and
 /// the global calls sent (`settle_calls`).
 pub const SETTLE_COUNTERS: [&str; Outcome::NAMES.len() + 2] = {
     let mut all = ["settle_failed"; Outcome::NAMES.len() + 2];

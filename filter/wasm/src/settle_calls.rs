@@ -3,7 +3,7 @@
 //! on at once; the root sends the queued ones, many to a call
 //! (`apikey_ratelimit_settle`), from its own callbacks, so no call's answer
 //! is filed under a request that may be gone, and no response waits.
-//! A call that fails loses its entries (counted `settle_failed`, logged):
+//! A call that fails loses its settlements (each counted in `settle_failed`; logged):
 //! a lost refund leaves the estimate charged, a lost charge under-counts
 //! by that much.
 
